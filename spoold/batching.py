@@ -1,0 +1,170 @@
+"""Pure batching: lines -> entries (what the service calls records) -> batches under the limits.
+
+An *entry* is one record as the service sees it: one line for Kinesis, one line plus the
+delimiter (or many packed lines) for Firehose. An entry remembers which spool chunks its lines
+came from, so that when the service accepts it the flusher can count those lines as sent, and a
+chunk leaves the spool only once every one of its lines was accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+# Hex digits of a random partition key: 64 bits spread keys evenly over any number of shards.
+RANDOM_KEY_HEX = 16
+# Kinesis partition keys are at most 256 Unicode characters.
+MAX_PARTITION_KEY = 256
+# Exponent cap for the backoff, so that hours of outage neither overflow nor stall.
+MAX_BACKOFF_EXPONENT = 30
+
+
+class Chunk:
+    """One spool row in memory: its lines and how many of them are still unsent."""
+
+    __slots__ = ("id", "created", "lines", "nbytes", "remaining")
+
+    def __init__(self, id: int, created: float, lines: list[bytes], nbytes: int) -> None:
+        self.id = id
+        self.created = created
+        self.lines = lines
+        self.nbytes = nbytes
+        self.remaining = len(lines)
+
+
+class Entry:
+    """One record to send: its exact Data, its partition key, and the lines it carries."""
+
+    __slots__ = ("data", "key", "hash_key", "refs", "nlines", "attempts", "created")
+
+    def __init__(
+        self,
+        data: bytes,
+        key: str,
+        refs: list[tuple[Chunk, int]],
+        nlines: int,
+        created: float,
+        hash_key: str | None = None,
+    ) -> None:
+        self.data = data
+        self.key = key
+        self.hash_key = hash_key
+        self.refs = refs
+        self.nlines = nlines
+        self.attempts = 0
+        self.created = created
+
+    @property
+    def size(self) -> int:
+        """Bytes the service counts against its limits: data plus partition key."""
+        return len(self.data) + len(self.key)
+
+
+def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    exp = min(max(attempt, 0), MAX_BACKOFF_EXPONENT)
+    return rng.uniform(0.0, min(cap, base * (1 << exp)))
+
+
+def partition_key_from_json(line: bytes, field: str) -> str | None:
+    """The line's top-level JSON field as a partition key, or None to fall back to random."""
+    if not line.startswith(b"{"):
+        return None
+    try:
+        doc: Any = json.loads(line)
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        return None
+    if not isinstance(doc, dict):
+        return None
+    value = doc.get(field)
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    key = value if isinstance(value, str) else json.dumps(value)
+    return key[:MAX_PARTITION_KEY] if key else None
+
+
+class Encoder:
+    """Turns spool chunks into entries for one destination's kind and options."""
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        delimiter: bytes = b"",
+        pack_lines: bool = False,
+        max_record_bytes: int,
+        partition_key_field: str | None = None,
+        explicit_hash_key: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.kind = kind
+        self.delimiter = delimiter
+        self.pack_lines = pack_lines
+        self.max_record_bytes = max_record_bytes
+        self.partition_key_field = partition_key_field
+        self.explicit_hash_key = explicit_hash_key
+        self._rng = rng or random.Random()
+
+    def random_key(self) -> str:
+        return "%0*x" % (RANDOM_KEY_HEX, self._rng.getrandbits(RANDOM_KEY_HEX * 4))
+
+    def entries(self, chunk: Chunk) -> Iterator[Entry]:
+        """The entries for every line of ``chunk``, in order."""
+        created = chunk.created
+        if self.kind == "firehose":
+            delim = self.delimiter
+            if self.pack_lines:
+                yield from self._packed(chunk)
+                return
+            for line in chunk.lines:
+                yield Entry(line + delim if delim else line, "", [(chunk, 1)], 1, created)
+            return
+        field = self.partition_key_field
+        ehk = self.explicit_hash_key
+        for line in chunk.lines:
+            key = (field and partition_key_from_json(line, field)) or self.random_key()
+            yield Entry(line, key, [(chunk, 1)], 1, created, ehk)
+
+    def _packed(self, chunk: Chunk) -> Iterator[Entry]:
+        # Lines of one chunk are packed into records of at most max_record_bytes; a line is
+        # never split, and each keeps its delimiter so the destination sees the same bytes.
+        delim = self.delimiter
+        limit = self.max_record_bytes
+        parts: list[bytes] = []
+        size = 0
+        for line in chunk.lines:
+            n = len(line) + len(delim)
+            if parts and size + n > limit:
+                yield Entry(delim.join(parts) + delim, "", [(chunk, len(parts))], len(parts), chunk.created)
+                parts, size = [], 0
+            parts.append(line)
+            size += n
+        if parts:
+            yield Entry(delim.join(parts) + delim, "", [(chunk, len(parts))], len(parts), chunk.created)
+
+
+def take_batch(
+    sources: Iterable[deque[Entry]], max_records: int, max_bytes: int
+) -> tuple[list[Entry], int]:
+    """Pop entries from the sources, in order, into one request under both limits.
+
+    Returns the batch and its counted size. An entry that does not fit ends the batch and stays
+    at the head of its source, so nothing is reordered within a source.
+    """
+    batch: list[Entry] = []
+    size = 0
+    for source in sources:
+        while source and len(batch) < max_records:
+            entry = source[0]
+            n = entry.size
+            if batch and size + n > max_bytes:
+                return batch, size
+            source.popleft()
+            batch.append(entry)
+            size += n
+        if len(batch) >= max_records:
+            break
+    return batch, size

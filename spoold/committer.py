@@ -1,0 +1,246 @@
+"""Group commit: many connections' lines become durable in one SQLite transaction.
+
+Connections ``submit`` their complete lines and wait on the returned Ticket; the commit loop takes
+everything pending, writes it (plus the deletes of rows the service has accepted) in one
+transaction on the spool's writer thread, then wakes every waiter at once. A ticket is answered
+only after COMMIT returned, so an acknowledgement always means "on disk".
+
+It also owns the spool's size accounting and the ``when_full`` policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+import trio
+
+from spoold.config import SpoolConfig
+from spoold.errors import SpoolError
+from spoold.spool import DestStats, Spool, Worker
+
+logger = structlog.get_logger()
+
+# Lines waiting for the next commit across all connections; past it, submitters wait.
+MAX_PENDING_BYTES = 16 * 1024 * 1024
+# How long acked-row deletes may wait to share a commit with other deletes.
+DELETE_LINGER = 0.05
+# Rows dropped per transaction under when_full = "drop_oldest" and expiry.
+DROP_BATCH_ROWS = 64
+# At most one log line per this many seconds for each kind of drop or rejection.
+LOG_EVERY = 10.0
+
+
+class Ticket:
+    """One submission's fate: filled in after its commit, then ``done`` is set."""
+
+    __slots__ = ("lines", "nbytes", "done", "accepted", "rejected", "reason")
+
+    def __init__(self, lines: list[bytes], nbytes: int) -> None:
+        self.lines = lines
+        self.nbytes = nbytes
+        self.done = trio.Event()
+        self.accepted = 0
+        self.rejected = 0
+        self.reason = ""
+
+
+class Cursors(Protocol):
+    def __call__(self, dest: str) -> int: ...
+
+
+class RateLimitedLog:
+    """Logs an event at most once per period, with the count of what it summarises."""
+
+    def __init__(self, period: float = LOG_EVERY) -> None:
+        self.period = period
+        self._next: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def __call__(self, event: str, n: int, level: str = "warning", **fields: object) -> None:
+        self._count[event] = self._count.get(event, 0) + n
+        now = time.monotonic()
+        if now >= self._next.get(event, 0.0):
+            getattr(logger, level)(event, lines=self._count.pop(event), **fields)
+            self._next[event] = now + self.period
+
+
+class Committer:
+    def __init__(
+        self,
+        spool: Spool,
+        worker: Worker,
+        cfg: SpoolConfig,
+        stats: dict[str, DestStats],
+        on_rows: Callable[[list[tuple[int, str, list[bytes], int]], float], None],
+        cursor_of: Cursors,
+    ) -> None:
+        self.spool = spool
+        self.worker = worker
+        self.cfg = cfg
+        self.stats = stats
+        self.on_rows = on_rows
+        self.cursor_of = cursor_of
+        self.total_bytes = sum(s.bytes for s in stats.values())
+        self.dropped: dict[str, int] = {}
+        self.expired: dict[str, int] = {}
+        self.rejected_full = 0
+        self.write_errors = 0
+        self.last_error = ""
+        self._pending: list[tuple[str, Ticket]] = []
+        self._pending_bytes = 0
+        self._deletes: list[tuple[int, str, int, int]] = []
+        self._wake = trio.Event()
+        self._space = trio.Event()
+        self._log = RateLimitedLog()
+        self._closed = False
+
+    # -- for connections ------------------------------------------------------------------
+    async def submit(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket:
+        """Queue lines for the next commit; waits while too much is pending or the spool is full
+        (``when_full = "block"``). Await ``ticket.done`` for the outcome."""
+        ticket = Ticket(lines, nbytes)
+        while not self._closed and (
+            self._pending_bytes > MAX_PENDING_BYTES
+            or (self.cfg.when_full == "block" and self._full(nbytes))
+        ):
+            await self._wait_for_space()
+        if self._closed:
+            self._reject(ticket, "shutting down")
+            return ticket
+        if self._full(nbytes):
+            if self.cfg.when_full == "reject":
+                self.rejected_full += len(lines)
+                self._log("spool_full_rejected", len(lines), max_bytes=self.cfg.max_bytes)
+                self._reject(ticket, "spool full")
+                return ticket
+            if self.cfg.when_full == "drop_oldest":
+                await self._drop_oldest(nbytes)
+        self._pending.append((dest, ticket))
+        self._pending_bytes += nbytes
+        self._wake.set()
+        return ticket
+
+    def _full(self, nbytes: int) -> bool:
+        return self.total_bytes + self._pending_bytes + nbytes > self.cfg.max_bytes
+
+    async def _wait_for_space(self) -> None:
+        if self._space.is_set():
+            self._space = trio.Event()
+        await self._space.wait()
+
+    @staticmethod
+    def _reject(ticket: Ticket, reason: str) -> None:
+        ticket.rejected = len(ticket.lines)
+        ticket.reason = reason
+        ticket.done.set()
+
+    # -- for flushers ---------------------------------------------------------------------
+    def delete(self, row_id: int, dest: str, lines: int, nbytes: int) -> None:
+        """The service accepted every line of this row: remove it with the next commit."""
+        self._deletes.append((row_id, dest, lines, nbytes))
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            if not self._pending:
+                await trio.sleep(DELETE_LINGER)  # let deletes gather
+            await self.commit_once()
+
+    async def commit_once(self) -> None:
+        pending, self._pending = self._pending, []
+        deletes, self._deletes = self._deletes, []
+        self._pending_bytes = 0
+        if not pending and not deletes:
+            return
+        grouped: dict[str, list[bytes]] = {}
+        sizes: dict[str, int] = {}
+        for dest, ticket in pending:
+            grouped.setdefault(dest, []).extend(ticket.lines)
+            sizes[dest] = sizes.get(dest, 0) + ticket.nbytes
+        appends = [(d, lines, sizes[d]) for d, lines in grouped.items()]
+        now = time.time()
+        try:
+            made = await self.worker.run(self.spool.commit, appends, [d[0] for d in deletes], now)
+        except SpoolError as exc:
+            self.write_errors += 1
+            self.last_error = str(exc)
+            self._deletes[:0] = deletes  # those rows are still there; try again next time
+            n = sum(len(t.lines) for _, t in pending)
+            self._log("spool_write_failed", n, level="error", error=str(exc))
+            for _, ticket in pending:
+                self._reject(ticket, f"spool write failed: {exc}")
+            self._space.set()
+            if deletes and not pending:
+                await trio.sleep(1.0)  # a failing disk: do not spin on the deletes
+                self._wake.set()
+            return
+        for row_id, dest, lines, nbytes in deletes:
+            self._account(dest, -1, -lines, -nbytes)
+        for row_id, dest, lines_, nbytes in made:
+            self._account(dest, 1, len(lines_), nbytes)
+        for _, ticket in pending:
+            ticket.accepted = len(ticket.lines)
+            ticket.done.set()
+        self._space.set()
+        if made:
+            self.on_rows(made, now)
+
+    def _account(self, dest: str, rows: int, lines: int, nbytes: int) -> None:
+        s = self.stats.setdefault(dest, DestStats())
+        s.rows += rows
+        s.lines += lines
+        s.bytes += nbytes
+        self.total_bytes += nbytes
+
+    async def _drop_oldest(self, need: int) -> None:
+        # Drops whole rows, oldest first, that no flusher has loaded (loaded rows are being sent).
+        while self._full(need):
+            candidates = [(self.cursor_of(d), d) for d, s in self.stats.items() if s.rows]
+            best: list[tuple[int, str, int, int]] = []
+            for cursor, dest in candidates:
+                try:
+                    rows = await self.worker.run(self.spool.drop, dest, cursor, None, 1)
+                except SpoolError as exc:
+                    self._log("spool_drop_failed", 0, level="error", error=str(exc))
+                    return
+                best.extend((r[0], dest, r[1], r[2]) for r in rows)
+                if rows:
+                    break
+            if not best:
+                return  # everything left is in flight; the caller stores over the limit
+            for row_id, dest, lines, nbytes in best:
+                self._account(dest, -1, -lines, -nbytes)
+                self.dropped[dest] = self.dropped.get(dest, 0) + lines
+                self._log("spool_full_dropped_oldest", lines, dest=dest, max_bytes=self.cfg.max_bytes)
+
+    async def expire(self, dest: str, cutoff: float) -> int:
+        """Drop rows of ``dest`` older than ``cutoff`` that no flusher holds; returns lines."""
+        total = 0
+        while True:
+            rows = await self.worker.run(self.spool.drop, dest, self.cursor_of(dest), cutoff, DROP_BATCH_ROWS)
+            for _, lines, nbytes in rows:
+                self._account(dest, -1, -lines, -nbytes)
+                total += lines
+            if len(rows) < DROP_BATCH_ROWS:
+                break
+        if total:
+            self.expired[dest] = self.expired.get(dest, 0) + total
+            self._log("lines_expired", total, dest=dest, max_age=self.cfg.max_age)
+            self._space.set()
+        return total
+
+    def count_expired(self, dest: str, lines: int) -> None:
+        self.expired[dest] = self.expired.get(dest, 0) + lines
+        self._log("lines_expired", lines, dest=dest, max_age=self.cfg.max_age)
+
+    def close(self) -> None:
+        """No new submissions; waiters are released and rejected."""
+        self._closed = True
+        self._space.set()

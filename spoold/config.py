@@ -1,0 +1,416 @@
+"""The configuration file, parsed once into frozen dataclasses.
+
+Every key is checked: an unknown key, a missing required key or a bad value is a ConfigError
+whose message names the file and the key (``spoold.toml: destination "app": max_in_flight:
+must be an integer from 1 to 64``). Durations may be numbers of seconds or strings such as
+"250ms", "10s", "5m", "7d"; sizes may be numbers of bytes or strings such as "512KiB", "1GiB".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spoold.errors import ConfigError
+
+KINDS = ("kinesis", "firehose", "yds")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+MiB = 1024 * 1024
+# Room kept for the partition key (at most 256 characters) inside a Kinesis record.
+PARTITION_KEY_ROOM = 256
+YDS_ENDPOINT = "https://yds.serverless.yandexcloud.net"
+YDS_REGION = "ru-central1"
+
+# Service limits per kind (seeds and ../shared/TESTING.md): records per request, bytes per
+# request, bytes per record. Kinesis' current API allows 10 MiB requests, but 5 MiB is what
+# streams and tools have long assumed and still works everywhere, so it is the default.
+LIMITS = {
+    "kinesis": (500, 5 * MiB, 1 * MiB),
+    "yds": (500, 5 * 1000 * 1000, 1000 * 1000),
+    "firehose": (500, 4 * MiB, 1000 * 1024),
+}
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {
+    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+}
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: Path
+    synchronous: str = "full"
+    max_bytes: int = 1024 * MiB
+    when_full: str = "block"
+    max_age: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    kind: str
+    socket: Path
+    stream: str
+    region: str
+    endpoint_url: str
+    stream_arn: str | None = None
+    socket_type: str = "stream"
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    partition_key_field: str | None = None
+    explicit_hash_key: str | None = None
+    ordered: bool = False
+    aggregation: str = "none"
+    delimiter: bytes = b"\n"
+    pack_lines: bool = False
+    max_records_per_request: int = 500
+    max_request_bytes: int = 5 * MiB
+    max_record_bytes: int = 1 * MiB
+    max_line_bytes: int = 1 * MiB - PARTITION_KEY_ROOM
+    max_in_flight: int = 4
+    linger: float = 0.2
+    request_timeout: float = 30.0
+    retry_base: float = 0.1
+    retry_cap_throttle: float = 5.0
+    retry_cap: float = 60.0
+
+    @property
+    def signing_service(self) -> str:
+        return "firehose" if self.kind == "firehose" else "kinesis"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    spool: SpoolConfig
+    destinations: tuple[Destination, ...]
+    shutdown_grace: float = 10.0
+    log_level: str = "info"
+    log_format: str = "auto"
+
+
+def load(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Config:
+    """Read and validate the config file; raise ConfigError naming the file and the key."""
+    path = Path(path)
+    env = dict(os.environ if environ is None else environ)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from exc
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    return parse(doc, path, env)
+
+
+def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
+    top = _Table(doc, f"{path}:", "")
+    top.allow("spool", "destination", "daemon", "log")
+
+    spool_t = top.table("spool", required=True)
+    spool = SpoolConfig(
+        path=Path(spool_t.string("path", required=True)),
+        synchronous=spool_t.choice("synchronous", ("full", "normal"), "full"),
+        max_bytes=spool_t.size("max_bytes", 1024 * MiB, minimum=MiB),
+        when_full=spool_t.choice("when_full", ("block", "drop_oldest", "reject"), "block"),
+        max_age=spool_t.duration("max_age", 7 * 86400.0, minimum=1.0),
+    )
+    spool_t.done()
+
+    daemon_t = top.table("daemon")
+    grace = daemon_t.duration("shutdown_grace", 10.0, minimum=0.0)
+    daemon_t.done()
+
+    log_t = top.table("log")
+    level = log_t.choice("level", ("debug", "info", "warning", "error"), "info")
+    fmt = log_t.choice("format", ("auto", "json", "console"), "auto")
+    log_t.done()
+
+    items = doc.get("destination")
+    if items is None:
+        raise ConfigError(f"{path}: [[destination]]: at least one destination is required")
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ConfigError(f"{path}: destination: must be an array of tables ([[destination]])")
+    if not items:
+        raise ConfigError(f"{path}: [[destination]]: at least one destination is required")
+    dests = tuple(_destination(_Table(i, f"{path}:", f"destination[{n}]."), env) for n, i in enumerate(items))
+
+    seen_names: set[str] = set()
+    seen_sockets: set[Path] = set()
+    for n, d in enumerate(dests):
+        if d.name in seen_names:
+            raise ConfigError(f'{path}: destination[{n}].name: "{d.name}" is used by another destination')
+        seen_names.add(d.name)
+        sock = Path(os.path.abspath(d.socket))
+        if sock in seen_sockets:
+            raise ConfigError(f'{path}: destination "{d.name}": socket: {d.socket} is used by another destination')
+        seen_sockets.add(sock)
+        if sock == Path(os.path.abspath(spool.path)):
+            raise ConfigError(f'{path}: destination "{d.name}": socket: same path as [spool].path')
+    return Config(path=path, spool=spool, destinations=dests, shutdown_grace=grace, log_level=level, log_format=fmt)
+
+
+def _destination(t: _Table, env: dict[str, str]) -> Destination:
+    name = t.string("name", required=True)
+    if not NAME_RE.match(name):
+        raise t.error("name", "must match [A-Za-z0-9_.-]+")
+    t.label = f'destination "{name}": '
+    kind = t.choice("kind", KINDS, None)
+    if kind is None:
+        raise t.error("kind", f"required, one of {', '.join(KINDS)}")
+    socket = Path(t.string("socket", required=True))
+    socket_type = t.choice("socket_type", ("stream", "datagram"), "stream")
+    mode_s = t.string("socket_mode", default="0660")
+    if not re.fullmatch(r"0?[0-7]{3}", mode_s):
+        raise t.error("socket_mode", 'must be an octal string such as "0660"')
+    socket_group = t.string("socket_group", default=None)
+
+    stream = t.string("stream", default=None)
+    stream_arn = t.string("stream_arn", default=None) if kind == "kinesis" else t.forbid("stream_arn", "kinesis")
+    region = t.string("region", default=None)
+    endpoint_url = t.string("endpoint_url", default=None)
+
+    if kind == "yds":
+        folder = t.string("folder", default=None)
+        database = t.string("database", default=None)
+        if stream is None:
+            raise t.error("stream", "required")
+        if not stream.startswith("/"):
+            if folder is None or database is None:
+                raise t.error(
+                    "folder" if folder is None else "database",
+                    'required for kind = "yds" unless stream is a full "/region/folder/database/stream" path',
+                )
+            stream = f"/{region or YDS_REGION}/{folder}/{database}/{stream}"
+        elif folder is not None or database is not None:
+            raise t.error("folder" if folder is not None else "database", 'not allowed when stream starts with "/"')
+        region = region or YDS_REGION
+        endpoint_url = endpoint_url or YDS_ENDPOINT
+    else:
+        t.forbid("folder", "yds")
+        t.forbid("database", "yds")
+        if kind == "kinesis" and stream_arn is not None:
+            if stream is not None:
+                raise t.error("stream_arn", "set either stream or stream_arn, not both")
+            m = re.fullmatch(r"arn:aws[a-z-]*:kinesis:([a-z0-9-]+):\d{12}:stream/([A-Za-z0-9_.-]+)", stream_arn)
+            if not m:
+                raise t.error("stream_arn", "must look like arn:aws:kinesis:REGION:ACCOUNT:stream/NAME")
+            region = region or m.group(1)
+            stream = m.group(2)
+        if stream is None:
+            raise t.error("stream", "required" + (" (or stream_arn)" if kind == "kinesis" else ""))
+        region = region or _default_region(env)
+        if region is None:
+            raise t.error("region", "required: set it here or in AWS_REGION / AWS_DEFAULT_REGION / the AWS config")
+        if endpoint_url is None:
+            suffix = ".amazonaws.com.cn" if region.startswith("cn-") else ".amazonaws.com"
+            endpoint_url = f"https://{kind}.{region}{suffix}"
+    if not re.match(r"^https?://[^/\s]+", endpoint_url):
+        raise t.error("endpoint_url", "must be an http:// or https:// URL")
+
+    if kind == "firehose":
+        delimiter = t.string("delimiter", default="\n").encode("utf-8")
+        pack_lines = t.boolean("pack_lines", False)
+    else:
+        t.forbid("delimiter", "firehose")
+        t.forbid("pack_lines", "firehose")
+        delimiter, pack_lines = b"", False
+    if kind == "firehose":
+        t.forbid("partition_key_field", "kinesis or yds")
+        t.forbid("explicit_hash_key", "kinesis or yds")
+        t.forbid("ordered", "kinesis or yds")
+        pk_field = ehk = None
+        ordered = False
+    else:
+        pk_field = t.string("partition_key_field", default=None)
+        ehk = t.string("explicit_hash_key", default=None)
+        if ehk is not None and not (ehk.isdigit() and int(ehk) < 2**128):
+            raise t.error("explicit_hash_key", "must be a decimal integer from 0 to 2**128-1")
+        ordered = t.boolean("ordered", False)
+    t.forbid("aggregation", "a later release")
+
+    max_records, max_request, max_record = LIMITS[kind]
+    max_records = t.integer("max_records_per_request", max_records, 1, 500)
+    max_record = t.size("max_record_bytes", max_record, minimum=1024)
+    max_request = t.size("max_request_bytes", max_request, minimum=max_record)
+    room = len(delimiter) if kind == "firehose" else PARTITION_KEY_ROOM
+    max_line = t.size("max_line_bytes", max_record - room, minimum=1)
+    if max_line + room > max_record:
+        raise t.error("max_line_bytes", f"must leave {room} bytes of max_record_bytes ({max_record}) free")
+
+    dest = Destination(
+        name=name,
+        kind=kind,
+        socket=socket,
+        socket_type=socket_type,
+        socket_mode=int(mode_s, 8),
+        socket_group=socket_group,
+        stream=stream,
+        stream_arn=stream_arn,
+        region=region,
+        endpoint_url=endpoint_url.rstrip("/"),
+        partition_key_field=pk_field,
+        explicit_hash_key=ehk,
+        ordered=ordered,
+        delimiter=delimiter,
+        pack_lines=pack_lines,
+        max_records_per_request=max_records,
+        max_request_bytes=max_request,
+        max_record_bytes=max_record,
+        max_line_bytes=max_line,
+        max_in_flight=t.integer("max_in_flight", 4, 1, 64),
+        linger=t.duration("linger", 0.2, minimum=0.0, maximum=60.0),
+        request_timeout=t.duration("request_timeout", 30.0, minimum=0.1, maximum=600.0),
+        retry_base=t.duration("retry_base", 0.1, minimum=0.001, maximum=60.0),
+        retry_cap_throttle=t.duration("retry_cap_throttle", 5.0, minimum=0.001, maximum=3600.0),
+        retry_cap=t.duration("retry_cap", 60.0, minimum=0.001, maximum=3600.0),
+    )
+    t.done()
+    return dest
+
+
+def _default_region(env: dict[str, str]) -> str | None:
+    for key in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        if env.get(key):
+            return env[key]
+    try:  # the shared config file and profiles, as the AWS CLI reads them
+        import botocore.session
+
+        region = botocore.session.Session().get_config_variable("region")
+    except Exception:  # a broken ~/.aws/config must not hide the real message
+        return None
+    return str(region) if region else None
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(ms|s|m|h|d)\s*", value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError('expected seconds or a string such as "250ms", "10s", "5m", "7d"')
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).lower() in _SIZE_UNITS | {"": 1}:
+            return int(float(m.group(1)) * _SIZE_UNITS.get(m.group(2).lower(), 1))
+    raise ValueError('expected bytes or a string such as "512KiB", "4MiB", "1GiB"')
+
+
+class _Table:
+    """One TOML table being read; remembers which keys were used so leftovers are errors."""
+
+    def __init__(self, data: dict[str, Any], prefix: str, where: str) -> None:
+        self.data = data
+        self.prefix = prefix
+        self.where = where
+        self.label = ""
+        self.used: set[str] = set()
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.prefix} {self.label or self.where}{key}: {message}")
+
+    def allow(self, *keys: str) -> None:
+        self.used.update(keys)
+        self.done()
+
+    def done(self) -> None:
+        for key in self.data:
+            if key not in self.used:
+                raise self.error(key, "unknown key")
+
+    def _get(self, key: str) -> Any:
+        self.used.add(key)
+        return self.data.get(key)
+
+    def table(self, key: str, required: bool = False) -> _Table:
+        value = self._get(key)
+        if value is None:
+            if required:
+                raise ConfigError(f"{self.prefix} [{key}]: required section is missing")
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.prefix} [{key}]: must be a table")
+        return _Table(value, self.prefix, f"[{key}].")
+
+    def forbid(self, key: str, kinds: str) -> None:
+        if key in self.data:
+            raise self.error(key, f"only valid for kind {kinds}")
+        return None
+
+    def string(self, key: str, required: bool = False, default: Any = None) -> Any:
+        value = self._get(key)
+        if value is None:
+            if required:
+                raise self.error(key, "required")
+            return default
+        if not isinstance(value, str):
+            raise self.error(key, "must be a string")
+        if required and not value:
+            raise self.error(key, "must not be empty")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, "must be true or false")
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.error(key, f"must be an integer from {low} to {high}")
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: str | None) -> Any:
+        value = self._get(key)
+        if value is None:
+            return default
+        if value not in options:
+            raise self.error(key, f"must be one of {', '.join(repr(o) for o in options)}")
+        return value
+
+    def duration(self, key: str, default: float, minimum: float, maximum: float = float("inf")) -> float:
+        value = self._get(key)
+        if value is None:
+            return default
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+        if not minimum <= seconds <= maximum:
+            raise self.error(key, f"must be between {minimum:g} and {maximum:g} seconds")
+        return seconds
+
+    def size(self, key: str, default: int, minimum: int) -> int:
+        value = self._get(key)
+        if value is None:
+            return default
+        try:
+            size = parse_size(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+        if size < minimum:
+            raise self.error(key, f"must be at least {minimum} bytes")
+        return size

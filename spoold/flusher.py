@@ -1,0 +1,351 @@
+"""One destination's sender: lease rows, batch, sign, send, ack or back off.
+
+Rows reach the flusher two ways. Fresh commits are handed over in memory by the committer while
+the flusher is caught up (the hot path never re-reads SQLite); otherwise it reads rows above its
+cursor from the spool. Either way it holds at most LEASE_BYTES of lines; the backlog stays on disk.
+
+Lines become entries lazily, a few batches ahead of the sender. When the service rejects some
+entries of a batch, only those go back into the retry queue, each with its own exponential
+backoff (full jitter). When a request fails as a whole (5xx, throttling, timeout, a fatal error
+such as a missing stream), the whole destination backs off and every entry of the batch is
+retried. A row is deleted from the spool only when every one of its lines has been accepted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import structlog
+import trio
+
+from spoold.batching import Chunk, Encoder, Entry, backoff, take_batch
+from spoold.committer import Committer
+from spoold.config import Destination, SpoolConfig
+from spoold.errors import FatalSendError, RetryableSendError, SendError, SpoolError
+from spoold.protocol import Api, is_throttle
+from spoold.signing import CredentialSource, sign
+from spoold.spool import Row, Spool, Worker
+
+logger = structlog.get_logger()
+
+# Bytes of lines one destination holds in memory (leased rows, in flight, waiting to retry).
+LEASE_BYTES = 16 * 1024 * 1024
+# Entries encoded ahead of the sender, in batches.
+ENCODE_AHEAD_BATCHES = 2
+# Partition keys remembered for ordered mode's SequenceNumberForOrdering.
+ORDERED_KEYS_MAX = 10_000
+
+
+class Flusher:
+    def __init__(
+        self,
+        dest: Destination,
+        spool_cfg: SpoolConfig,
+        spool: Spool,
+        reader: Worker,
+        committer: Committer,
+        client: httpx.AsyncClient,
+        credentials: CredentialSource,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.dest = dest
+        self.spool_cfg = spool_cfg
+        self.spool = spool
+        self.reader = reader
+        self.committer = committer
+        self.client = client
+        self.credentials = credentials
+        self.rng = rng or random.Random()
+        self.api = Api.for_destination(dest.kind, dest.stream, dest.stream_arn)
+        self.url = dest.endpoint_url + "/"
+        self.encoder = Encoder(
+            dest.kind,
+            delimiter=dest.delimiter,
+            pack_lines=dest.pack_lines,
+            max_record_bytes=dest.max_record_bytes,
+            partition_key_field=dest.partition_key_field,
+            explicit_hash_key=dest.explicit_hash_key,
+            rng=self.rng,
+        )
+        self.log = logger.bind(dest=dest.name)
+        # Rows
+        self.cursor = 0  # highest row id leased (or known gone)
+        self.highest_offered = 0
+        self.caught_up = False
+        self.leased: dict[int, Chunk] = {}
+        self.leased_bytes = 0
+        self._to_encode: deque[tuple[Chunk, Iterator[Entry]]] = deque()
+        # Entries
+        self.fresh: deque[Entry] = deque()
+        self._due: deque[Entry] = deque()
+        self._retry: list[tuple[float, int, Entry]] = []
+        self._seq = itertools.count()
+        self.in_flight = 0
+        # Ordered mode sends one record at a time, so each key's records keep their order.
+        self._slots = trio.Semaphore(1 if dest.ordered else dest.max_in_flight)
+        self.blocked_until = 0.0
+        self._whole_attempt = 0
+        self._wake = trio.Event()
+        self._fresh_since: float | None = None
+        self.draining = False
+        self._ordered_seq: dict[str, str] = {}
+        self._next_error_log = 0.0
+        # Figures for status and metrics
+        self.lines_sent = 0
+        self.records_sent = 0
+        self.requests = 0
+        self.retried_records = 0
+        self.failures: Counter[str] = Counter()
+        self.last_error = ""
+        self.last_error_at = 0.0
+        self.last_success_at = 0.0
+
+    # -- rows in --------------------------------------------------------------------------
+    def offer(self, row_id: int, lines: list[bytes], nbytes: int, created: float) -> None:
+        """A row was just committed; take it from memory if we are caught up and have room."""
+        self.highest_offered = max(self.highest_offered, row_id)
+        if self.caught_up and row_id > self.cursor and self.leased_bytes < LEASE_BYTES:
+            self._lease(Chunk(row_id, created, lines, nbytes))
+        else:
+            self.caught_up = False
+        self._wake.set()
+
+    def _lease(self, chunk: Chunk) -> None:
+        self.cursor = max(self.cursor, chunk.id)
+        if chunk.created < time.time() - self.spool_cfg.max_age:
+            self.committer.count_expired(self.dest.name, len(chunk.lines))
+            self.committer.delete(chunk.id, self.dest.name, len(chunk.lines), chunk.nbytes)
+            return
+        self.leased[chunk.id] = chunk
+        self.leased_bytes += chunk.nbytes
+        self._to_encode.append((chunk, self.encoder.entries(chunk)))
+
+    async def _read_rows(self) -> None:
+        room = LEASE_BYTES - self.leased_bytes
+        rows: list[Row] = await self.reader.run(self.spool.read, self.dest.name, self.cursor, room)
+        for row in rows:
+            if row.id > self.cursor:
+                self._lease(Chunk(row.id, row.created, row.lines, row.nbytes))
+        if not rows and self.cursor >= self.highest_offered:
+            self.caught_up = True
+
+    def _encode_ahead(self) -> None:
+        target = self.dest.max_records_per_request * ENCODE_AHEAD_BATCHES
+        while len(self.fresh) < target and self._to_encode:
+            chunk, entries = self._to_encode[0]
+            before = len(self.fresh)
+            self.fresh.extend(itertools.islice(entries, target - before))
+            if len(self.fresh) - before < target - before:
+                self._to_encode.popleft()
+        if self.fresh and self._fresh_since is None:
+            self._fresh_since = trio.current_time()
+
+    def drain(self) -> None:
+        """Shutdown: send whatever is waiting now, without lingering."""
+        self.draining = True
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """Nothing leased, nothing on disk that we know of, nothing in flight."""
+        return self.caught_up and not self.leased and self.in_flight == 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                await self._slots.acquire()
+                try:
+                    batch = await self._next_batch()
+                except BaseException:
+                    self._slots.release()
+                    raise
+                self.in_flight += 1
+                nursery.start_soon(self._send, batch)
+
+    async def _next_batch(self) -> list[Entry]:
+        d = self.dest
+        while True:
+            if self._wake.is_set():
+                self._wake = trio.Event()
+            now = trio.current_time()
+            if not self.caught_up and self.leased_bytes < LEASE_BYTES:
+                try:
+                    await self._read_rows()
+                except SpoolError as exc:
+                    self._note_error("SpoolReadError", str(exc), fatal=True)
+                    await trio.sleep(1.0)
+                    continue
+            if now < self.blocked_until:
+                with trio.move_on_at(self.blocked_until):
+                    await trio.sleep_forever()
+                continue
+            self._collect_due(now)
+            self._encode_ahead()
+            waiting = len(self._due) + len(self.fresh)
+            if waiting:
+                full = waiting >= d.max_records_per_request or self._to_encode
+                lingered = self._fresh_since is None or now - self._fresh_since >= d.linger
+                if full or lingered or self.draining or self._due:
+                    if d.ordered:
+                        batch = [self._due.popleft() if self._due else self.fresh.popleft()]
+                    else:
+                        batch, _ = take_batch((self._due, self.fresh), d.max_records_per_request,
+                                              d.max_request_bytes)
+                    if not self.fresh:
+                        self._fresh_since = None
+                    return batch
+            deadline = float("inf")
+            if self._retry:
+                deadline = self._retry[0][0]
+            if self.fresh and self._fresh_since is not None:
+                deadline = min(deadline, self._fresh_since + d.linger)
+            if not self.caught_up and self.leased_bytes < LEASE_BYTES:
+                deadline = now  # more rows to read
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+
+    def _collect_due(self, now: float) -> None:
+        cutoff = time.time() - self.spool_cfg.max_age
+        while self._retry and self._retry[0][0] <= now:
+            entry = heapq.heappop(self._retry)[2]
+            if entry.created < cutoff:
+                self.committer.count_expired(self.dest.name, entry.nlines)
+                self._ack(entry, sent=False)
+            else:
+                self._due.append(entry)
+
+    # -- sending --------------------------------------------------------------------------
+    async def _send(self, batch: list[Entry]) -> None:
+        try:
+            if self.dest.ordered:
+                await self._send_ordered(batch[0])
+            else:
+                await self._send_batch(batch)
+        finally:
+            self.in_flight -= 1
+            self._slots.release()
+            self._wake.set()
+
+    async def _post(self, body: bytes, target: str | None = None) -> httpx.Response:
+        creds = await self.credentials.get()
+        headers = self.api.headers()
+        if target:
+            headers["X-Amz-Target"] = target
+        signed = sign(creds, url=self.url, body=body, headers=headers,
+                      region=self.dest.region, service=self.dest.signing_service)
+        self.requests += 1
+        try:
+            with trio.fail_after(self.dest.request_timeout + 1.0):
+                return await self.client.post(self.url, content=body, headers=signed,
+                                              timeout=self.dest.request_timeout)
+        except trio.TooSlowError:
+            raise RetryableSendError("request timed out", code="Timeout") from None
+        except httpx.TimeoutException as exc:
+            raise RetryableSendError(f"request timed out ({type(exc).__name__})", code="Timeout") from exc
+        except httpx.HTTPError as exc:
+            raise RetryableSendError(f"connection failed: {type(exc).__name__}: {exc}",
+                                     code="ConnectionError") from exc
+
+    async def _send_batch(self, batch: list[Entry]) -> None:
+        try:
+            response = await self._post(self.api.body(batch))
+            outcomes = self.api.parse(response.status_code, response.content, len(batch))
+        except SendError as exc:
+            self._whole_failure(batch, exc)
+            return
+        self._whole_attempt = 0
+        self.last_success_at = time.time()
+        now = trio.current_time()
+        d = self.dest
+        failed = 0
+        for entry, code in zip(batch, outcomes):
+            if code is None:
+                self._ack(entry)
+                continue
+            failed += 1
+            self.failures[code] += 1
+            cap = d.retry_cap_throttle if is_throttle(code) else d.retry_cap
+            self._schedule(entry, now + backoff(entry.attempts, d.retry_base, cap, self.rng))
+            entry.attempts += 1
+        if failed:
+            self.retried_records += failed
+            self.log.debug("records_retried", failed=failed, batch=len(batch))
+
+    async def _send_ordered(self, entry: Entry) -> None:
+        key = entry.key
+        body = self.api.single_body(entry, self._ordered_seq.get(key))
+        try:
+            response = await self._post(body, target="Kinesis_20131202.PutRecord")
+            seq = self.api.parse_single(response.status_code, response.content)
+        except SendError as exc:
+            self._whole_failure([entry], exc)
+            return
+        self._whole_attempt = 0
+        self.last_success_at = time.time()
+        self._ordered_seq.pop(key, None)
+        self._ordered_seq[key] = seq
+        if len(self._ordered_seq) > ORDERED_KEYS_MAX:
+            self._ordered_seq.pop(next(iter(self._ordered_seq)))
+        self._ack(entry)
+
+    def _whole_failure(self, batch: list[Entry], exc: SendError) -> None:
+        d = self.dest
+        fatal = isinstance(exc, FatalSendError)
+        cap = d.retry_cap if fatal or not is_throttle(exc.code) else d.retry_cap_throttle
+        delay = backoff(self._whole_attempt, d.retry_base, cap, self.rng)
+        self._whole_attempt += 1
+        self.blocked_until = max(self.blocked_until, trio.current_time() + delay)
+        self.failures[exc.code or "Error"] += 1
+        for entry in batch:
+            entry.attempts += 1
+        # Retried first, in their original order, once the destination's backoff is over.
+        self._due.extendleft(reversed(batch))
+        self._note_error(exc.code, str(exc), fatal=fatal, retry_in=round(delay, 3), records=len(batch))
+
+    def _note_error(self, code: str, message: str, *, fatal: bool, **fields: Any) -> None:
+        self.last_error = message
+        self.last_error_at = time.time()
+        now = trio.current_time()
+        if now >= self._next_error_log:
+            # At most one line per backoff period (and per second), however many requests fail.
+            self._next_error_log = now + max(1.0, self.blocked_until - now)
+            level = self.log.error if fatal else self.log.warning
+            level("send_failed", code=code, error=message, **fields)
+
+    def _schedule(self, entry: Entry, due: float) -> None:
+        heapq.heappush(self._retry, (due, next(self._seq), entry))
+
+    def _ack(self, entry: Entry, sent: bool = True) -> None:
+        if sent:
+            self.lines_sent += entry.nlines
+            self.records_sent += 1
+        for chunk, n in entry.refs:
+            chunk.remaining -= n
+            if chunk.remaining == 0 and self.leased.pop(chunk.id, None) is not None:
+                self.leased_bytes -= chunk.nbytes
+                self.committer.delete(chunk.id, self.dest.name, len(chunk.lines), chunk.nbytes)
+
+    # -- figures --------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lines_sent": self.lines_sent,
+            "records_sent": self.records_sent,
+            "requests": self.requests,
+            "retried_records": self.retried_records,
+            "failures": dict(self.failures),
+            "in_flight": self.in_flight,
+            "leased_bytes": self.leased_bytes,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at or None,
+            "last_success_at": self.last_success_at or None,
+            "backing_off": max(0.0, self.blocked_until - trio.current_time()),
+        }

@@ -1,0 +1,90 @@
+"""Pure line framing: bytes in, complete lines out. No I/O.
+
+A line is every byte up to a "\\n", kept exactly. Empty lines are skipped. A line longer than
+``max_line_bytes`` is never split or truncated: its bytes are discarded as they arrive (so a
+client cannot make us buffer more than the limit) and it is reported once, with its size.
+"""
+
+from __future__ import annotations
+
+
+class LineBuffer:
+    """Incremental splitter for one connection.
+
+    ``feed(data)`` returns the complete lines found so far; ``oversized`` lists the sizes of
+    lines rejected since the last call to ``take_oversized()``; ``close()`` returns the last
+    unterminated line at EOF (if any and if it fits).
+    """
+
+    __slots__ = ("max_line_bytes", "_partial", "_skipping", "_oversized")
+
+    def __init__(self, max_line_bytes: int) -> None:
+        self.max_line_bytes = max_line_bytes
+        self._partial = bytearray()
+        self._skipping = -1  # bytes of an oversized line seen so far, or -1 when not skipping
+        self._oversized: list[int] = []
+
+    def feed(self, data: bytes) -> list[bytes]:
+        limit = self.max_line_bytes
+        start = 0
+        lines: list[bytes] = []
+        if self._skipping >= 0:
+            nl = data.find(b"\n")
+            if nl < 0:
+                self._skipping += len(data)
+                return lines
+            self._oversized.append(self._skipping + nl)
+            self._skipping = -1
+            start = nl + 1
+        elif self._partial:
+            nl = data.find(b"\n")
+            if nl < 0:
+                if len(self._partial) + len(data) > limit:
+                    self._skipping = len(self._partial) + len(data)
+                    self._partial.clear()
+                else:
+                    self._partial += data
+                return lines
+            self._partial += data[:nl]
+            self._emit(bytes(self._partial), lines)
+            self._partial.clear()
+            start = nl + 1
+        end = data.rfind(b"\n")
+        if end >= start:
+            for line in data[start:end].split(b"\n"):
+                self._emit(line, lines)
+            start = end + 1
+        rest = len(data) - start
+        if rest:
+            if rest > limit:
+                self._skipping = rest
+            else:
+                self._partial += data[start:]
+        return lines
+
+    def _emit(self, line: bytes, out: list[bytes]) -> None:
+        n = len(line)
+        if n > self.max_line_bytes:
+            self._oversized.append(n)
+        elif n:
+            out.append(line)
+
+    def close(self) -> list[bytes]:
+        """End of input: the last unterminated line counts."""
+        lines: list[bytes] = []
+        if self._skipping >= 0:
+            self._oversized.append(self._skipping)
+            self._skipping = -1
+        elif self._partial:
+            self._emit(bytes(self._partial), lines)
+            self._partial.clear()
+        return lines
+
+    def take_oversized(self) -> list[int]:
+        sizes, self._oversized = self._oversized, []
+        return sizes
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete line."""
+        return len(self._partial)

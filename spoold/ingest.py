@@ -1,0 +1,233 @@
+"""Unix socket listeners and the durable-acknowledgement handshake.
+
+Stream sockets: the client writes "\\n"-terminated lines, then shuts down its write side; we
+answer one JSON line, ``{"accepted": N, "rejected": M}``, once every accepted line is committed,
+and close. Datagram sockets: each datagram is one line, with no acknowledgement.
+
+The socket file appears only when it accepts connections: we bind and listen under a temporary
+name, set its mode and group, then rename it over the final path (replacing a stale file).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import socket as stdsocket
+from collections import deque
+from pathlib import Path
+
+import structlog
+import trio
+
+from spoold.committer import Committer, Ticket
+from spoold.config import Destination
+from spoold.framing import LineBuffer
+
+logger = structlog.get_logger()
+
+# Bytes read from a connection at a time.
+READ_SIZE = 64 * 1024
+# Listen backlog of each stream socket.
+BACKLOG = 512
+# Connections served at once per destination; more wait in the kernel's backlog.
+MAX_CONNECTIONS = 1024
+# Longest wait to deliver the acknowledgement to a client that does not read it.
+ANSWER_TIMEOUT = 10.0
+# Largest datagram accepted (the kernel's limit for AF_UNIX is about this by default).
+MAX_DATAGRAM = 256 * 1024
+
+
+class IngestStats:
+    def __init__(self) -> None:
+        self.connections = 0
+        self.lines_in = 0
+        self.bytes_in = 0
+        self.rejected: dict[str, int] = {}
+
+    def reject(self, reason: str, n: int) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + n
+
+
+def bind_socket(dest: Destination) -> stdsocket.socket:
+    """A listening (or, for datagrams, bound) Unix socket at dest.socket, created atomically."""
+    path = Path(dest.socket)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and _is_live(path, dest.socket_type):
+        raise OSError(f"{path}: another process is listening on this socket")
+    kind = stdsocket.SOCK_DGRAM if dest.socket_type == "datagram" else stdsocket.SOCK_STREAM
+    sock = stdsocket.socket(stdsocket.AF_UNIX, kind)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        sock.bind(str(tmp))
+        os.chmod(tmp, dest.socket_mode)
+        if dest.socket_group:
+            os.chown(tmp, -1, grp.getgrnam(dest.socket_group).gr_gid)
+        if kind == stdsocket.SOCK_STREAM:
+            sock.listen(BACKLOG)
+        os.rename(tmp, path)
+    except BaseException:
+        sock.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return sock
+
+
+def _is_live(path: Path, socket_type: str) -> bool:
+    if socket_type == "datagram" or not path.is_socket():
+        return False
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class Ingest:
+    """Serves one destination's socket."""
+
+    def __init__(self, dest: Destination, committer: Committer) -> None:
+        self.dest = dest
+        self.committer = committer
+        self.stats = IngestStats()
+        self.log = logger.bind(dest=dest.name)
+        self._readers: set[trio.CancelScope] = set()
+        self._accepting = trio.CancelScope()
+
+    def stop_reading(self) -> None:
+        """Shutdown: accept no more, stop reading; what was read is still made durable."""
+        self._accepting.cancel()
+        for scope in self._readers:
+            scope.cancel()
+
+    async def serve(self, sock: stdsocket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        tsock = trio.socket.from_stdlib_socket(sock)
+        if sock.type == stdsocket.SOCK_DGRAM:
+            task_status.started()
+            with self._accepting:
+                await self._serve_datagrams(tsock)
+            return
+        listener = trio.SocketListener(tsock)
+        limit = trio.Semaphore(MAX_CONNECTIONS)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            with self._accepting:
+                while True:
+                    await limit.acquire()
+                    try:
+                        stream = await listener.accept()
+                    except BaseException:
+                        limit.release()
+                        raise
+                    nursery.start_soon(self._connection, stream, limit)
+            await listener.aclose()
+
+    async def _serve_datagrams(self, sock: trio.socket.SocketType) -> None:
+        # One datagram is one line; a trailing newline is stripped. No acknowledgement is
+        # possible, so lines are submitted in small groups for the committer to batch.
+        max_line = self.dest.max_line_bytes
+        while True:
+            data = await sock.recv(MAX_DATAGRAM)
+            if data.endswith(b"\n"):
+                data = data[:-1]
+            if not data:
+                continue
+            lines = [line for line in data.split(b"\n") if line]
+            good = [line for line in lines if len(line) <= max_line]
+            if len(good) < len(lines):
+                self._oversized([len(line) for line in lines if len(line) > max_line])
+            if good:
+                nbytes = sum(len(line) + 1 for line in good)
+                self.stats.lines_in += len(good)
+                self.stats.bytes_in += nbytes
+                ticket = await self.committer.submit(self.dest.name, good, nbytes)
+                if ticket.done.is_set() and ticket.rejected:  # spool full under "reject"
+                    self.stats.reject(ticket.reason, ticket.rejected)
+
+    def _oversized(self, sizes: list[int]) -> None:
+        self.stats.reject("line too long", len(sizes))
+        for size in sizes:
+            self.log.warning("line_rejected_too_long", size=size, max_line_bytes=self.dest.max_line_bytes)
+
+    async def _connection(self, stream: trio.SocketStream, limit: trio.Semaphore) -> None:
+        self.stats.connections += 1
+        buf = LineBuffer(self.dest.max_line_bytes)
+        tickets: deque[Ticket] = deque()
+        accepted = rejected = 0
+        reasons: dict[str, int] = {}
+        eof = False
+        scope = trio.CancelScope()
+        self._readers.add(scope)
+        try:
+            with scope:
+                while True:
+                    try:
+                        data = await stream.receive_some(READ_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break  # reset by the client: keep what arrived complete
+                    if not data:
+                        eof = True
+                        break
+                    await self._submit(buf.feed(data), buf, tickets)
+                    while tickets and tickets[0].done.is_set():
+                        accepted, rejected = self._tally(tickets.popleft(), accepted, rejected, reasons)
+            # Shielded: lines already read are made durable even during shutdown.
+            with trio.CancelScope(shield=True):
+                if eof:
+                    await self._submit(buf.close(), buf, tickets)
+                else:
+                    await self._submit([], buf, tickets)
+                while tickets:
+                    ticket = tickets.popleft()
+                    await ticket.done.wait()
+                    accepted, rejected = self._tally(ticket, accepted, rejected, reasons)
+            if eof:
+                answer: dict[str, object] = {"accepted": accepted, "rejected": rejected}
+                if reasons:
+                    answer["reasons"] = reasons
+                await self._answer(stream, answer)
+        finally:
+            self._readers.discard(scope)
+            limit.release()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _submit(self, lines: list[bytes], buf: LineBuffer, tickets: deque[Ticket]) -> None:
+        oversized = buf.take_oversized()
+        if oversized:
+            self._oversized(oversized)
+            tickets.append(_rejected_ticket(len(oversized), "line too long"))
+        if lines:
+            nbytes = sum(map(len, lines)) + len(lines)
+            self.stats.lines_in += len(lines)
+            self.stats.bytes_in += nbytes
+            tickets.append(await self.committer.submit(self.dest.name, lines, nbytes))
+
+    def _tally(self, ticket: Ticket, accepted: int, rejected: int, reasons: dict[str, int]) -> tuple[int, int]:
+        if ticket.rejected:
+            reasons[ticket.reason] = reasons.get(ticket.reason, 0) + ticket.rejected
+            if ticket.reason != "line too long":  # counted when found
+                self.stats.reject(ticket.reason, ticket.rejected)
+        return accepted + ticket.accepted, rejected + ticket.rejected
+
+    async def _answer(self, stream: trio.SocketStream, answer: dict[str, object]) -> None:
+        try:
+            with trio.move_on_after(ANSWER_TIMEOUT):
+                await stream.send_all(json.dumps(answer).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client closed without waiting: it loses nothing it sent completely
+
+
+def _rejected_ticket(n: int, reason: str) -> Ticket:
+    ticket = Ticket([], 0)
+    ticket.rejected = n
+    ticket.reason = reason
+    ticket.done.set()
+    return ticket
+
+

@@ -1,0 +1,162 @@
+"""Pure wire protocol: request bodies for PutRecords / PutRecordBatch / PutRecord, and replies
+parsed into per-entry outcomes. No I/O.
+
+A reply marks an entry as sent only when it says so unambiguously (a SequenceNumber for Kinesis,
+a RecordId for Firehose, at the entry's position). Anything else about a 200 reply that does not
+add up (not JSON, missing fields, a wrong number of results, a failure count that disagrees) makes
+the whole reply malformed: every entry is retried, none is counted as sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from spoold.batching import Entry
+from spoold.errors import FatalSendError, RetryableSendError, SendError
+
+JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
+KINESIS_PREFIX = "Kinesis_20131202."
+FIREHOSE_PREFIX = "Firehose_20150804."
+
+# Whole-request errors that an operator must fix; retrying alone cannot (records stay spooled).
+FATAL_CODES = frozenset({
+    "ResourceNotFoundException", "AccessDeniedException", "UnrecognizedClientException",
+    "InvalidSignatureException", "IncompleteSignature", "MissingAuthenticationToken",
+    "InvalidClientTokenId", "SignatureDoesNotMatch", "NotAuthorized",
+    "KMSDisabledException", "KMSInvalidStateException", "KMSAccessDeniedException",
+    "KMSNotFoundException", "KMSOptInRequired", "InvalidKMSResourceException",
+    "ValidationException", "InvalidArgumentException", "SerializationException",
+    "ResourceInUseException",
+})
+# Per-record codes that mean "slow down" and retry soon (capped at a few seconds).
+THROTTLE_CODES = frozenset({
+    "ProvisionedThroughputExceededException", "InternalFailure", "ServiceUnavailableException",
+    "ThrottlingException", "LimitExceededException", "KMSThrottlingException",
+})
+
+
+@dataclass(frozen=True)
+class Api:
+    """How one destination talks to its service."""
+
+    target: str  # X-Amz-Target
+    stream_field: str  # StreamName / StreamARN / DeliveryStreamName
+    stream: str
+    firehose: bool
+
+    @classmethod
+    def for_destination(cls, kind: str, stream: str, stream_arn: str | None) -> Api:
+        if kind == "firehose":
+            return cls(FIREHOSE_PREFIX + "PutRecordBatch", "DeliveryStreamName", stream, True)
+        if stream_arn:
+            return cls(KINESIS_PREFIX + "PutRecords", "StreamARN", stream_arn, False)
+        return cls(KINESIS_PREFIX + "PutRecords", "StreamName", stream, False)
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Type": JSON_CONTENT_TYPE, "X-Amz-Target": self.target}
+
+    def body(self, batch: list[Entry]) -> bytes:
+        """The request body for ``batch``, built once so the signed bytes are the sent bytes."""
+        b64 = base64.b64encode
+        head = b'{"' + self.stream_field.encode() + b'":' + _json_str(self.stream) + b',"Records":['
+        if self.firehose:
+            parts = [b'{"Data":"' + b64(e.data) + b'"}' for e in batch]
+        else:
+            parts = [
+                b'{"Data":"' + b64(e.data) + b'","PartitionKey":' + _json_str(e.key)
+                + (b',"ExplicitHashKey":"' + e.hash_key.encode() + b'"' if e.hash_key else b"")
+                + b"}"
+                for e in batch
+            ]
+        return head + b",".join(parts) + b"]}"
+
+    def single_body(self, entry: Entry, sequence_for_ordering: str | None) -> bytes:
+        """A Kinesis PutRecord body (ordered mode)."""
+        doc: dict[str, Any] = {
+            self.stream_field: self.stream,
+            "Data": base64.b64encode(entry.data).decode(),
+            "PartitionKey": entry.key,
+        }
+        if entry.hash_key:
+            doc["ExplicitHashKey"] = entry.hash_key
+        if sequence_for_ordering:
+            doc["SequenceNumberForOrdering"] = sequence_for_ordering
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def parse(self, status: int, body: bytes, count: int) -> list[str | None]:
+        """Per-entry outcome of a PutRecords/PutRecordBatch reply: None when accepted, else the
+        error code. Raises SendError subclasses when the request failed as a whole."""
+        doc = _reply(status, body)
+        if self.firehose:
+            items, failed_key, ok_key = doc.get("RequestResponses"), "FailedPutCount", "RecordId"
+        else:
+            items, failed_key, ok_key = doc.get("Records"), "FailedRecordCount", "SequenceNumber"
+        if not isinstance(items, list) or len(items) != count:
+            got = len(items) if isinstance(items, list) else "no"
+            raise RetryableSendError(f"malformed reply: {got} results for {count} records", code="MalformedReply")
+        out: list[str | None] = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise RetryableSendError("malformed reply: a result is not an object", code="MalformedReply")
+            code = item.get("ErrorCode")
+            if code:
+                out.append(str(code))
+            elif isinstance(item.get(ok_key), str) and item[ok_key]:
+                out.append(None)
+            else:
+                raise RetryableSendError(f"malformed reply: a result has neither {ok_key} nor ErrorCode",
+                                         code="MalformedReply")
+        failed = doc.get(failed_key)
+        errors = sum(1 for o in out if o is not None)
+        if failed is not None and (not isinstance(failed, int) or failed != errors):
+            raise RetryableSendError(f"malformed reply: {failed_key}={failed!r} but {errors} results failed",
+                                     code="MalformedReply")
+        return out
+
+    def parse_single(self, status: int, body: bytes) -> str:
+        """The SequenceNumber of a PutRecord reply."""
+        doc = _reply(status, body)
+        seq = doc.get("SequenceNumber")
+        if not isinstance(seq, str) or not seq:
+            raise RetryableSendError("malformed reply: no SequenceNumber", code="MalformedReply")
+        return seq
+
+
+def _json_str(s: str) -> bytes:
+    return json.dumps(s).encode()
+
+
+def _reply(status: int, body: bytes) -> dict[str, Any]:
+    if status != 200:
+        raise error_from_reply(status, body)
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise RetryableSendError("malformed reply: not JSON", code="MalformedReply", status=status) from None
+    if not isinstance(doc, dict):
+        raise RetryableSendError("malformed reply: not a JSON object", code="MalformedReply", status=status)
+    return doc
+
+
+def error_from_reply(status: int, body: bytes) -> SendError:
+    """Classify a non-200 reply by its AWS error type."""
+    code, message = "", ""
+    try:
+        doc = json.loads(body)
+        if isinstance(doc, dict):
+            code = str(doc.get("__type") or doc.get("code") or "")
+            message = str(doc.get("message") or doc.get("Message") or "")
+    except ValueError:
+        pass
+    code = code.rsplit("#", 1)[-1] or f"HTTP{status}"
+    text = f"HTTP {status} {code}" + (f": {message[:300]}" if message else "")
+    if status < 500 and code in FATAL_CODES:
+        return FatalSendError(text, code=code, status=status)
+    return RetryableSendError(text, code=code, status=status)
+
+
+def is_throttle(code: str) -> bool:
+    return code in THROTTLE_CODES

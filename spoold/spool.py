@@ -1,0 +1,301 @@
+"""The SQLite spool: one file, WAL mode, rows of many lines.
+
+Each row of ``chunks`` holds the lines of one destination committed in one transaction, joined
+by "\\n" (a line never contains one). Ids come from AUTOINCREMENT and are never reused, so "every
+row above id N" is a stable cursor. Which rows are being sent lives in memory only: after a crash
+every row is simply pending again (at-least-once).
+
+Concurrency: the SQLite on these machines (3.40) can corrupt a WAL database when two connections
+write or checkpoint at once, so exactly one connection writes (insert, delete, checkpoint), and it
+lives on one dedicated thread (``Worker``). A second, query-only connection on its own thread
+reads rows for the flushers, which WAL allows at any time. No SQLite call runs on the trio thread.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import outcome
+import sqlite_utils
+import trio
+
+from spoold.errors import SpoolCorrupt, SpoolError
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+# The biggest row the writer makes: big enough to amortise per-row costs, small enough that a
+# partial send after a crash resends little and that memory per leased row stays modest.
+CHUNK_MAX_BYTES = 1024 * 1024
+# Rows the reader returns per call, whatever their size.
+READ_MAX_ROWS = 64
+# Pages kept in the WAL before the writer checkpoints it (SQLite's default).
+WAL_AUTOCHECKPOINT = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    dest TEXT NOT NULL,
+    created REAL NOT NULL,
+    lines INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_dest ON chunks (dest, id, lines, bytes, created);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    dest TEXT NOT NULL,
+    created REAL NOT NULL,
+    failed REAL NOT NULL,
+    error TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+"""
+
+
+@dataclass
+class DestStats:
+    """What the spool holds for one destination."""
+
+    rows: int = 0
+    lines: int = 0
+    bytes: int = 0
+    oldest: float | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    dest: str
+    created: float
+    lines: list[bytes]
+    nbytes: int
+
+
+def _translate(exc: sqlite3.Error, path: Path, doing: str) -> SpoolError:
+    text = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and (
+        "malformed" in text or "not a database" in text or "corrupt" in text
+    ):
+        return SpoolCorrupt(f"{path}: the spool is damaged ({text}) while {doing}")
+    return SpoolError(f"{path}: {doing} failed: {text}")
+
+
+class Spool:
+    """Synchronous access to the spool file. Not thread-safe: one Worker per connection."""
+
+    def __init__(self, path: Path, synchronous: str = "full") -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._w: sqlite3.Connection | None = None
+        self._r: sqlite3.Connection | None = None
+
+    # -- opening ------------------------------------------------------------------------
+    def open_writer(self) -> dict[str, DestStats]:
+        """Create or open the file, check it, and return what it holds per destination."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise SpoolError(f"{self.path}: cannot create the spool: {exc.strerror or exc}") from exc
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
+            conn.execute("PRAGMA busy_timeout=5000")
+            db = sqlite_utils.Database(conn)
+            foreign = [t for t in db.table_names() if t not in ("meta", "chunks", "dead_letters", "sqlite_sequence")]
+            if foreign:
+                raise SpoolCorrupt(f"{self.path}: not a spoold spool (it has tables {', '.join(foreign)})")
+            conn.executescript(_SCHEMA)
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if version is None:
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif version[0] != str(SCHEMA_VERSION):
+                raise SpoolCorrupt(f"{self.path}: spool schema {version[0]} is not {SCHEMA_VERSION}")
+            stats = self._stats(conn)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "opening the spool") from exc
+        self._w = conn
+        return stats
+
+    def open_reader(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only=1")
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "opening the spool for reading") from exc
+        self._r = conn
+
+    def close(self) -> None:
+        # Reader first: the writer's close may checkpoint, and must be the last connection.
+        for conn in (self._r, self._w):
+            if conn is not None:
+                conn.close()
+        self._r = self._w = None
+
+    @staticmethod
+    def _stats(conn: sqlite3.Connection) -> dict[str, DestStats]:
+        out: dict[str, DestStats] = {}
+        for dest, rows, lines, nbytes, oldest in conn.execute(
+            "SELECT dest, count(*), sum(lines), sum(bytes), min(created) FROM chunks GROUP BY dest"
+        ):
+            out[dest] = DestStats(rows, lines or 0, nbytes or 0, oldest)
+        return out
+
+    # -- the writer ---------------------------------------------------------------------
+    def commit(
+        self, appends: list[tuple[str, list[bytes], int]], deletes: list[int], now: float
+    ) -> list[tuple[int, str, list[bytes], int]]:
+        """One transaction: append each (dest, lines, bytes) as rows, delete rows by id.
+
+        Returns the appended rows as (id, dest, lines, bytes). Lines of one dest may be split
+        over several rows of at most CHUNK_MAX_BYTES.
+        """
+        assert self._w is not None
+        conn = self._w
+        made: list[tuple[int, str, list[bytes], int]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for dest, lines, _ in appends:
+                    for part, size in _split(lines):
+                        cur = conn.execute(
+                            "INSERT INTO chunks (dest, created, lines, bytes, data) VALUES (?, ?, ?, ?, ?)",
+                            (dest, now, len(part), size, b"\n".join(part)),
+                        )
+                        assert cur.lastrowid is not None
+                        made.append((cur.lastrowid, dest, part, size))
+                if deletes:
+                    conn.executemany("DELETE FROM chunks WHERE id = ?", ((i,) for i in deletes))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "writing the spool") from exc
+        return made
+
+    def drop(self, dest: str, above: int, older_than: float | None, limit_rows: int) -> list[tuple[int, int, int]]:
+        """Delete up to ``limit_rows`` oldest rows of ``dest`` with id > ``above`` (and created
+        before ``older_than`` when given). Returns (id, lines, bytes) of each row deleted."""
+        assert self._w is not None
+        conn = self._w
+        sql = "SELECT id, lines, bytes FROM chunks WHERE dest = ? AND id > ?"
+        args: list[Any] = [dest, above]
+        if older_than is not None:
+            sql += " AND created < ?"
+            args.append(older_than)
+        sql += " ORDER BY id LIMIT ?"
+        args.append(limit_rows)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(sql, args).fetchall()
+                conn.executemany("DELETE FROM chunks WHERE id = ?", ((r[0],) for r in rows))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "dropping rows") from exc
+        return [(int(a), int(b), int(c)) for a, b, c in rows]
+
+    def add_dead_letters(self, dest: str, items: list[tuple[float, str, bytes]]) -> None:
+        assert self._w is not None
+        try:
+            with self._w:
+                self._w.execute("BEGIN IMMEDIATE")
+                self._w.executemany(
+                    "INSERT INTO dead_letters (dest, created, failed, error, data) VALUES (?, ?, ?, ?, ?)",
+                    ((dest, created, time.time(), error, data) for created, error, data in items),
+                )
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "writing dead letters") from exc
+
+    # -- the reader ---------------------------------------------------------------------
+    def read(self, dest: str, above: int, max_bytes: int) -> list[Row]:
+        """Rows of ``dest`` with id > ``above`` in id order, up to about ``max_bytes``."""
+        assert self._r is not None
+        out: list[Row] = []
+        total = 0
+        try:
+            cur = self._r.execute(
+                "SELECT id, created, bytes, data FROM chunks WHERE dest = ? AND id > ? ORDER BY id LIMIT ?",
+                (dest, above, READ_MAX_ROWS),
+            )
+            for id_, created, nbytes, data in cur:
+                out.append(Row(id_, dest, created, bytes(data).split(b"\n"), nbytes))
+                total += nbytes
+                if total >= max_bytes:
+                    break
+            cur.close()
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "reading the spool") from exc
+        return out
+
+
+def _split(lines: list[bytes]) -> list[tuple[list[bytes], int]]:
+    parts: list[tuple[list[bytes], int]] = []
+    start = 0
+    size = 0
+    for i, line in enumerate(lines):
+        n = len(line) + 1
+        if size and size + n > CHUNK_MAX_BYTES:
+            parts.append((lines[start:i], size))
+            start, size = i, 0
+        size += n
+    if start == 0:
+        parts.append((lines, size))
+    else:
+        parts.append((lines[start:], size))
+    return parts
+
+
+class Worker:
+    """One dedicated thread that runs the calls it is given, one at a time, in order.
+
+    A call cannot be cancelled once queued: the awaiting task waits for its result even when
+    cancelled (a write half-abandoned would leave us not knowing whether it happened).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, args, deliver = item
+            deliver(outcome.capture(fn, *args))
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+
+        def deliver(result: outcome.Outcome[T]) -> None:
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+        self._queue.put((fn, args, deliver))
+        result: T = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        return result
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
