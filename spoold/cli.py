@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--socket", required=True, help="the destination's Unix socket")
     send.add_argument("files", nargs="*", help="files to send (default: standard input)")
 
+    status = sub.add_parser("status", help="show spool depth, rates, retries and errors per destination")
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
     sub.add_parser("demo", help="run a local end-to-end demo against moto on 127.0.0.1")
     return parser
 
@@ -58,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args.config)
         if args.command == "send":
             return send(args.socket, args.files)
+        if args.command == "status":
+            return _status(args.config, args.json)
         if args.command == "demo":
             from spoold.demo import main as demo_main
 
@@ -77,6 +83,38 @@ def _check_config(path: str) -> int:
     for d in cfg.destinations:
         print(f"{d.name}: {d.kind} -> {d.stream_arn or d.stream} at {d.endpoint_url} ({d.region}), socket {d.socket}")
     print(f"{path}: OK")
+    return EXIT_OK
+
+
+def _status(path: str, as_json: bool) -> int:
+    from pathlib import Path
+
+    from spoold import config, status
+    from spoold.spool import offline_status
+
+    cfg = config.load(path)
+    assert cfg.control_socket is not None
+    snap: dict[str, object] | None = None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(10)
+        sock.connect(str(cfg.control_socket))
+        sock.sendall(b"status\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        snap = json.loads(data)
+    except (OSError, ValueError):
+        snap = None  # not running (or not answering): read the spool file instead
+    finally:
+        sock.close()
+    if snap is None:
+        try:
+            snap = offline_status(Path(cfg.spool.path))
+        except SpooldError as exc:
+            print(f"spoold status: daemon not running and {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    print(json.dumps(snap, indent=2, sort_keys=True) if as_json else status.render_table(snap), end="\n" if as_json else "")
     return EXIT_OK
 
 

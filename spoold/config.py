@@ -92,6 +92,8 @@ class Config:
     shutdown_grace: float = 10.0
     log_level: str = "info"
     log_format: str = "auto"
+    control_socket: Path | None = None
+    metrics_listen: tuple[str, int] | None = None
 
 
 def load(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Config:
@@ -113,7 +115,7 @@ def load(path: str | os.PathLike[str], environ: dict[str, str] | None = None) ->
 
 def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
     top = _Table(doc, f"{path}:", "")
-    top.allow("spool", "destination", "daemon", "log")
+    top.allow("spool", "destination", "daemon", "log", "control", "metrics")
 
     spool_t = top.table("spool", required=True)
     spool = SpoolConfig(
@@ -133,6 +135,20 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
     level = log_t.choice("level", ("debug", "info", "warning", "error"), "info")
     fmt = log_t.choice("format", ("auto", "json", "console"), "auto")
     log_t.done()
+
+    control_t = top.table("control")
+    control = Path(control_t.string("socket", default=str(spool.path.parent / "control.sock")))
+    control_t.done()
+
+    metrics_t = top.table("metrics")
+    listen = metrics_t.string("listen", default=None)
+    metrics: tuple[str, int] | None = None
+    if listen is not None:
+        m = re.fullmatch(r"\[?([0-9A-Za-z.:-]+?)\]?:([0-9]{1,5})", listen)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise metrics_t.error("listen", 'must be "HOST:PORT", such as "127.0.0.1:9464"')
+        metrics = (m.group(1), int(m.group(2)))
+    metrics_t.done()
 
     items = doc.get("destination")
     if items is None:
@@ -155,7 +171,8 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
         seen_sockets.add(sock)
         if sock == Path(os.path.abspath(spool.path)):
             raise ConfigError(f'{path}: destination "{d.name}": socket: same path as [spool].path')
-    return Config(path=path, spool=spool, destinations=dests, shutdown_grace=grace, log_level=level, log_format=fmt)
+    return Config(path=path, spool=spool, destinations=dests, shutdown_grace=grace, log_level=level,
+                  log_format=fmt, control_socket=control, metrics_listen=metrics)
 
 
 def _destination(t: _Table, env: dict[str, str]) -> Destination:

@@ -1,29 +1,42 @@
 """``spoold run``: the only place that opens long-lived nurseries and handles signals.
 
-Lifetimes nest: services (committer, flushers, expiry) outlive the front (listeners and
-connections). Shutdown goes front to back: stop accepting and reading, make every line already
-read durable, then let the flushers send what they can within the grace period, then commit the
-last deletes and close the spool. Whatever was not sent stays spooled for the next start.
+Lifetimes nest: the services (committer, expiry, watchdog, control and metrics servers) outlive
+the destinations, and each destination's ingest (socket) stops before its flusher. Shutdown goes
+front to back: stop accepting and reading, make every line already read durable, let the flushers
+send what they can within the grace period, commit the last deletes, close the spool. What was
+not sent stays spooled for the next start.
+
+SIGHUP reloads the config: log settings apply at once; a destination that was added, removed or
+changed is started or stopped on its own (its socket is kept when its path is unchanged, so
+writers never see it vanish), and the others never pause. [spool] changes need a restart.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import random
 import signal
+import socket as stdsocket
 import time
+from collections import deque
 from pathlib import Path
+from typing import Any
 
 import httpx
 import structlog
 import trio
 
-from spoold import systemd
+from spoold import __version__, config, logs, systemd
 from spoold.committer import Committer
-from spoold.config import Config
+from spoold.config import Config, Destination
+from spoold.errors import ConfigError, SpoolError
 from spoold.flusher import Flusher
-from spoold.ingest import Ingest, bind_socket
+from spoold.ingest import Ingest, bind_socket, bind_unix
 from spoold.signing import CredentialSource, use_systemd_credentials
 from spoold.spool import Spool, Worker
+from spoold.status import render_prometheus
 
 logger = structlog.get_logger()
 
@@ -31,122 +44,411 @@ logger = structlog.get_logger()
 EXPIRY_INTERVAL = 60.0
 # How often the shutdown drain checks whether every flusher is idle.
 DRAIN_POLL = 0.05
+# Heartbeat period without a systemd watchdog: STATUS= and the per-minute rates.
+HEARTBEAT = 5.0
+# Samples kept for "lines per second over the last minute".
+RATE_WINDOW = 60.0
+# Limits of the control and metrics servers: request head size and time to answer.
+CONTROL_MAX_REQUEST = 8192
+CONTROL_TIMEOUT = 5.0
+
+
+class DestRuntime:
+    """One destination's running parts: socket, ingest, flusher, and their cancel scope."""
+
+    def __init__(self, dest: Destination, sock: stdsocket.socket, activated: bool,
+                 ingest: Ingest, flusher: Flusher) -> None:
+        self.dest = dest
+        self.sock = sock
+        self.tsock = trio.socket.from_stdlib_socket(sock)
+        self.activated = activated
+        self.ingest = ingest
+        self.flusher = flusher
+        self.scope = trio.CancelScope()
+        self.ingest_done = trio.Event()
+        self.done = trio.Event()
+        self.samples: deque[tuple[float, int, int]] = deque()
+
+    def sample(self, now: float) -> None:
+        self.samples.append((now, self.ingest.stats.lines_in, self.flusher.lines_sent))
+        while self.samples and now - self.samples[0][0] > RATE_WINDOW:
+            self.samples.popleft()
+
+    def rates(self) -> tuple[float, float]:
+        if len(self.samples) < 2:
+            return 0.0, 0.0
+        (t0, in0, out0), (t1, in1, out1) = self.samples[0], self.samples[-1]
+        span = max(t1 - t0, 1e-9)
+        return (in1 - in0) / span, (out1 - out0) / span
 
 
 class Daemon:
-    """Everything a running spoold holds; ``status()`` reads it for operators."""
+    """Everything a running spoold holds."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.spool = Spool(cfg.spool.path, cfg.spool.synchronous)
         self.writer = Worker("spoold-spool-writer")
         self.reader = Worker("spoold-spool-reader")
-        self.flushers: dict[str, Flusher] = {}
-        self.ingests: dict[str, Ingest] = {}
+        self.dests: dict[str, DestRuntime] = {}
         self.committer: Committer | None = None
+        self.client: httpx.AsyncClient | None = None
+        self.credentials = CredentialSource()
+        self.rng = random.Random()
         self.started = time.time()
+        self._activated: dict[str, stdsocket.socket] = {}
+        self._services: trio.Nursery | None = None
 
+    # -- wiring for the committer -------------------------------------------------------
     def _on_rows(self, rows: list[tuple[int, str, list[bytes], int]], created: float) -> None:
         for row_id, dest, lines, nbytes in rows:
-            flusher = self.flushers.get(dest)
-            if flusher is not None:
-                flusher.offer(row_id, lines, nbytes, created)
+            rt = self.dests.get(dest)
+            if rt is not None:
+                rt.flusher.offer(row_id, lines, nbytes, created)
 
     def _cursor_of(self, dest: str) -> int:
-        flusher = self.flushers.get(dest)
-        return flusher.cursor if flusher is not None else 0
+        rt = self.dests.get(dest)
+        return rt.flusher.cursor if rt is not None else 0
 
+    # -- lifetime -----------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        cfg = self.cfg
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             use_systemd_credentials()
             try:
                 stats = await self.writer.run(self.spool.open_writer)
                 await self.reader.run(self.spool.open_reader)
-                known = {d.name for d in cfg.destinations}
+                known = {d.name for d in self.cfg.destinations}
                 for dest, s in stats.items():
                     level = logger.info if dest in known else logger.warning
                     level("spool_backlog", dest=dest, lines=s.lines, bytes=s.bytes,
                           kept_for_unknown_destination=dest not in known)
-                sockets = {d.name: bind_socket(d) for d in cfg.destinations}
-                await self._serve(stats, sockets, signals, task_status)
+                self._take_activated_sockets()
+                self.committer = Committer(self.spool, self.writer, self.cfg.spool, stats,
+                                           self._on_rows, self._cursor_of)
+                await self._serve(signals, task_status)
             finally:
                 with trio.CancelScope(shield=True):
-                    for d in cfg.destinations:
-                        _unlink_socket(d.socket)
+                    self._close_sockets()
                     await self.reader.run(lambda: None)
                     await self.writer.run(self.spool.close)
                 self.reader.stop()
                 self.writer.stop()
 
-    async def _serve(self, stats, sockets, signals, task_status) -> None:  # type: ignore[no-untyped-def]
+    def _take_activated_sockets(self) -> None:
+        # systemd socket activation: fds named after destinations (FileDescriptorName=).
+        for name, fd in systemd.listen_fds():
+            try:
+                self._activated[name] = systemd.socket_from_fd(fd)
+            except ValueError as exc:
+                logger.error("activation_socket_ignored", name=name, error=str(exc))
+        unknown = set(self._activated) - {d.name for d in self.cfg.destinations}
+        if unknown:
+            logger.warning("activation_socket_unmatched", names=sorted(unknown),
+                           hint="FileDescriptorName= must equal a destination name")
+
+    def _socket_for(self, dest: Destination) -> tuple[stdsocket.socket, bool]:
+        sock = self._activated.pop(dest.name, None)
+        if sock is not None:
+            want = stdsocket.SOCK_DGRAM if dest.socket_type == "datagram" else stdsocket.SOCK_STREAM
+            if sock.type != want:
+                raise ConfigError(f'{self.cfg.path}: destination "{dest.name}": socket_type: '
+                                  f"{dest.socket_type} but systemd passed another kind of socket")
+            return sock, True
+        return bind_socket(dest), False
+
+    async def _serve(self, signals: Any, task_status: trio.TaskStatus[None]) -> None:
         cfg = self.cfg
-        credentials = CredentialSource()
-        rng = random.Random()
-        self.committer = committer = Committer(
-            self.spool, self.writer, cfg.spool, stats, self._on_rows, self._cursor_of
-        )
-        limits = httpx.Limits(max_connections=sum(d.max_in_flight for d in cfg.destinations) + 4)
-        async with httpx.AsyncClient(limits=limits, http2=False, trust_env=False) as client:
+        committer = self.committer
+        assert committer is not None
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+            self.client = client
             async with trio.open_nursery() as services:
+                self._services = services
                 await services.start(committer.run)
-                for d in cfg.destinations:
-                    flusher = Flusher(d, cfg.spool, self.spool, self.reader, committer, client, credentials, rng)
-                    self.flushers[d.name] = flusher
-                    await services.start(flusher.run)
+                for dest in cfg.destinations:
+                    await self._start_dest(dest)
                 services.start_soon(self._expire_loop)
-                async with trio.open_nursery() as front:
-                    for d in cfg.destinations:
-                        ingest = Ingest(d, committer)
-                        self.ingests[d.name] = ingest
-                        await front.start(ingest.serve, sockets[d.name])
-                    logger.info("ready", destinations=[d.name for d in cfg.destinations],
-                                spool=str(cfg.spool.path))
-                    systemd.notify("READY=1", f"STATUS={self.status_line()}")
-                    task_status.started()
-                    async for signum in signals:
-                        if signum == signal.SIGHUP:
-                            logger.warning("reload_not_supported", hint="restart to apply config changes")
-                            continue
-                        logger.info("stopping", signal=signal.Signals(signum).name, grace=cfg.shutdown_grace)
-                        systemd.notify("STOPPING=1")
-                        break
-                    for ingest in self.ingests.values():
-                        ingest.stop_reading()
-                committer.close()
-                await committer.commit_once()
-                with trio.move_on_after(cfg.shutdown_grace):
-                    for flusher in self.flushers.values():
-                        flusher.drain()
-                    while not all(f.idle for f in self.flushers.values()):
-                        await trio.sleep(DRAIN_POLL)
+                await services.start(self._serve_control)
+                if cfg.metrics_listen:
+                    await services.start(self._serve_metrics, cfg.metrics_listen)
+                services.start_soon(self._heartbeat)
+                logger.info("ready", version=__version__, destinations=list(self.dests), spool=str(cfg.spool.path))
+                systemd.notify("READY=1", f"STATUS={self.status_line()}")
+                task_status.started()
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await self._reload()
+                        continue
+                    logger.info("stopping", signal=signal.Signals(signum).name, grace=self.cfg.shutdown_grace)
+                    systemd.notify("STOPPING=1")
+                    break
+                await self._shutdown()
                 services.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await committer.commit_once()
-        unsent = {n: len(f.leased) for n, f in self.flushers.items() if f.leased}
-        logger.info("stopped", rows_left_in_flight=unsent)
+        unsent = {n: rt.flusher.leased_bytes for n, rt in self.dests.items() if rt.flusher.leased}
+        logger.info("stopped", leased_bytes_left_in_spool=unsent)
 
+    async def _start_dest(self, dest: Destination, sock: stdsocket.socket | None = None,
+                          activated: bool = False) -> None:
+        assert self.committer is not None and self.client is not None and self._services is not None
+        if sock is None:
+            sock, activated = self._socket_for(dest)
+        flusher = Flusher(dest, self.cfg.spool, self.spool, self.reader, self.committer, self.client,
+                          self.credentials, self.rng)
+        rt = DestRuntime(dest, sock, activated, Ingest(dest, self.committer), flusher)
+        self.dests[dest.name] = rt
+        await self._services.start(self._run_dest, rt)
+
+    async def _run_dest(self, rt: DestRuntime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with rt.scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(rt.flusher.run)
+                    await nursery.start(self._run_ingest, rt)
+                    task_status.started()
+        finally:
+            rt.done.set()
+
+    async def _run_ingest(self, rt: DestRuntime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await rt.ingest.serve(rt.tsock, task_status=task_status)
+        finally:
+            rt.ingest_done.set()
+
+    async def _stop_dest(self, rt: DestRuntime) -> None:
+        """Stop one destination without losing a line: its socket stops being read, what was read
+        is committed, then its flusher stops (unsent rows stay spooled)."""
+        assert self.committer is not None
+        rt.ingest.stop_reading()
+        await rt.ingest_done.wait()
+        rt.scope.cancel()
+        await rt.done.wait()
+        await self.committer.commit_once()
+
+    async def _shutdown(self) -> None:
+        assert self.committer is not None
+        for rt in self.dests.values():
+            rt.ingest.stop_reading()
+        for rt in self.dests.values():
+            await rt.ingest_done.wait()
+        self.committer.close()
+        await self.committer.commit_once()
+        with trio.move_on_after(self.cfg.shutdown_grace):
+            for rt in self.dests.values():
+                rt.flusher.drain()
+            while not all(rt.flusher.idle for rt in self.dests.values()):
+                await trio.sleep(DRAIN_POLL)
+
+    def _close_sockets(self) -> None:
+        for rt in self.dests.values():
+            self._release_socket(rt)
+        for sock in self._activated.values():
+            sock.close()
+
+    def _release_socket(self, rt: DestRuntime) -> None:
+        rt.tsock.close()
+        if not rt.activated:  # systemd owns an activated socket's path
+            try:
+                Path(rt.dest.socket).unlink()
+            except OSError:
+                pass
+
+    # -- SIGHUP -------------------------------------------------------------------------
+    async def _reload(self) -> None:
+        systemd.reloading()
+        try:
+            new = config.load(self.cfg.path)
+        except ConfigError as exc:
+            logger.error("reload_failed", error=str(exc), hint="the running configuration is kept")
+            systemd.notify("READY=1")
+            return
+        logs.configure(new.log_level, new.log_format)
+        if new.spool != self.cfg.spool:
+            logger.warning("reload_spool_ignored", hint="[spool] changes need a restart")
+            new = dataclasses.replace(new, spool=self.cfg.spool)
+        if (new.control_socket, new.metrics_listen) != (self.cfg.control_socket, self.cfg.metrics_listen):
+            logger.warning("reload_servers_ignored", hint="[control] and [metrics] changes need a restart")
+            new = dataclasses.replace(new, control_socket=self.cfg.control_socket,
+                                      metrics_listen=self.cfg.metrics_listen)
+        old = {d.name: d for d in self.cfg.destinations}
+        wanted = {d.name: d for d in new.destinations}
+        self.cfg = new
+        for name, dest in old.items():
+            if wanted.get(name) == dest:
+                continue
+            rt = self.dests.pop(name)
+            await self._stop_dest(rt)
+            again = wanted.get(name)
+            keep = again is not None and (again.socket, again.socket_type) == (dest.socket, dest.socket_type)
+            if keep and again is not None:
+                logger.info("destination_restarting", dest=name)
+                if not rt.activated:
+                    os.chmod(again.socket, again.socket_mode)
+                await self._start_dest(again, rt.sock, rt.activated)
+            else:
+                logger.info("destination_stopped", dest=name, hint="its spooled lines wait for it")
+                self._release_socket(rt)
+        for name, dest in wanted.items():
+            if name not in self.dests:
+                try:
+                    await self._start_dest(dest)
+                except OSError as exc:
+                    logger.error("destination_start_failed", dest=name, error=str(exc))
+                    continue
+                logger.info("destination_started", dest=name)
+        logger.info("reloaded", destinations=list(self.dests), log_level=new.log_level)
+        systemd.notify("READY=1", f"STATUS={self.status_line()}")
+
+    # -- background loops ---------------------------------------------------------------
     async def _expire_loop(self) -> None:
         assert self.committer is not None
         while True:
             cutoff = time.time() - self.cfg.spool.max_age
             for name in list(self.committer.stats):
-                await self.committer.expire(name, cutoff)
+                try:
+                    await self.committer.expire(name, cutoff)
+                except SpoolError as exc:
+                    logger.error("expiry_failed", dest=name, error=str(exc))
             await trio.sleep(EXPIRY_INTERVAL)
 
+    async def _heartbeat(self) -> None:
+        # The watchdog ping proves progress: it is sent only after a round trip through the
+        # spool's writer thread, so a wedged disk or a stuck loop stops the pings.
+        interval = systemd.watchdog_interval()
+        period = min(HEARTBEAT, interval / 2) if interval else HEARTBEAT
+        while True:
+            alive = False
+            with trio.move_on_after(period):
+                await self.writer.run(lambda: None)
+                alive = True
+            now = trio.current_time()
+            for rt in self.dests.values():
+                rt.sample(now)
+            states = [f"STATUS={self.status_line()}"]
+            if alive and interval:
+                states.append("WATCHDOG=1")
+            elif not alive:
+                logger.error("spool_thread_stalled", waited=period)
+            systemd.notify(*states)
+            await trio.sleep(period)
+
+    # -- status -------------------------------------------------------------------------
     def status_line(self) -> str:
+        assert self.committer is not None
         parts = []
-        for name, f in self.flushers.items():
-            s = self.committer.stats.get(name) if self.committer else None
-            parts.append(f"{name}: {s.lines if s else 0} spooled, {f.lines_sent} sent")
-        return "; ".join(parts)
+        for name, rt in self.dests.items():
+            s = self.committer.stats.get(name)
+            err = " (failing)" if rt.flusher.blocked_until > trio.current_time() else ""
+            parts.append(f"{name}: {s.lines if s else 0} spooled, {rt.flusher.lines_sent} sent{err}")
+        return "; ".join(parts) or "no destinations"
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Everything `spoold status` shows, as JSON-ready data."""
+        assert self.committer is not None
+        c = self.committer
+        summary = await self.reader.run(self.spool.summary)
+        now = time.time()
+        dests: dict[str, Any] = {}
+        for name in sorted(set(self.dests) | set(c.stats)):
+            s = c.stats.get(name)
+            oldest, dead = summary.get(name, (None, 0))
+            d: dict[str, Any] = {
+                "spooled_lines": s.lines if s else 0,
+                "spooled_bytes": s.bytes if s else 0,
+                "oldest_age": max(0.0, now - oldest) if oldest is not None else None,
+                "dead_letters": dead,
+                "dropped": c.dropped.get(name, 0),
+                "expired": c.expired.get(name, 0),
+                "configured": name in self.dests,
+            }
+            rt = self.dests.get(name)
+            if rt is not None:
+                rate_in, rate_out = rt.rates()
+                d.update(kind=rt.dest.kind, stream=rt.dest.stream_arn or rt.dest.stream, socket=str(rt.dest.socket),
+                         lines_in=rt.ingest.stats.lines_in, connections=rt.ingest.stats.connections,
+                         rejected=dict(rt.ingest.stats.rejected),
+                         lines_in_per_s=round(rate_in, 1), lines_out_per_s=round(rate_out, 1),
+                         **rt.flusher.snapshot())
+            dests[name] = d
+        return {
+            "running": True,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(now - self.started, 1),
+            "spool": {"path": str(self.cfg.spool.path), "bytes": c.total_bytes, "max_bytes": self.cfg.spool.max_bytes,
+                      "when_full": self.cfg.spool.when_full, "write_errors": c.write_errors,
+                      "last_error": c.last_error},
+            "destinations": dests,
+        }
+
+    async def _serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        path = self.cfg.control_socket
+        assert path is not None
+        sock = trio.socket.from_stdlib_socket(bind_unix(Path(path), stdsocket.SOCK_STREAM, 0o600))
+        listener = trio.SocketListener(sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self._control_connection, stream)
+        finally:
+            sock.close()
+            Path(path).unlink(missing_ok=True)
+
+    async def _control_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(CONTROL_TIMEOUT):
+                request = await _read_head(stream, b"\n")
+                command = request.strip().decode("ascii", "replace")
+                if command == "status":
+                    reply = json.dumps(await self.snapshot()).encode()
+                elif command == "metrics":
+                    reply = render_prometheus(await self.snapshot()).encode()
+                else:
+                    reply = json.dumps({"error": f"unknown command {command[:40]!r}"}).encode()
+                await stream.send_all(reply + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    async def _serve_metrics(self, listen: tuple[str, int], *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = listen
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        logger.info("metrics_listening", host=host, port=port)
+        await trio.serve_listeners(self._metrics_connection, listeners, task_status=task_status)
+
+    async def _metrics_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(CONTROL_TIMEOUT):
+                head = await _read_head(stream, b"\r\n\r\n")
+                parts = head.split(b" ", 2)
+                if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
+                    body = render_prometheus(await self.snapshot()).encode()
+                    status, ctype = b"200 OK", b"text/plain; version=0.0.4; charset=utf-8"
+                else:
+                    body, status, ctype = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
+                await stream.send_all(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
+                                      + b"\r\nContent-Length: " + str(len(body)).encode()
+                                      + b"\r\nConnection: close\r\n\r\n" + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
 
 
-def _unlink_socket(path: Path) -> None:
-    try:
-        Path(path).unlink()
-    except OSError:
-        pass
+async def _read_head(stream: trio.SocketStream, end: bytes) -> bytes:
+    data = b""
+    while end not in data and len(data) < CONTROL_MAX_REQUEST:
+        chunk = await stream.receive_some(CONTROL_MAX_REQUEST)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 async def run(cfg: Config) -> None:

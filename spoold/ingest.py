@@ -51,19 +51,24 @@ class IngestStats:
 
 def bind_socket(dest: Destination) -> stdsocket.socket:
     """A listening (or, for datagrams, bound) Unix socket at dest.socket, created atomically."""
-    path = Path(dest.socket)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and _is_live(path, dest.socket_type):
-        raise OSError(f"{path}: another process is listening on this socket")
     kind = stdsocket.SOCK_DGRAM if dest.socket_type == "datagram" else stdsocket.SOCK_STREAM
+    return bind_unix(Path(dest.socket), kind, dest.socket_mode, dest.socket_group)
+
+
+def bind_unix(path: Path, kind: int, mode: int, group: str | None = None) -> stdsocket.socket:
+    """Bind under a temporary name, set mode and group, listen, then rename over ``path``: the
+    path never names a socket that does not accept yet, and a stale file is replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and _is_live(path, kind):
+        raise OSError(f"{path}: another process is listening on this socket")
     sock = stdsocket.socket(stdsocket.AF_UNIX, kind)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.unlink(missing_ok=True)
         sock.bind(str(tmp))
-        os.chmod(tmp, dest.socket_mode)
-        if dest.socket_group:
-            os.chown(tmp, -1, grp.getgrnam(dest.socket_group).gr_gid)
+        os.chmod(tmp, mode)
+        if group:
+            os.chown(tmp, -1, grp.getgrnam(group).gr_gid)
         if kind == stdsocket.SOCK_STREAM:
             sock.listen(BACKLOG)
         os.rename(tmp, path)
@@ -74,8 +79,8 @@ def bind_socket(dest: Destination) -> stdsocket.socket:
     return sock
 
 
-def _is_live(path: Path, socket_type: str) -> bool:
-    if socket_type == "datagram" or not path.is_socket():
+def _is_live(path: Path, kind: int) -> bool:
+    if kind != stdsocket.SOCK_STREAM or not path.is_socket():
         return False
     probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     try:
@@ -105,9 +110,12 @@ class Ingest:
         for scope in self._readers:
             scope.cancel()
 
-    async def serve(self, sock: stdsocket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        tsock = trio.socket.from_stdlib_socket(sock)
-        if sock.type == stdsocket.SOCK_DGRAM:
+    async def serve(
+        self, tsock: trio.socket.SocketType, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until ``stop_reading()``; returns once every connection has been answered. The
+        socket stays open: it belongs to the daemon, which may hand it to a reloaded Ingest."""
+        if tsock.type == stdsocket.SOCK_DGRAM:
             task_status.started()
             with self._accepting:
                 await self._serve_datagrams(tsock)
@@ -125,7 +133,6 @@ class Ingest:
                         limit.release()
                         raise
                     nursery.start_soon(self._connection, stream, limit)
-            await listener.aclose()
 
     async def _serve_datagrams(self, sock: trio.socket.SocketType) -> None:
         # One datagram is one line; a trailing newline is stripped. No acknowledgement is

@@ -248,6 +248,45 @@ class Spool:
         return out
 
 
+    def summary(self) -> dict[str, tuple[float | None, int]]:
+        """Per destination: the oldest row's creation time and the dead-letter count."""
+        assert self._r is not None
+        return _summary(self._r)
+
+
+def _summary(conn: sqlite3.Connection) -> dict[str, tuple[float | None, int]]:
+    out: dict[str, tuple[float | None, int]] = {}
+    for dest, oldest in conn.execute("SELECT dest, min(created) FROM chunks GROUP BY dest"):
+        out[dest] = (oldest, 0)
+    for dest, n in conn.execute("SELECT dest, count(*) FROM dead_letters GROUP BY dest"):
+        out[dest] = (out.get(dest, (None, 0))[0], n)
+    return out
+
+
+def offline_status(path: Path) -> dict[str, Any]:
+    """What the spool file holds, read-only, for `spoold status` when the daemon is down."""
+    if not path.exists():
+        raise SpoolError(f"{path}: no spool file")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            stats = Spool._stats(conn)
+            summary = _summary(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise _translate(exc, path, "reading the spool") from exc
+    now = time.time()
+    dests: dict[str, Any] = {}
+    for name in sorted(set(stats) | set(summary)):
+        s = stats.get(name, DestStats())
+        oldest, dead = summary.get(name, (None, 0))
+        dests[name] = {"spooled_lines": s.lines, "spooled_bytes": s.bytes, "dead_letters": dead,
+                       "oldest_age": max(0.0, now - oldest) if oldest is not None else None}
+    return {"running": False, "spool": {"path": str(path), "bytes": sum(s.bytes for s in stats.values())},
+            "destinations": dests}
+
+
 def _split(lines: list[bytes]) -> list[tuple[list[bytes], int]]:
     parts: list[tuple[list[bytes], int]] = []
     start = 0

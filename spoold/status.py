@@ -1,0 +1,105 @@
+"""Pure rendering of the daemon's status snapshot: a table for people, Prometheus text for
+scrapers. The snapshot is the JSON the control socket answers (``spoold status --json``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+# Gauges and counters exported per destination: (snapshot field, metric name, type, help).
+_METRICS = [
+    ("spooled_lines", "spoold_spool_lines", "gauge", "Lines waiting in the spool."),
+    ("spooled_bytes", "spoold_spool_bytes", "gauge", "Bytes of lines waiting in the spool."),
+    ("oldest_age", "spoold_oldest_line_age_seconds", "gauge", "Age of the oldest unsent line (0 when none)."),
+    ("lines_in", "spoold_lines_received_total", "counter", "Lines accepted from clients and made durable."),
+    ("lines_sent", "spoold_lines_sent_total", "counter", "Lines the service accepted."),
+    ("records_sent", "spoold_records_sent_total", "counter", "Records the service accepted."),
+    ("requests", "spoold_requests_total", "counter", "Requests sent to the service."),
+    ("retried_records", "spoold_records_retried_total", "counter", "Records resent after a per-record failure."),
+    ("dropped", "spoold_lines_dropped_total", "counter", "Lines dropped by when_full = drop_oldest."),
+    ("expired", "spoold_lines_expired_total", "counter", "Lines dropped for exceeding max_age."),
+    ("dead_letters", "spoold_dead_letters", "gauge", "Lines in the dead-letter table."),
+    ("in_flight", "spoold_requests_in_flight", "gauge", "Requests in flight."),
+]
+
+
+def render_table(snap: dict[str, Any]) -> str:
+    """A readable table, one row per destination."""
+    head = ["DESTINATION", "KIND", "SPOOLED", "BYTES", "OLDEST", "IN/s", "OUT/s", "SENT", "RETRIED", "REJECTED", "LAST ERROR"]
+    rows = [head]
+    for name, d in sorted(snap.get("destinations", {}).items()):
+        rows.append([
+            name, d.get("kind", "?"), str(d.get("spooled_lines", 0)), _size(d.get("spooled_bytes", 0)),
+            _age(d.get("oldest_age")), f"{d.get('lines_in_per_s', 0):.0f}", f"{d.get('lines_out_per_s', 0):.0f}",
+            str(d.get("lines_sent", 0)), str(d.get("retried_records", 0)),
+            str(sum((d.get("rejected") or {}).values())), _last_error(d),
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    source = "running daemon" if snap.get("running") else "spool file (daemon not running)"
+    footer = f"spool {snap.get('spool', {}).get('path', '?')}: {_size(snap.get('spool', {}).get('bytes', 0))} ({source})"
+    failures = [f"  {n}: " + ", ".join(f"{k}={v}" for k, v in sorted(d["failures"].items()))
+                for n, d in sorted(snap.get("destinations", {}).items()) if d.get("failures")]
+    if failures:
+        footer += "\nfailures by error code:\n" + "\n".join(failures)
+    return "\n".join(line.rstrip() for line in lines) + "\n" + footer + "\n"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _last_error(d: dict[str, Any]) -> str:
+    err = d.get("last_error") or ""
+    if not err:
+        return "-"
+    at = d.get("last_error_at")
+    return f"{err[:80]} ({_age(time.time() - at)} ago)" if at else err[:80]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_prometheus(snap: dict[str, Any]) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    out: list[str] = []
+    dests = snap.get("destinations", {})
+    for field, metric, kind, help_ in _METRICS:
+        out.append(f"# HELP {metric} {help_}")
+        out.append(f"# TYPE {metric} {kind}")
+        for name, d in sorted(dests.items()):
+            value = d.get(field) or 0
+            out.append(f'{metric}{{destination="{_escape(name)}"}} {float(value):.17g}')
+    out.append("# HELP spoold_failures_total Failed requests or records, by error code.")
+    out.append("# TYPE spoold_failures_total counter")
+    for name, d in sorted(dests.items()):
+        for code, n in sorted((d.get("failures") or {}).items()):
+            out.append(f'spoold_failures_total{{destination="{_escape(name)}",code="{_escape(code)}"}} {n}')
+    out.append("# HELP spoold_lines_rejected_total Lines refused at the socket, by reason.")
+    out.append("# TYPE spoold_lines_rejected_total counter")
+    for name, d in sorted(dests.items()):
+        for reason, n in sorted((d.get("rejected") or {}).items()):
+            out.append(f'spoold_lines_rejected_total{{destination="{_escape(name)}",reason="{_escape(reason)}"}} {n}')
+    spool = snap.get("spool", {})
+    out.append("# HELP spoold_spool_total_bytes Bytes of lines in the spool, all destinations.")
+    out.append("# TYPE spoold_spool_total_bytes gauge")
+    out.append(f"spoold_spool_total_bytes {spool.get('bytes', 0)}")
+    out.append("# HELP spoold_spool_write_errors_total Failed spool commits (disk full, I/O errors).")
+    out.append("# TYPE spoold_spool_write_errors_total counter")
+    out.append(f"spoold_spool_write_errors_total {spool.get('write_errors', 0)}")
+    return "\n".join(out) + "\n"
