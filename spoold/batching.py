@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from spoold.aggregation import AggregateBuilder, ShardMap, hash_key
+
 # Hex digits of a random partition key: 64 bits spread keys evenly over any number of shards.
 RANDOM_KEY_HEX = 16
 # Kinesis partition keys are at most 256 Unicode characters.
@@ -98,6 +100,7 @@ class Encoder:
         max_record_bytes: int,
         partition_key_field: str | None = None,
         explicit_hash_key: str | None = None,
+        aggregation: str = "none",
         rng: random.Random | None = None,
     ) -> None:
         self.kind = kind
@@ -106,6 +109,9 @@ class Encoder:
         self.max_record_bytes = max_record_bytes
         self.partition_key_field = partition_key_field
         self.explicit_hash_key = explicit_hash_key
+        self.aggregation = aggregation
+        # Set by the flusher from ListShards/DescribeStream; None groups keyed lines by key.
+        self.shard_map: ShardMap | None = None
         self._rng = rng or random.Random()
 
     def random_key(self) -> str:
@@ -122,11 +128,56 @@ class Encoder:
             for line in chunk.lines:
                 yield Entry(line + delim if delim else line, "", [(chunk, 1)], 1, created)
             return
+        if self.aggregation == "kpl":
+            yield from self._aggregated(chunk)
+            return
         field = self.partition_key_field
         ehk = self.explicit_hash_key
         for line in chunk.lines:
             key = (field and partition_key_from_json(line, field)) or self.random_key()
             yield Entry(line, key, [(chunk, 1)], 1, created, ehk)
+
+    def _aggregated(self, chunk: Chunk) -> Iterator[Entry]:
+        # KPL aggregation. Every sub-record of one aggregate must hash into the shard that
+        # receives it, or KCL 2.x consumers silently drop it. Random keys: the lines of an
+        # aggregate share its one key. A configured explicit_hash_key: all lines go to that one
+        # shard. Keyed lines: one aggregate per shard (from the shard map), sent with the shard's
+        # first hash key as ExplicitHashKey; with no shard map yet, one aggregate per key.
+        field = self.partition_key_field
+        limit = self.max_record_bytes
+        open_: dict[object, tuple[AggregateBuilder, int]] = {}
+        for line in chunk.lines:
+            key = field and partition_key_from_json(line, field)
+            if not key:
+                group: object = None
+                outer_key, outer_ehk, sub_key = self.random_key(), self.explicit_hash_key, None
+            elif self.explicit_hash_key is not None:
+                group, outer_key, outer_ehk, sub_key = None, key, self.explicit_hash_key, key
+            elif self.shard_map is not None:
+                shard = self.shard_map.shard_for(hash_key(key))
+                group, outer_key, outer_ehk, sub_key = shard.shard_id, key, str(shard.start), key
+            else:
+                group, outer_key, outer_ehk, sub_key = ("key", key), key, None, key
+            pair = open_.get(group)
+            if pair is not None and pair[0].try_add(line, sub_key):
+                open_[group] = (pair[0], pair[1] + 1)
+                continue
+            if pair is not None:
+                yield self._aggregate_entry(chunk, *pair)
+            builder = AggregateBuilder(limit, outer_key, outer_ehk)
+            if builder.try_add(line, sub_key):
+                open_[group] = (builder, 1)
+            else:
+                # Too big to aggregate (the framing costs ~30 bytes): send it plain.
+                open_.pop(group, None)
+                yield Entry(line, outer_key, [(chunk, 1)], 1, chunk.created, outer_ehk)
+        for builder, n in open_.values():
+            yield self._aggregate_entry(chunk, builder, n)
+
+    @staticmethod
+    def _aggregate_entry(chunk: Chunk, builder: AggregateBuilder, n: int) -> Entry:
+        return Entry(builder.build(), builder.partition_key, [(chunk, n)], n, chunk.created,
+                     builder.explicit_hash_key)
 
     def _packed(self, chunk: Chunk) -> Iterator[Entry]:
         # Lines of one chunk are packed into records of at most max_record_bytes; a line is

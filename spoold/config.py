@@ -244,15 +244,19 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
         t.forbid("partition_key_field", "kinesis or yds")
         t.forbid("explicit_hash_key", "kinesis or yds")
         t.forbid("ordered", "kinesis or yds")
+        t.forbid("aggregation", "kinesis or yds")
         pk_field = ehk = None
         ordered = False
+        aggregation = "none"
     else:
         pk_field = t.string("partition_key_field", default=None)
         ehk = t.string("explicit_hash_key", default=None)
         if ehk is not None and not (ehk.isdigit() and int(ehk) < 2**128):
             raise t.error("explicit_hash_key", "must be a decimal integer from 0 to 2**128-1")
         ordered = t.boolean("ordered", False)
-    t.forbid("aggregation", "a later release")
+        aggregation = t.choice("aggregation", ("none", "kpl"), "none")
+        if ordered and aggregation != "none":
+            raise t.error("aggregation", "cannot be combined with ordered = true")
 
     max_records, max_request, max_record = LIMITS[kind]
     max_records = t.integer("max_records_per_request", max_records, 1, 500)
@@ -277,6 +281,7 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
         partition_key_field=pk_field,
         explicit_hash_key=ehk,
         ordered=ordered,
+        aggregation=aggregation,
         delimiter=delimiter,
         pack_lines=pack_lines,
         max_records_per_request=max_records,

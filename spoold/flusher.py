@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import random
 import time
 from collections import Counter, deque
@@ -25,11 +26,12 @@ import httpx
 import structlog
 import trio
 
+from spoold.aggregation import ShardMap
 from spoold.batching import Chunk, Encoder, Entry, backoff, take_batch
 from spoold.committer import Committer
 from spoold.config import Destination, SpoolConfig
 from spoold.errors import FatalSendError, RetryableSendError, SendError, SpoolError
-from spoold.protocol import Api, is_throttle
+from spoold.protocol import KINESIS_PREFIX, Api, is_throttle, reply_document
 from spoold.signing import CredentialSource, sign
 from spoold.spool import Row, Spool, Worker
 
@@ -39,6 +41,9 @@ logger = structlog.get_logger()
 LEASE_BYTES = 16 * 1024 * 1024
 # Entries encoded ahead of the sender, in batches.
 ENCODE_AHEAD_BATCHES = 2
+# How often the shard map is refreshed (resharding), and retried after a failure.
+SHARD_MAP_REFRESH = 60.0
+SHARD_MAP_RETRY = 10.0
 # Partition keys remembered for ordered mode's SequenceNumberForOrdering.
 ORDERED_KEYS_MAX = 10_000
 
@@ -72,6 +77,7 @@ class Flusher:
             max_record_bytes=dest.max_record_bytes,
             partition_key_field=dest.partition_key_field,
             explicit_hash_key=dest.explicit_hash_key,
+            aggregation=dest.aggregation,
             rng=self.rng,
         )
         self.log = logger.bind(dest=dest.name)
@@ -160,6 +166,9 @@ class Flusher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            d = self.dest
+            if d.aggregation == "kpl" and d.partition_key_field and d.explicit_hash_key is None:
+                nursery.start_soon(self._shard_map_loop)
             task_status.started()
             while True:
                 await self._slots.acquire()
@@ -333,6 +342,46 @@ class Flusher:
             if chunk.remaining == 0 and self.leased.pop(chunk.id, None) is not None:
                 self.leased_bytes -= chunk.nbytes
                 self.committer.delete(chunk.id, self.dest.name, len(chunk.lines), chunk.nbytes)
+
+    # -- the shard map, for aggregating keyed lines ----------------------------------------
+    async def _shard_map_loop(self) -> None:
+        while True:
+            try:
+                self.encoder.shard_map = await self._fetch_shard_map()
+                self.log.debug("shard_map_refreshed", shards=len(self.encoder.shard_map))
+                delay = SHARD_MAP_REFRESH
+            except (SendError, ValueError) as exc:
+                self.log.warning("shard_map_failed", error=str(exc),
+                                 hint="keyed lines are aggregated per key until it works")
+                delay = SHARD_MAP_RETRY
+            await trio.sleep(delay)
+
+    async def _fetch_shard_map(self) -> ShardMap:
+        # Yandex Data Streams has no ListShards: DescribeStream pages there.
+        stream = {self.api.stream_field: self.api.stream}
+        pages: list[dict[str, Any]] = []
+        if self.dest.kind == "yds":
+            body: dict[str, Any] = dict(stream)
+            while True:
+                page = await self._call("DescribeStream", body)
+                pages.append(page)
+                desc = page.get("StreamDescription") or {}
+                shards = desc.get("Shards") or []
+                if not desc.get("HasMoreShards") or not shards:
+                    return ShardMap.from_describe_stream(pages)
+                body = {**stream, "ExclusiveStartShardId": shards[-1]["ShardId"]}
+        body = dict(stream)
+        while True:
+            page = await self._call("ListShards", body)
+            pages.append(page)
+            token = page.get("NextToken")
+            if not token:
+                return ShardMap.from_list_shards(pages)
+            body = {"NextToken": token}
+
+    async def _call(self, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = await self._post(json.dumps(body).encode(), target=KINESIS_PREFIX + operation)
+        return reply_document(response.status_code, response.content)
 
     # -- figures --------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

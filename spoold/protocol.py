@@ -125,6 +125,11 @@ class Api:
         return seq
 
 
+def reply_document(status: int, body: bytes) -> dict[str, Any]:
+    """The JSON object of a 200 reply; SendError for an error reply or a malformed one."""
+    return _reply(status, body)
+
+
 def _json_str(s: str) -> bytes:
     return json.dumps(s).encode()
 
