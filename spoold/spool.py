@@ -163,36 +163,25 @@ class Spool:
         Returns the appended rows as (id, dest, lines, bytes). Lines of one dest may be split
         over several rows of at most CHUNK_MAX_BYTES.
         """
-        assert self._w is not None
-        conn = self._w
-        made: list[tuple[int, str, list[bytes], int]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for dest, lines, _ in appends:
-                    for part, size in _split(lines):
-                        cur = conn.execute(
-                            "INSERT INTO chunks (dest, created, lines, bytes, data) VALUES (?, ?, ?, ?, ?)",
-                            (dest, now, len(part), size, b"\n".join(part)),
-                        )
-                        assert cur.lastrowid is not None
-                        made.append((cur.lastrowid, dest, part, size))
-                if deletes:
-                    conn.executemany("DELETE FROM chunks WHERE id = ?", ((i,) for i in deletes))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path, "writing the spool") from exc
-        return made
+        def work(conn: sqlite3.Connection) -> list[tuple[int, str, list[bytes], int]]:
+            made: list[tuple[int, str, list[bytes], int]] = []
+            for dest, lines, _ in appends:
+                for part, size in _split(lines):
+                    cur = conn.execute(
+                        "INSERT INTO chunks (dest, created, lines, bytes, data) VALUES (?, ?, ?, ?, ?)",
+                        (dest, now, len(part), size, b"\n".join(part)),
+                    )
+                    assert cur.lastrowid is not None
+                    made.append((cur.lastrowid, dest, part, size))
+            if deletes:
+                conn.executemany("DELETE FROM chunks WHERE id = ?", ((i,) for i in deletes))
+            return made
+
+        return self._transaction("writing the spool", work)
 
     def drop(self, dest: str, above: int, older_than: float | None, limit_rows: int) -> list[tuple[int, int, int]]:
         """Delete up to ``limit_rows`` oldest rows of ``dest`` with id > ``above`` (and created
         before ``older_than`` when given). Returns (id, lines, bytes) of each row deleted."""
-        assert self._w is not None
-        conn = self._w
         sql = "SELECT id, lines, bytes FROM chunks WHERE dest = ? AND id > ?"
         args: list[Any] = [dest, above]
         if older_than is not None:
@@ -200,31 +189,72 @@ class Spool:
             args.append(older_than)
         sql += " ORDER BY id LIMIT ?"
         args.append(limit_rows)
+
+        def work(conn: sqlite3.Connection) -> list[tuple[int, int, int]]:
+            rows = conn.execute(sql, args).fetchall()
+            conn.executemany("DELETE FROM chunks WHERE id = ?", ((r[0],) for r in rows))
+            return [(int(a), int(b), int(c)) for a, b, c in rows]
+
+        return self._transaction("dropping rows", work)
+
+    def _transaction(self, doing: str, work: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._w is not None
+        conn = self._w
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                rows = conn.execute(sql, args).fetchall()
-                conn.executemany("DELETE FROM chunks WHERE id = ?", ((r[0],) for r in rows))
+                result = work(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise _translate(exc, self.path, "dropping rows") from exc
-        return [(int(a), int(b), int(c)) for a, b, c in rows]
+            raise _translate(exc, self.path, doing) from exc
+        return result
 
     def add_dead_letters(self, dest: str, items: list[tuple[float, str, bytes]]) -> None:
+        """Store lines the service refused for good: (created, error, line) each."""
+        now = time.time()
+        self._transaction("writing dead letters", lambda conn: conn.executemany(
+            "INSERT INTO dead_letters (dest, created, failed, error, data) VALUES (?, ?, ?, ?, ?)",
+            ((dest, created, now, error, data) for created, error, data in items),
+        ))
+
+    def dead_letters(self, dest: str | None, limit: int) -> list[dict[str, Any]]:
+        """The oldest dead letters (of one destination, or all), for `dead-letters list`."""
         assert self._w is not None
-        try:
-            with self._w:
-                self._w.execute("BEGIN IMMEDIATE")
-                self._w.executemany(
-                    "INSERT INTO dead_letters (dest, created, failed, error, data) VALUES (?, ?, ?, ?, ?)",
-                    ((dest, created, time.time(), error, data) for created, error, data in items),
-                )
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path, "writing dead letters") from exc
+        db = sqlite_utils.Database(self._w)
+        where, args = ("dest = ?", [dest]) if dest else (None, [])
+        return list(db["dead_letters"].rows_where(where, args, order_by="id", limit=limit))
+
+    def replay_dead_letters(self, dest: str | None, now: float) -> list[tuple[int, str, list[bytes], int]]:
+        """Move dead letters back into the spool as new rows; returns the rows made."""
+
+        def work(conn: sqlite3.Connection) -> list[tuple[int, str, list[bytes], int]]:
+            sql = "SELECT dest, data FROM dead_letters" + (" WHERE dest = ?" if dest else "") + " ORDER BY id"
+            grouped: dict[str, list[bytes]] = {}
+            for name, data in conn.execute(sql, (dest,) if dest else ()):
+                grouped.setdefault(name, []).append(bytes(data))
+            made = []
+            for name, lines in grouped.items():
+                for part, size in _split(lines):
+                    cur = conn.execute(
+                        "INSERT INTO chunks (dest, created, lines, bytes, data) VALUES (?, ?, ?, ?, ?)",
+                        (name, now, len(part), size, b"\n".join(part)))
+                    assert cur.lastrowid is not None
+                    made.append((cur.lastrowid, name, part, size))
+            conn.execute("DELETE FROM dead_letters" + (" WHERE dest = ?" if dest else ""), (dest,) if dest else ())
+            return made
+
+        return self._transaction("replaying dead letters", work)
+
+    def purge_dead_letters(self, dest: str | None) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            cur = conn.execute("DELETE FROM dead_letters" + (" WHERE dest = ?" if dest else ""), (dest,) if dest else ())
+            return int(cur.rowcount)
+
+        return self._transaction("purging dead letters", work)
 
     # -- the reader ---------------------------------------------------------------------
     def read(self, dest: str, above: int, max_bytes: int) -> list[Row]:
