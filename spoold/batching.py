@@ -40,7 +40,7 @@ class Chunk:
 class Entry:
     """One record to send: its exact Data, its partition key, and the lines it carries."""
 
-    __slots__ = ("data", "key", "hash_key", "refs", "nlines", "attempts", "created")
+    __slots__ = ("data", "key", "hash_key", "refs", "nlines", "attempts", "created", "_lines")
 
     def __init__(
         self,
@@ -50,6 +50,7 @@ class Entry:
         nlines: int,
         created: float,
         hash_key: str | None = None,
+        lines: list[bytes] | None = None,
     ) -> None:
         self.data = data
         self.key = key
@@ -58,6 +59,12 @@ class Entry:
         self.nlines = nlines
         self.attempts = 0
         self.created = created
+        self._lines = lines  # None when data is the line itself
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The original lines this entry carries (for dead letters)."""
+        return self._lines if self._lines is not None else [self.data]
 
     @property
     def size(self) -> int:
@@ -126,7 +133,10 @@ class Encoder:
                 yield from self._packed(chunk)
                 return
             for line in chunk.lines:
-                yield Entry(line + delim if delim else line, "", [(chunk, 1)], 1, created)
+                if delim:
+                    yield Entry(line + delim, "", [(chunk, 1)], 1, created, lines=[line])
+                else:
+                    yield Entry(line, "", [(chunk, 1)], 1, created)
             return
         if self.aggregation == "kpl":
             yield from self._aggregated(chunk)
@@ -145,7 +155,7 @@ class Encoder:
         # first hash key as ExplicitHashKey; with no shard map yet, one aggregate per key.
         field = self.partition_key_field
         limit = self.max_record_bytes
-        open_: dict[object, tuple[AggregateBuilder, int]] = {}
+        open_: dict[object, tuple[AggregateBuilder, list[bytes]]] = {}
         for line in chunk.lines:
             key = field and partition_key_from_json(line, field)
             if not key:
@@ -160,24 +170,24 @@ class Encoder:
                 group, outer_key, outer_ehk, sub_key = ("key", key), key, None, key
             pair = open_.get(group)
             if pair is not None and pair[0].try_add(line, sub_key):
-                open_[group] = (pair[0], pair[1] + 1)
+                pair[1].append(line)
                 continue
             if pair is not None:
                 yield self._aggregate_entry(chunk, *pair)
             builder = AggregateBuilder(limit, outer_key, outer_ehk)
             if builder.try_add(line, sub_key):
-                open_[group] = (builder, 1)
+                open_[group] = (builder, [line])
             else:
                 # Too big to aggregate (the framing costs ~30 bytes): send it plain.
                 open_.pop(group, None)
                 yield Entry(line, outer_key, [(chunk, 1)], 1, chunk.created, outer_ehk)
-        for builder, n in open_.values():
-            yield self._aggregate_entry(chunk, builder, n)
+        for builder, lines in open_.values():
+            yield self._aggregate_entry(chunk, builder, lines)
 
     @staticmethod
-    def _aggregate_entry(chunk: Chunk, builder: AggregateBuilder, n: int) -> Entry:
-        return Entry(builder.build(), builder.partition_key, [(chunk, n)], n, chunk.created,
-                     builder.explicit_hash_key)
+    def _aggregate_entry(chunk: Chunk, builder: AggregateBuilder, lines: list[bytes]) -> Entry:
+        return Entry(builder.build(), builder.partition_key, [(chunk, len(lines))], len(lines), chunk.created,
+                     builder.explicit_hash_key, lines)
 
     def _packed(self, chunk: Chunk) -> Iterator[Entry]:
         # Lines of one chunk are packed into records of at most max_record_bytes; a line is
@@ -189,12 +199,14 @@ class Encoder:
         for line in chunk.lines:
             n = len(line) + len(delim)
             if parts and size + n > limit:
-                yield Entry(delim.join(parts) + delim, "", [(chunk, len(parts))], len(parts), chunk.created)
+                yield Entry(delim.join(parts) + delim, "", [(chunk, len(parts))], len(parts), chunk.created,
+                            lines=parts)
                 parts, size = [], 0
             parts.append(line)
             size += n
         if parts:
-            yield Entry(delim.join(parts) + delim, "", [(chunk, len(parts))], len(parts), chunk.created)
+            yield Entry(delim.join(parts) + delim, "", [(chunk, len(parts))], len(parts), chunk.created,
+                        lines=parts)
 
 
 def take_batch(

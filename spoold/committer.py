@@ -192,6 +192,10 @@ class Committer:
         if made:
             self.on_rows(made, now)
 
+    def account_rows(self, dest: str, rows: int, lines: int, nbytes: int) -> None:
+        """Rows written outside a commit of ours (dead-letter replay)."""
+        self._account(dest, rows, lines, nbytes)
+
     def _account(self, dest: str, rows: int, lines: int, nbytes: int) -> None:
         s = self.stats.setdefault(dest, DestStats())
         s.rows += rows

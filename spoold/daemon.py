@@ -35,7 +35,7 @@ from spoold.errors import ConfigError, SpoolError
 from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
 from spoold.signing import CredentialSource, use_systemd_credentials
-from spoold.spool import Spool, Worker
+from spoold.spool import Spool, Worker, dead_letter_json
 from spoold.status import render_prometheus
 
 logger = structlog.get_logger()
@@ -383,6 +383,26 @@ class Daemon:
             "destinations": dests,
         }
 
+    async def dead_letters(self, action: str, limit: int, dest: str | None) -> dict[str, Any]:
+        """list / replay / purge the dead-letter table through the one writer connection."""
+        assert self.committer is not None
+        if action == "list":
+            rows = await self.writer.run(self.spool.dead_letters, dest, limit)
+            return {"dead_letters": [dead_letter_json(r) for r in rows]}
+        if action == "replay":
+            made = await self.writer.run(self.spool.replay_dead_letters, dest, time.time())
+            for _, name, lines, nbytes in made:
+                self.committer.account_rows(name, 1, len(lines), nbytes)
+            self._on_rows(made, time.time())
+            n = sum(len(m[2]) for m in made)
+            logger.info("dead_letters_replayed", lines=n, dest=dest)
+            return {"replayed": n}
+        if action == "purge":
+            n = await self.writer.run(self.spool.purge_dead_letters, dest)
+            logger.warning("dead_letters_purged", lines=n, dest=dest)
+            return {"purged": n}
+        return {"error": f"unknown dead-letters action {action!r}"}
+
     async def _serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         path = self.cfg.control_socket
         assert path is not None
@@ -402,8 +422,12 @@ class Daemon:
         try:
             with trio.move_on_after(CONTROL_TIMEOUT):
                 request = await _read_head(stream, b"\n")
-                command = request.strip().decode("ascii", "replace")
-                if command == "status":
+                command = request.strip().decode("utf-8", "replace")
+                words = command.split()
+                if words[:1] == ["dead-letters"] and len(words) in (3, 4):
+                    reply = json.dumps(await self.dead_letters(words[1], int(words[2]),
+                                                               words[3] if len(words) == 4 else None)).encode()
+                elif command == "status":
                     reply = json.dumps(await self.snapshot()).encode()
                 elif command == "metrics":
                     reply = render_prometheus(await self.snapshot()).encode()

@@ -44,6 +44,10 @@ ENCODE_AHEAD_BATCHES = 2
 # How often the shard map is refreshed (resharding), and retried after a failure.
 SHARD_MAP_REFRESH = 60.0
 SHARD_MAP_RETRY = 10.0
+# Whole-request errors that one bad record can cause: the batch is bisected to find it.
+BISECT_CODES = frozenset({"ValidationException", "InvalidArgumentException", "SerializationException"})
+# Per-record errors that no retry can fix: the record goes to the dead-letter table.
+PERMANENT_RECORD_CODES = frozenset({"ValidationException", "InvalidArgumentException"})
 # Partition keys remembered for ordered mode's SequenceNumberForOrdering.
 ORDERED_KEYS_MAX = 10_000
 
@@ -108,6 +112,7 @@ class Flusher:
         self.records_sent = 0
         self.requests = 0
         self.retried_records = 0
+        self.dead_letters = 0
         self.failures: Counter[str] = Counter()
         self.last_error = ""
         self.last_error_at = 0.0
@@ -265,12 +270,39 @@ class Flusher:
                                      code="ConnectionError") from exc
 
     async def _send_batch(self, batch: list[Entry]) -> None:
+        refused: list[tuple[Entry, str]] = []
+        ok = await self._attempt(batch, refused)
+        if not refused:
+            return
+        if ok or self.records_sent:
+            # Other records of this destination went through: these ones are refused for good.
+            await self._dead_letter(refused)
+        else:
+            # Nothing passes: the request, not a record, is wrong (a stream name, say).
+            entries = [e for e, _ in refused]
+            self._whole_failure(entries, FatalSendError(refused[0][1], code="ValidationException"))
+
+    async def _attempt(self, batch: list[Entry], refused: list[tuple[Entry, str]]) -> bool:
+        """Send one batch; True if any of it was accepted. A validation error of the whole request
+        is bisected to find the records at fault, which are collected in ``refused``."""
         try:
             response = await self._post(self.api.body(batch))
             outcomes = self.api.parse(response.status_code, response.content, len(batch))
+        except FatalSendError as exc:
+            if exc.code not in BISECT_CODES:
+                self._whole_failure(batch, exc)
+                return False
+            self.failures[exc.code] += 1
+            if len(batch) == 1:
+                refused.append((batch[0], str(exc)))
+                return False
+            half = len(batch) // 2
+            first = await self._attempt(batch[:half], refused)
+            second = await self._attempt(batch[half:], refused)
+            return first or second
         except SendError as exc:
             self._whole_failure(batch, exc)
-            return
+            return False
         self._whole_attempt = 0
         self.last_success_at = time.time()
         now = trio.current_time()
@@ -280,14 +312,31 @@ class Flusher:
             if code is None:
                 self._ack(entry)
                 continue
-            failed += 1
             self.failures[code] += 1
+            if code in PERMANENT_RECORD_CODES:
+                refused.append((entry, code))
+                continue
+            failed += 1
             cap = d.retry_cap_throttle if is_throttle(code) else d.retry_cap
             self._schedule(entry, now + backoff(entry.attempts, d.retry_base, cap, self.rng))
             entry.attempts += 1
         if failed:
             self.retried_records += failed
             self.log.debug("records_retried", failed=failed, batch=len(batch))
+        return failed + len(refused) < len(batch)
+
+    async def _dead_letter(self, refused: list[tuple[Entry, str]]) -> None:
+        items = [(e.created, error, line) for e, error in refused for line in e.lines]
+        try:
+            await self.committer.worker.run(self.spool.add_dead_letters, self.dest.name, items)
+        except SpoolError as exc:
+            self._whole_failure([e for e, _ in refused], RetryableSendError(str(exc), code="SpoolWriteError"))
+            return
+        for entry, error in refused:
+            self.dead_letters += entry.nlines
+            self.log.error("dead_lettered", lines=entry.nlines, size=len(entry.data), error=error[:200],
+                           hint="spoold dead-letters list|replay|purge")
+            self._ack(entry, sent=False)
 
     async def _send_ordered(self, entry: Entry) -> None:
         key = entry.key
@@ -390,6 +439,7 @@ class Flusher:
             "records_sent": self.records_sent,
             "requests": self.requests,
             "retried_records": self.retried_records,
+            "dead_lettered": self.dead_letters,
             "failures": dict(self.failures),
             "in_flight": self.in_flight,
             "leased_bytes": self.leased_bytes,

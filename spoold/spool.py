@@ -293,6 +293,13 @@ def _summary(conn: sqlite3.Connection) -> dict[str, tuple[float | None, int]]:
     return out
 
 
+def dead_letter_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A dead-letter row for people and JSON: the line shown as text, bad bytes escaped."""
+    data = bytes(row["data"])
+    return {"id": row["id"], "dest": row["dest"], "created": row["created"], "failed": row["failed"],
+            "error": row["error"], "size": len(data), "data": data.decode("utf-8", "backslashreplace")}
+
+
 def offline_status(path: Path) -> dict[str, Any]:
     """What the spool file holds, read-only, for `spoold status` when the daemon is down."""
     if not path.exists():

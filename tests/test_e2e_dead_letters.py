@@ -1,0 +1,60 @@
+"""Records the service refuses for good go to the dead-letter table, never block the queue, and
+can be listed, replayed and purged with `spoold dead-letters`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import send_lines, wait_until
+
+BIG = b"B" * (1024 * 1024 + 10)  # over the endpoint's 1 MiB record limit: ValidationException
+
+
+def _dead(daemon, action: str, *extra: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "spoold", "dead-letters", action, "--config", str(daemon.config),
+                          "--json", *extra], capture_output=True, text=True, timeout=60, env=daemon.env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_refused_record_is_dead_lettered_and_the_rest_flows(make_daemon, fake_aws):
+    # The destination believes records may be 2 MiB; the service says 1 MiB. One bad line in a
+    # batch fails the whole request; bisection finds it, and the others are delivered.
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "max_record_bytes": "2MiB",
+                          "max_line_bytes": 1024 * 1024 + 100, "linger": "300ms"}).start()
+    good = [f"good-{i}".encode() for i in range(40)]
+    payload = b"\n".join(good[:20] + [BIG] + good[20:])
+    assert send_lines(daemon.sockets()[0], payload)["accepted"] == 41
+    wait_until(lambda: len(fake_aws.all_records()) >= 40, what="the good lines")
+    assert sorted(r.data for r in fake_aws.all_records()) == sorted(good)
+    listed = wait_until(lambda: _dead(daemon, "list")["dead_letters"], what="a dead letter")
+    assert len(listed) == 1 and listed[0]["size"] == len(BIG) and "ValidationException" in listed[0]["error"]
+    status = json.loads(subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config),
+                                        "--json"], capture_output=True, text=True, env=daemon.env).stdout)
+    assert status["destinations"]["d0"]["dead_letters"] == 1
+    wait_until(lambda: daemon.spool_rows() == 0, what="the spool to empty")
+
+    # Replay puts it back in the queue: refused again, it returns to the dead letters.
+    assert _dead(daemon, "replay") == {"replayed": 1}
+    wait_until(lambda: len(_dead(daemon, "list")["dead_letters"]) == 1 and daemon.spool_rows() == 0,
+               what="the replayed line to be refused again")
+    assert _dead(daemon, "purge") == {"purged": 1}
+    assert _dead(daemon, "list")["dead_letters"] == []
+    daemon.stop()
+    # Without a daemon the CLI works on the spool file directly.
+    assert _dead(daemon, "list")["dead_letters"] == []
+
+
+def test_nothing_is_dead_lettered_when_every_request_fails(make_daemon, fake_aws):
+    # A stream-level validation error (every request refused) must not empty the queue into
+    # the dead letters: the lines stay spooled and retry.
+    fake_aws.faults.fatal = "ValidationException"
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "10ms", "retry_cap": "50ms"},
+                         extra='[daemon]\nshutdown_grace = "200ms"\n').start()
+    send_lines(daemon.sockets()[0], b"one\ntwo\nthree\n")
+    wait_until(lambda: len(fake_aws.requests) >= 6, what="several refused requests")
+    assert daemon.stop() == 0
+    assert _dead(daemon, "list")["dead_letters"] == []
+    assert daemon.spool_rows() > 0
