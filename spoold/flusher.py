@@ -30,7 +30,7 @@ from spoold.aggregation import ShardMap
 from spoold.batching import Chunk, Encoder, Entry, backoff, take_batch
 from spoold.committer import Committer
 from spoold.config import Destination, SpoolConfig
-from spoold.errors import FatalSendError, RetryableSendError, SendError, SpoolError
+from spoold.errors import FatalSendError, RetryableSendError, SendError, SpoolCorrupt, SpoolError
 from spoold.protocol import KINESIS_PREFIX, Api, is_throttle, reply_document
 from spoold.signing import CredentialSource, sign
 from spoold.spool import Row, Spool, Worker
@@ -194,6 +194,8 @@ class Flusher:
             if not self.caught_up and self.leased_bytes < LEASE_BYTES:
                 try:
                     await self._read_rows()
+                except SpoolCorrupt:
+                    raise  # exit non-zero: the restart recovers the file, rather than a daemon that forwards nothing
                 except SpoolError as exc:
                     self._note_error("SpoolReadError", str(exc), fatal=True)
                     await trio.sleep(1.0)

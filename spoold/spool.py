@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import sqlite3
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 import outcome
 import sqlite_utils
+import structlog
 import trio
 
 from spoold.errors import SpoolCorrupt, SpoolError
@@ -37,6 +39,8 @@ SCHEMA_VERSION = 1
 CHUNK_MAX_BYTES = 1024 * 1024
 # Rows the reader returns per call, whatever their size.
 READ_MAX_ROWS = 64
+# Ids probed one by one when a damaged table cannot be walked (the newest ones are kept).
+RECOVERY_PROBE_MAX = 5_000_000
 # Pages kept in the WAL before the writer checkpoints it (SQLite's default).
 WAL_AUTOCHECKPOINT = 1000
 
@@ -81,6 +85,52 @@ class Row:
     nbytes: int
 
 
+class _Damaged(Exception):
+    """quick_check or a read found damage that recovery may get around."""
+
+
+def _files(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def _fit_header_to_length(path: Path) -> None:
+    with open(path, "r+b") as f:
+        header = f.read(100)
+        if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+            return
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        pages = os.fstat(f.fileno()).st_size // page_size
+        if pages and int.from_bytes(header[28:32], "big") > pages:
+            f.truncate(pages * page_size)
+            f.seek(28)
+            f.write(pages.to_bytes(4, "big"))
+
+
+def _readable_ids(conn: sqlite3.Connection, table: str) -> list[int]:
+    """Ids of the rows that can still be found. When the table's b-tree cannot be walked, probe
+    every id up to the highest one ever given (sqlite_sequence), each lookup on its own."""
+    try:
+        return [r[0] for r in conn.execute(f"SELECT id FROM {table} ORDER BY id")]
+    except sqlite3.DatabaseError:
+        pass
+    top = 0
+    for sql in ("SELECT seq FROM sqlite_sequence WHERE name = ?", f"SELECT max(id) FROM {table} WHERE ? IS NOT NULL"):
+        try:
+            row = conn.execute(sql, (table,)).fetchone()
+            top = max(top, int(row[0] or 0)) if row else top
+        except sqlite3.DatabaseError:
+            continue
+    ids = []
+    for row_id in range(max(1, top - RECOVERY_PROBE_MAX), top + 1):
+        try:
+            if conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)).fetchone():
+                ids.append(row_id)
+        except sqlite3.DatabaseError:
+            ids.append(row_id)  # unreadable: counted as lost when copied
+    return ids
+
+
 def _translate(exc: sqlite3.Error, path: Path, doing: str) -> SpoolError:
     text = str(exc)
     if isinstance(exc, sqlite3.DatabaseError) and (
@@ -101,13 +151,28 @@ class Spool:
 
     # -- opening ------------------------------------------------------------------------
     def open_writer(self) -> dict[str, DestStats]:
-        """Create or open the file, check it, and return what it holds per destination."""
+        """Create or open the file, check it, and return what it holds per destination.
+
+        A damaged file (PRAGMA quick_check fails) is recovered: every readable row is copied
+        into a new file, the damaged one is kept beside it (never deleted), and what was lost
+        is logged. A file that is not a spool at all is an error for the operator.
+        """
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
         except OSError as exc:
             raise SpoolError(f"{self.path}: cannot create the spool: {exc.strerror or exc}") from exc
+        try:
+            conn, stats = self._connect_checked()
+        except _Damaged as exc:
+            self._recover(str(exc))
+            conn, stats = self._connect_checked()
+        self._w = conn
+        return stats
+
+    def _connect_checked(self) -> tuple[sqlite3.Connection, dict[str, DestStats]]:
+        conn = None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -117,18 +182,84 @@ class Spool:
             db = sqlite_utils.Database(conn)
             foreign = [t for t in db.table_names() if t not in ("meta", "chunks", "dead_letters", "sqlite_sequence")]
             if foreign:
-                raise SpoolCorrupt(f"{self.path}: not a spoold spool (it has tables {', '.join(foreign)})")
+                raise SpoolCorrupt(f"{self.path}: not a spoold spool (it has tables {', '.join(foreign)}); "
+                                   "point [spool].path at another file")
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise _Damaged("; ".join(problems))
             conn.executescript(_SCHEMA)
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if version is None:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             elif version[0] != str(SCHEMA_VERSION):
                 raise SpoolCorrupt(f"{self.path}: spool schema {version[0]} is not {SCHEMA_VERSION}")
-            stats = self._stats(conn)
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path, "opening the spool") from exc
-        self._w = conn
-        return stats
+            return conn, self._stats(conn)
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
+                raise SpoolCorrupt(f"{self.path}: not an SQLite database (or its header is destroyed); "
+                                   "it was left untouched: move it away to start with an empty spool") from exc
+            if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in str(exc) or "corrupt" in str(exc)):
+                raise _Damaged(str(exc)) from exc
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc, self.path, "opening the spool") from exc
+            raise
+
+    def _recover(self, problem: str) -> None:
+        """Copy every readable row into a fresh file; keep the damaged one beside it."""
+        log = structlog.get_logger()
+        log.error("spool_damaged", path=str(self.path), problem=problem[:300], action="recovering readable rows")
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        fresh = self.path.with_name(self.path.name + ".recovering")
+        copy = self.path.with_name(self.path.name + ".reading")
+        for p in _files(fresh) + _files(copy):
+            p.unlink(missing_ok=True)
+        # Read from a copy (the damaged file is kept as it is) whose header is made to agree with
+        # the file's real length: after a truncation SQLite otherwise refuses every page.
+        shutil.copyfile(self.path, copy)
+        if _files(self.path)[1].exists():
+            shutil.copyfile(_files(self.path)[1], _files(copy)[1])
+        _fit_header_to_length(copy)
+        old = sqlite3.connect(copy, isolation_level=None)
+        new = Spool(fresh, self.synchronous)
+        new.open_writer()
+        assert new._w is not None
+        copied = lost = 0
+        try:
+            for table, columns in (("chunks", "dest, created, lines, bytes, data"),
+                                   ("dead_letters", "dest, created, failed, error, data")):
+                ids = _readable_ids(old, table)
+                marks = ", ".join("?" * (len(columns.split(",")) + 1))
+                new._w.execute("BEGIN")
+                for row_id in ids:
+                    try:
+                        row = old.execute(f"SELECT {columns} FROM {table} WHERE id = ?", (row_id,)).fetchone()
+                    except sqlite3.DatabaseError:
+                        lost += 1
+                        continue
+                    if row is not None:
+                        new._w.execute(f"INSERT INTO {table} (id, {columns}) VALUES ({marks})", (row_id, *row))
+                        copied += 1
+                new._w.execute("COMMIT")
+            try:  # ids are never reused: carry the sequence over when it is readable
+                for name, seq in old.execute("SELECT name, seq FROM sqlite_sequence"):
+                    new._w.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = ?", (seq, name))
+            except sqlite3.DatabaseError:
+                pass
+        finally:
+            old.close()
+            new.close()
+            for p in _files(copy):
+                p.unlink(missing_ok=True)
+        for src in _files(self.path):
+            if src.exists():
+                os.rename(src, src.with_name(src.name.replace(self.path.name, f"{self.path.name}.damaged-{stamp}", 1)))
+        os.rename(fresh, self.path)
+        for p in _files(fresh):
+            p.unlink(missing_ok=True)
+        log.error("spool_recovered", rows_recovered=copied, rows_lost=lost,
+                  damaged_copy=str(self.path) + f".damaged-{stamp}")
 
     def open_reader(self) -> None:
         try:
