@@ -122,7 +122,7 @@ class Encoder:
         self._rng = rng or random.Random()
 
     def random_key(self) -> str:
-        return "%0*x" % (RANDOM_KEY_HEX, self._rng.getrandbits(RANDOM_KEY_HEX * 4))
+        return f"{self._rng.getrandbits(RANDOM_KEY_HEX * 4):0{RANDOM_KEY_HEX}x}"
 
     def entries(self, chunk: Chunk) -> Iterator[Entry]:
         """The entries for every line of ``chunk``, in order."""
@@ -160,7 +160,7 @@ class Encoder:
             key = field and partition_key_from_json(line, field)
             if not key:
                 group: object = None
-                outer_key, outer_ehk, sub_key = self.random_key(), self.explicit_hash_key, None
+                outer_key, outer_ehk, sub_key = "", self.explicit_hash_key, None  # key drawn when needed
             elif self.explicit_hash_key is not None:
                 group, outer_key, outer_ehk, sub_key = None, key, self.explicit_hash_key, key
             elif self.shard_map is not None:
@@ -174,6 +174,7 @@ class Encoder:
                 continue
             if pair is not None:
                 yield self._aggregate_entry(chunk, *pair)
+            outer_key = outer_key or self.random_key()
             builder = AggregateBuilder(limit, outer_key, outer_ehk)
             if builder.try_add(line, sub_key):
                 open_[group] = (builder, [line])

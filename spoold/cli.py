@@ -249,7 +249,8 @@ def send(socket_path: str, files: Sequence[str], out: BinaryIO | None = None) ->
         sock.close()
     try:
         result = json.loads(answer)
-        accepted, rejected = int(result["accepted"]), int(result["rejected"])
+        int(result["accepted"])
+        rejected = int(result["rejected"])
     except (ValueError, KeyError, TypeError):
         print("spoold send: no acknowledgement from the daemon: lines may not be durable", file=sys.stderr)
         return EXIT_FAILED

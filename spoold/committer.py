@@ -181,9 +181,9 @@ class Committer:
                 await trio.sleep(1.0)  # a failing disk: do not spin on the deletes
                 self._wake.set()
             return
-        for row_id, dest, lines, nbytes in deletes:
+        for _row_id, dest, lines, nbytes in deletes:
             self._account(dest, -1, -lines, -nbytes)
-        for row_id, dest, lines_, nbytes in made:
+        for _row_id, dest, lines_, nbytes in made:
             self._account(dest, 1, len(lines_), nbytes)
         for _, ticket in pending:
             ticket.accepted = len(ticket.lines)
@@ -219,7 +219,7 @@ class Committer:
                     break
             if not best:
                 return  # everything left is in flight; the caller stores over the limit
-            for row_id, dest, lines, nbytes in best:
+            for _row_id, dest, lines, nbytes in best:
                 self._account(dest, -1, -lines, -nbytes)
                 self.dropped[dest] = self.dropped.get(dest, 0) + lines
                 self._log("spool_full_dropped_oldest", lines, dest=dest, max_bytes=self.cfg.max_bytes)
