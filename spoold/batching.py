@@ -143,8 +143,11 @@ class Encoder:
             return
         field = self.partition_key_field
         ehk = self.explicit_hash_key
-        for line in chunk.lines:
-            key = (field and partition_key_from_json(line, field)) or self.random_key()
+        # Random keys are drawn for the whole chunk at once: one call instead of one per line.
+        width = RANDOM_KEY_HEX
+        keys = self._rng.randbytes(width // 2 * len(chunk.lines)).hex()
+        for i, line in enumerate(chunk.lines):
+            key = (field and partition_key_from_json(line, field)) or keys[i * width:(i + 1) * width]
             yield Entry(line, key, [(chunk, 1)], 1, created, ehk)
 
     def _aggregated(self, chunk: Chunk) -> Iterator[Entry]:

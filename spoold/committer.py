@@ -24,7 +24,7 @@ from spoold.spool import DestStats, Spool, Worker
 logger = structlog.get_logger()
 
 # Lines waiting for the next commit across all connections; past it, submitters wait.
-MAX_PENDING_BYTES = 16 * 1024 * 1024
+MAX_PENDING_BYTES = 8 * 1024 * 1024
 # How long acked-row deletes may wait to share a commit with other deletes.
 DELETE_LINGER = 0.05
 # Rows dropped per transaction under when_full = "drop_oldest" and expiry.

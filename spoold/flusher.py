@@ -38,9 +38,10 @@ from spoold.spool import Row, Spool, Worker
 logger = structlog.get_logger()
 
 # Bytes of lines one destination holds in memory (leased rows, in flight, waiting to retry).
-LEASE_BYTES = 16 * 1024 * 1024
-# Entries encoded ahead of the sender, in batches.
+LEASE_BYTES = 12 * 1024 * 1024
+# Entries encoded ahead of the sender, in batches (records and bytes), a step at a time.
 ENCODE_AHEAD_BATCHES = 2
+ENCODE_STEP = 256
 # How often the shard map is refreshed (resharding), and retried after a failure.
 SHARD_MAP_REFRESH = 60.0
 SHARD_MAP_RETRY = 10.0
@@ -94,6 +95,7 @@ class Flusher:
         self._to_encode: deque[tuple[Chunk, Iterator[Entry]]] = deque()
         # Entries
         self.fresh: deque[Entry] = deque()
+        self._fresh_bytes = 0
         self._due: deque[Entry] = deque()
         self._retry: list[tuple[float, int, Entry]] = []
         self._seq = itertools.count()
@@ -148,12 +150,16 @@ class Flusher:
             self.caught_up = True
 
     def _encode_ahead(self) -> None:
+        # A few batches ahead, counted in records and in bytes (aggregates are big records).
         target = self.dest.max_records_per_request * ENCODE_AHEAD_BATCHES
-        while len(self.fresh) < target and self._to_encode:
-            chunk, entries = self._to_encode[0]
-            before = len(self.fresh)
-            self.fresh.extend(itertools.islice(entries, target - before))
-            if len(self.fresh) - before < target - before:
+        byte_target = self.dest.max_request_bytes * ENCODE_AHEAD_BATCHES
+        while len(self.fresh) < target and self._fresh_bytes < byte_target and self._to_encode:
+            _, entries = self._to_encode[0]
+            step = min(target - len(self.fresh), ENCODE_STEP)
+            got = list(itertools.islice(entries, step))
+            self.fresh.extend(got)
+            self._fresh_bytes += sum(e.size for e in got)
+            if len(got) < step:
                 self._to_encode.popleft()
         if self.fresh and self._fresh_since is None:
             self._fresh_since = trio.current_time()
@@ -212,10 +218,16 @@ class Flusher:
                 lingered = self._fresh_since is None or now - self._fresh_since >= d.linger
                 if full or lingered or self.draining or self._due:
                     if d.ordered:
-                        batch = [self._due.popleft() if self._due else self.fresh.popleft()]
+                        if self._due:
+                            batch = [self._due.popleft()]
+                        else:
+                            batch = [self.fresh.popleft()]
+                            self._fresh_bytes -= batch[0].size
                     else:
+                        due = len(self._due)
                         batch, _ = take_batch((self._due, self.fresh), d.max_records_per_request,
                                               d.max_request_bytes)
+                        self._fresh_bytes -= sum(e.size for e in batch[due - len(self._due):])
                     if not self.fresh:
                         self._fresh_since = None
                     return batch

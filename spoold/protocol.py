@@ -125,6 +125,19 @@ class Api:
         return seq
 
 
+try:  # a 500-record reply parses several times faster with orjson, when it is installed
+    import orjson
+
+    def _loads(body: bytes) -> Any:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(str(exc)) from None
+
+except ImportError:  # pragma: no cover - orjson is a dependency, but the stdlib is as correct
+    _loads = json.loads
+
+
 def reply_document(status: int, body: bytes) -> dict[str, Any]:
     """The JSON object of a 200 reply; SendError for an error reply or a malformed one."""
     return _reply(status, body)
@@ -138,7 +151,7 @@ def _reply(status: int, body: bytes) -> dict[str, Any]:
     if status != 200:
         raise error_from_reply(status, body)
     try:
-        doc = json.loads(body)
+        doc = _loads(body)
     except ValueError:
         raise RetryableSendError("malformed reply: not JSON", code="MalformedReply", status=status) from None
     if not isinstance(doc, dict):
