@@ -158,6 +158,9 @@ class Encoder:
         # first hash key as ExplicitHashKey; with no shard map yet, one aggregate per key.
         field = self.partition_key_field
         limit = self.max_record_bytes
+        if not field:
+            yield from self._aggregated_unkeyed(chunk)
+            return
         open_: dict[object, tuple[AggregateBuilder, list[bytes]]] = {}
         for line in chunk.lines:
             key = field and partition_key_from_json(line, field)
@@ -187,6 +190,21 @@ class Encoder:
                 yield Entry(line, outer_key, [(chunk, 1)], 1, chunk.created, outer_ehk)
         for builder, lines in open_.values():
             yield self._aggregate_entry(chunk, builder, lines)
+
+    def _aggregated_unkeyed(self, chunk: Chunk) -> Iterator[Entry]:
+        # Every line shares the aggregate's own random key (or the configured hash key).
+        lines = chunk.lines
+        ehk = self.explicit_hash_key
+        i = 0
+        while i < len(lines):
+            builder = AggregateBuilder(self.max_record_bytes, self.random_key(), ehk)
+            n = builder.extend(lines, i)
+            if n == 0:  # too big to aggregate (the framing costs ~30 bytes): send it plain
+                yield Entry(lines[i], builder.partition_key, [(chunk, 1)], 1, chunk.created, ehk)
+                i += 1
+            else:
+                yield self._aggregate_entry(chunk, builder, lines[i:i + n])
+                i += n
 
     @staticmethod
     def _aggregate_entry(chunk: Chunk, builder: AggregateBuilder, lines: list[bytes]) -> Entry:

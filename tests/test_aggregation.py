@@ -578,3 +578,29 @@ def test_encode_throughput(capsys: pytest.CaptureFixture[str]) -> None:
         )
     out = deaggregate_records([lambda_record(data, "p") for data in aggregates])
     assert [base64.b64decode(r["kinesis"]["data"]) for r in out] == lines
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    limit=st.integers(200, 40_000),
+    lines=st.lists(st.binary(max_size=20_000), min_size=1, max_size=40),
+    start=st.integers(0, 5),
+    prefill=st.booleans(),
+)
+def test_extend_equals_try_add_line_by_line(limit: int, lines: list[bytes], start: int, prefill: bool) -> None:
+    """The bulk path builds exactly the aggregate the line-by-line path builds, stops at the
+    same line, and keeps size exact."""
+    a, b = AggregateBuilder(limit, "outer"), AggregateBuilder(limit, "outer")
+    if prefill:  # the key's table entry already exists
+        assert a.try_add(b"p") == b.try_add(b"p")
+    n = a.extend(lines, start)
+    m = 0
+    for line in lines[start:]:
+        if not b.try_add(line):
+            break
+        m += 1
+    assert n == m
+    assert len(a) == len(b) and a.size == b.size <= limit
+    if len(a):
+        assert a.build() == b.build()
+        assert a.size == len(a.build()) + len(b"outer")
