@@ -191,7 +191,11 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
     socket_group = t.string("socket_group", default=None)
 
     stream = t.string("stream", default=None)
-    stream_arn = t.string("stream_arn", default=None) if kind == "kinesis" else t.forbid("stream_arn", "kinesis")
+    if kind == "kinesis":
+        stream_arn = t.string("stream_arn", default=None)
+    else:
+        t.forbid("stream_arn", "kinesis")
+        stream_arn = None
     region = t.string("region", default=None)
     endpoint_url = t.string("endpoint_url", default=None)
 
@@ -375,7 +379,6 @@ class _Table:
     def forbid(self, key: str, kinds: str) -> None:
         if key in self.data:
             raise self.error(key, f"only valid for kind {kinds}")
-        return None
 
     def string(self, key: str, required: bool = False, default: Any = None) -> Any:
         value = self._get(key)

@@ -442,7 +442,7 @@ class Daemon:
             await stream.aclose()
 
     async def _serve_metrics(self, listen: tuple[str, int], *,
-                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                             task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = listen
         listeners = await trio.open_tcp_listeners(port, host=host)
         logger.info("metrics_listening", host=host, port=port)

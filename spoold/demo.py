@@ -42,7 +42,7 @@ class MotoServer:
     """moto's server on 127.0.0.1 and a free port, in a thread of this process."""
 
     def __init__(self) -> None:
-        from moto.server import DomainDispatcherApplication, create_backend_app
+        from moto.server import DomainDispatcherApplication, create_backend_app  # type: ignore[attr-defined]
         from werkzeug.serving import WSGIRequestHandler, make_server
 
         class QuietHandler(WSGIRequestHandler):
