@@ -69,7 +69,8 @@ class Entry:
     @property
     def size(self) -> int:
         """Bytes the service counts against its limits: data plus partition key."""
-        return len(self.data) + len(self.key)
+        key = self.key
+        return len(self.data) + (len(key) if key.isascii() else len(key.encode()))
 
 
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -92,7 +93,9 @@ def partition_key_from_json(line: bytes, field: str) -> str | None:
     if value is None or isinstance(value, (dict, list)):
         return None
     key = value if isinstance(value, str) else json.dumps(value)
-    return key[:MAX_PARTITION_KEY] if key else None
+    if not key.isascii():  # at most 256 characters, and at most 256 UTF-8 bytes (the room kept for it)
+        key = key.encode()[:MAX_PARTITION_KEY].decode("utf-8", "ignore")
+    return key[:MAX_PARTITION_KEY] or None
 
 
 class Encoder:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,7 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
     top.allow("spool", "destination", "daemon", "log", "control", "metrics")
 
     spool_t = top.table("spool", required=True)
+    spool_t.known({f.name for f in fields(SpoolConfig)})
     spool = SpoolConfig(
         path=Path(spool_t.string("path", required=True)),
         synchronous=spool_t.choice("synchronous", ("full", "normal"), "full"),
@@ -176,6 +177,7 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
 
 
 def _destination(t: _Table, env: dict[str, str]) -> Destination:
+    t.known({f.name for f in fields(Destination)} | {"folder", "database"})
     name = t.string("name", required=True)
     if not NAME_RE.match(name):
         raise t.error("name", "must match [A-Za-z0-9_.-]+")
@@ -267,6 +269,8 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
     max_record = t.size("max_record_bytes", max_record, minimum=1024)
     max_request = t.size("max_request_bytes", max_request, minimum=max_record)
     room = len(delimiter) if kind == "firehose" else PARTITION_KEY_ROOM
+    if room >= max_record:  # else the default max_line_bytes is 0 or less and every line is refused
+        raise t.error("delimiter", f"must be shorter than max_record_bytes ({max_record} bytes)")
     max_line = t.size("max_line_bytes", max_record - room, minimum=1)
     if max_line + room > max_record:
         raise t.error("max_line_bytes", f"must leave {room} bytes of max_record_bytes ({max_record}) free")
@@ -360,6 +364,13 @@ class _Table:
     def done(self) -> None:
         for key in self.data:
             if key not in self.used:
+                raise self.error(key, "unknown key")
+
+    def known(self, keys: set[str]) -> None:
+        # Checked before any value: a misspelt key would otherwise surface as "required" for the
+        # key it was meant to be ("region: required" when the file says "regoin").
+        for key in self.data:
+            if key not in keys:
                 raise self.error(key, "unknown key")
 
     def _get(self, key: str) -> Any:

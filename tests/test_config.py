@@ -1,0 +1,365 @@
+"""config: the example file, defaults, durations and sizes, regions, yds names, every invalid shape
+(each message names the file and the key), and the check-config command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spoold import config
+from spoold.config import Config, parse_duration, parse_size
+from spoold.errors import ConfigError
+
+MiB = 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
+SPOOL = '[spool]\npath = "/var/lib/spoold/spool.db"\n'
+KINESIS = """[[destination]]
+name = "a"
+kind = "kinesis"
+socket = "/run/a.sock"
+stream = "s"
+region = "us-east-1"
+"""
+FIREHOSE = """[[destination]]
+name = "f"
+kind = "firehose"
+socket = "/run/f.sock"
+stream = "fh"
+region = "us-east-1"
+"""
+YDS = """[[destination]]
+name = "y"
+kind = "yds"
+socket = "/run/y.sock"
+folder = "fo"
+database = "db"
+stream = "s"
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # With no region in `environ`, config falls back to botocore, which reads os.environ and
+    # ~/.aws/config: keep this machine's AWS setup out of the tests.
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+
+def load(tmp_path: Path, text: str | bytes, environ: dict[str, str] | None = None) -> Config:
+    path = tmp_path / "spoold.toml"
+    if isinstance(text, str):
+        path.write_text(text, encoding="utf-8")
+    else:
+        path.write_bytes(text)
+    return config.load(path, {} if environ is None else environ)
+
+
+def only(tmp_path: Path, dest: str, environ: dict[str, str] | None = None) -> config.Destination:
+    cfg = load(tmp_path, SPOOL + dest, environ)
+    assert len(cfg.destinations) == 1
+    return cfg.destinations[0]
+
+
+# ---------------------------------------------------------------- the example and the defaults
+
+
+def test_example_config_parses() -> None:
+    path = REPO / "config.example.toml"
+    if not path.exists():
+        pytest.skip("config.example.toml is not written yet")
+    cfg = config.load(path, {})
+    by_name = {d.name: d for d in cfg.destinations}
+    assert {d.kind for d in cfg.destinations} == {"kinesis", "firehose", "yds"}
+    assert len(by_name) == len(cfg.destinations)
+    yds = next(d for d in cfg.destinations if d.kind == "yds")
+    assert yds.stream.startswith("/ru-central1/") and yds.endpoint_url == "https://yds.serverless.yandexcloud.net"
+    for d in cfg.destinations:
+        assert d.endpoint_url.startswith("https://")
+        assert d.max_line_bytes < d.max_record_bytes <= d.max_request_bytes
+
+
+def test_minimal_kinesis_defaults(tmp_path: Path) -> None:
+    cfg = load(tmp_path, SPOOL + KINESIS)
+    assert cfg.path == tmp_path / "spoold.toml"
+    assert cfg.shutdown_grace == 10.0
+    assert cfg.log_level == "info" and cfg.log_format == "auto"
+    assert cfg.metrics_listen is None
+    assert cfg.control_socket == Path("/var/lib/spoold/control.sock")
+    assert cfg.spool.path == Path("/var/lib/spoold/spool.db")
+    assert cfg.spool.synchronous == "full"
+    assert cfg.spool.when_full == "block"
+    assert cfg.spool.max_bytes == 1024 * MiB
+    assert cfg.spool.max_age == 7 * 86400.0
+    (d,) = cfg.destinations
+    assert (d.name, d.kind, d.stream, d.stream_arn, d.region) == ("a", "kinesis", "s", None, "us-east-1")
+    assert d.endpoint_url == "https://kinesis.us-east-1.amazonaws.com"
+    assert d.socket == Path("/run/a.sock") and d.socket_type == "stream" and d.socket_mode == 0o660
+    assert d.max_records_per_request == 500
+    assert d.max_request_bytes == 5 * MiB
+    assert d.max_record_bytes == MiB
+    assert d.max_line_bytes == MiB - 256
+    assert d.delimiter == b"" and d.pack_lines is False
+    assert (d.ordered, d.aggregation, d.partition_key_field, d.explicit_hash_key) == (False, "none", None, None)
+    assert (d.max_in_flight, d.linger, d.request_timeout) == (4, 0.2, 30.0)
+    assert (d.retry_base, d.retry_cap_throttle, d.retry_cap) == (0.1, 5.0, 60.0)
+    assert d.signing_service == "kinesis"
+
+
+def test_minimal_firehose_defaults(tmp_path: Path) -> None:
+    d = only(tmp_path, FIREHOSE)
+    assert d.max_records_per_request == 500
+    assert d.max_request_bytes == 4 * MiB
+    assert d.max_record_bytes == 1_024_000
+    assert d.max_line_bytes == 1_024_000 - 1
+    assert d.delimiter == b"\n" and d.pack_lines is False
+    assert d.endpoint_url == "https://firehose.us-east-1.amazonaws.com"
+    assert d.signing_service == "firehose"
+
+
+def test_firehose_empty_delimiter_leaves_the_whole_record_for_the_line(tmp_path: Path) -> None:
+    d = only(tmp_path, FIREHOSE + 'delimiter = ""\npack_lines = true\n')
+    assert d.delimiter == b"" and d.pack_lines is True
+    assert d.max_line_bytes == 1_024_000
+
+
+def test_minimal_yds_defaults(tmp_path: Path) -> None:
+    d = only(tmp_path, YDS)
+    assert (d.max_records_per_request, d.max_request_bytes, d.max_record_bytes) == (500, 5_000_000, 1_000_000)
+    assert d.max_line_bytes == 1_000_000 - 256
+    assert d.signing_service == "kinesis"
+
+
+# ---------------------------------------------------------------- durations and sizes
+
+DURATIONS = [("250ms", 0.25), ("10s", 10.0), ("5m", 300.0), ("2h", 7200.0), ("7d", 604800.0),
+             (3, 3.0), (0.5, 0.5), (0, 0.0), ("1.5s", 1.5), (" 20 ms ", 0.02)]
+
+
+@pytest.mark.parametrize(("value", "seconds"), DURATIONS)
+def test_parse_duration(value: object, seconds: float) -> None:
+    assert parse_duration(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["fast", "10", "-1s", "1w", "", "ms", True, None, [1]])
+def test_parse_duration_rejects(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+SIZES = [("4MiB", 4 * MiB), (1024, 1024), ("512KiB", 512 * 1024), ("1GiB", 1024**3), ("1kb", 1000),
+         ("2MB", 2_000_000), ("100", 100), ("100B", 100), ("1.5KiB", 1536), ("4mib", 4 * MiB)]
+
+
+@pytest.mark.parametrize(("value", "size"), SIZES)
+def test_parse_size(value: object, size: int) -> None:
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize("value", ["4 parsecs", "MiB", "-1", "4M", "", 1.5, True, None])
+def test_parse_size_rejects(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(value)
+
+
+def test_durations_and_sizes_in_the_file(tmp_path: Path) -> None:
+    cfg = load(tmp_path, SPOOL + 'max_age = "7d"\nmax_bytes = "2GiB"\n[daemon]\nshutdown_grace = 3\n'
+               + KINESIS + 'linger = "250ms"\nretry_cap = "1h"\nmax_request_bytes = "4MiB"\nmax_record_bytes = 2048\n')
+    assert cfg.spool.max_age == 604800.0 and cfg.spool.max_bytes == 2 * 1024**3
+    assert cfg.shutdown_grace == 3.0
+    (d,) = cfg.destinations
+    assert d.linger == 0.25 and d.retry_cap == 3600.0
+    assert d.max_request_bytes == 4 * MiB and d.max_record_bytes == 2048
+    assert d.max_line_bytes == 2048 - 256  # the default follows max_record_bytes
+
+
+# ---------------------------------------------------------------- regions and endpoints
+
+KINESIS_NO_REGION = '[[destination]]\nname = "a"\nkind = "kinesis"\nsocket = "/run/a.sock"\n'
+
+# (id, extra destination keys, environ, region, stream, endpoint)
+REGION_CASES = [
+    ("AWS_REGION", 'stream = "s"\n', {"AWS_REGION": "eu-west-1"}, "eu-west-1", "s",
+     "https://kinesis.eu-west-1.amazonaws.com"),
+    ("AWS_DEFAULT_REGION", 'stream = "s"\n', {"AWS_DEFAULT_REGION": "eu-north-1"}, "eu-north-1", "s",
+     "https://kinesis.eu-north-1.amazonaws.com"),
+    ("AWS_REGION first", 'stream = "s"\n', {"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-north-1"},
+     "eu-west-1", "s", "https://kinesis.eu-west-1.amazonaws.com"),
+    ("the file beats the environment", 'stream = "s"\nregion = "us-west-2"\n', {"AWS_REGION": "eu-west-1"},
+     "us-west-2", "s", "https://kinesis.us-west-2.amazonaws.com"),
+    ("from stream_arn", 'stream_arn = "arn:aws:kinesis:ap-south-1:123456789012:stream/app.events"\n',
+     {"AWS_REGION": "eu-west-1"}, "ap-south-1", "app.events", "https://kinesis.ap-south-1.amazonaws.com"),
+    ("china", 'stream_arn = "arn:aws-cn:kinesis:cn-north-1:123456789012:stream/s"\n', {}, "cn-north-1", "s",
+     "https://kinesis.cn-north-1.amazonaws.com.cn"),
+    ("endpoint_url kept, trailing slash dropped", 'stream = "s"\nendpoint_url = "http://127.0.0.1:4566/"\n',
+     {"AWS_REGION": "us-east-1"}, "us-east-1", "s", "http://127.0.0.1:4566"),
+]
+
+
+@pytest.mark.parametrize(("extra", "environ", "region", "stream", "endpoint"), [c[1:] for c in REGION_CASES],
+                         ids=[c[0] for c in REGION_CASES])
+def test_region(tmp_path: Path, extra: str, environ: dict[str, str], region: str, stream: str,
+                endpoint: str) -> None:
+    d = only(tmp_path, KINESIS_NO_REGION + extra, environ)
+    assert (d.region, d.stream, d.endpoint_url) == (region, stream, endpoint)
+
+
+def test_stream_arn_kept(tmp_path: Path) -> None:
+    arn = "arn:aws:kinesis:ap-south-1:123456789012:stream/s1"
+    d = only(tmp_path, KINESIS_NO_REGION + f'stream_arn = "{arn}"\n')
+    assert d.stream_arn == arn
+
+
+def test_no_region_anywhere(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        only(tmp_path, KINESIS_NO_REGION + 'stream = "s"\n')
+    assert str(tmp_path / "spoold.toml") in str(info.value)
+    assert 'destination "a": region: required' in str(info.value)
+
+
+# (id, destination keys after kind/socket, stream, region)
+YDS_CASES = [
+    ("composed", 'folder = "b1g"\ndatabase = "etn"\nstream = "events"\n', "/ru-central1/b1g/etn/events",
+     "ru-central1"),
+    ("full path kept", 'stream = "/ru-central1/b1g/etn/events"\n', "/ru-central1/b1g/etn/events", "ru-central1"),
+]
+
+
+@pytest.mark.parametrize(("keys", "stream", "region"), [c[1:] for c in YDS_CASES], ids=[c[0] for c in YDS_CASES])
+def test_yds(tmp_path: Path, keys: str, stream: str, region: str) -> None:
+    d = only(tmp_path, '[[destination]]\nname = "y"\nkind = "yds"\nsocket = "/run/y.sock"\n' + keys,
+             {"AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "eu-west-1"})
+    assert (d.stream, d.region) == (stream, region)
+    assert d.endpoint_url == "https://yds.serverless.yandexcloud.net"
+
+
+# ---------------------------------------------------------------- invalid configs
+
+DUP = KINESIS.replace('socket = "/run/a.sock"', 'socket = "/run/b.sock"')
+
+# (id, file text, texts the message must contain besides the file name)
+INVALID = [
+    ("unknown top-level key", "colour = 1\n" + SPOOL + KINESIS, ["colour: unknown key"]),
+    ("unknown [spool] key", SPOOL + "colour = 1\n" + KINESIS, ["[spool].colour: unknown key"]),
+    ("unknown destination key", SPOOL + KINESIS + 'colour = "red"\n', ["destination[0].colour: unknown key"]),
+    ("misspelt required key", SPOOL + KINESIS.replace("region", "regoin"), ["destination[0].regoin: unknown key"]),
+    ("misspelt spool path", SPOOL.replace("path", "pth") + KINESIS, ["[spool].pth: unknown key"]),
+    ("unknown key in a later destination", SPOOL + KINESIS + FIREHOSE + "strem = 1\n",
+     ["destination[1].strem: unknown key"]),
+    ("missing [spool]", KINESIS, ["[spool]", "missing"]),
+    ("missing path", "[spool]\nsynchronous = \"full\"\n" + KINESIS, ["[spool].path: required"]),
+    ("bad synchronous", SPOOL + 'synchronous = "sometimes"\n' + KINESIS, ["[spool].synchronous"]),
+    ("no destinations", SPOOL, ["[[destination]]", "at least one"]),
+    ("destination not an array", SPOOL + '[destination]\nname = "a"\n', ["destination", "[[destination]]"]),
+    ("bad name chars", SPOOL + KINESIS.replace('name = "a"', 'name = "a b"'), ["destination[0].name"]),
+    ("duplicate names", SPOOL + KINESIS + DUP, ['destination[1].name: "a"']),
+    ("duplicate sockets", SPOOL + KINESIS + KINESIS.replace('name = "a"', 'name = "b"'),
+     ['destination "b": socket']),
+    ("socket is the spool", SPOOL + KINESIS.replace("/run/a.sock", "/var/lib/spoold/spool.db"),
+     ['destination "a": socket']),
+    ("unknown kind", SPOOL + KINESIS.replace('"kinesis"', '"sqs"'), ['destination "a": kind']),
+    ("missing kind", SPOOL + KINESIS.replace('kind = "kinesis"\n', ""), ['destination "a": kind: required']),
+    ("missing socket", SPOOL + KINESIS.replace('socket = "/run/a.sock"\n', ""), ['destination "a": socket: required']),
+    ("firehose with folder", SPOOL + FIREHOSE + 'folder = "x"\n', ['destination "f": folder', "yds"]),
+    ("firehose with partition_key_field", SPOOL + FIREHOSE + 'partition_key_field = "u"\n',
+     ['destination "f": partition_key_field']),
+    ("yds without folder", SPOOL + YDS.replace('folder = "fo"\n', ""), ['destination "y": folder: required']),
+    ("yds without database", SPOOL + YDS.replace('database = "db"\n', ""), ['destination "y": database: required']),
+    ("yds full path and folder", SPOOL + YDS.replace('stream = "s"', 'stream = "/ru-central1/fo/db/s"'),
+     ['destination "y": folder']),
+    ("yds with stream_arn", SPOOL + YDS + 'stream_arn = "arn:aws:kinesis:us-east-1:123456789012:stream/s"\n',
+     ['destination "y": stream_arn']),
+    ("kinesis with delimiter", SPOOL + KINESIS + 'delimiter = "\\n"\n', ['destination "a": delimiter', "firehose"]),
+    ("kinesis with pack_lines", SPOOL + KINESIS + "pack_lines = true\n", ['destination "a": pack_lines']),
+    ("kinesis without stream", SPOOL + KINESIS.replace('stream = "s"\n', ""), ['destination "a": stream: required']),
+    ("stream and stream_arn", SPOOL + KINESIS + 'stream_arn = "arn:aws:kinesis:us-east-1:123456789012:stream/s"\n',
+     ['destination "a": stream_arn', "not both"]),
+    ("bad stream_arn", SPOOL + KINESIS.replace('stream = "s"', 'stream_arn = "arn:aws:sqs:us-east-1:1:q"'),
+     ['destination "a": stream_arn']),
+    ("bad duration", SPOOL + KINESIS + 'linger = "fast"\n', ['destination "a": linger']),
+    ("duration out of range", SPOOL + KINESIS + 'linger = "2m"\n', ['destination "a": linger']),
+    ("bad daemon duration", SPOOL + "[daemon]\nshutdown_grace = \"soon\"\n" + KINESIS, ["[daemon].shutdown_grace"]),
+    ("bad size", SPOOL + KINESIS + 'max_record_bytes = "4 parsecs"\n', ['destination "a": max_record_bytes']),
+    ("max_in_flight 0", SPOOL + KINESIS + "max_in_flight = 0\n", ['destination "a": max_in_flight']),
+    ("max_in_flight not an integer", SPOOL + KINESIS + 'max_in_flight = "4"\n', ['destination "a": max_in_flight']),
+    ("max_records_per_request 501", SPOOL + KINESIS + "max_records_per_request = 501\n",
+     ['destination "a": max_records_per_request']),
+    ("max_line_bytes too large", SPOOL + KINESIS + 'max_line_bytes = "1MiB"\n', ['destination "a": max_line_bytes']),
+    ("max_line_bytes too large for firehose", SPOOL + FIREHOSE + "max_line_bytes = 1024000\n",
+     ['destination "f": max_line_bytes']),
+    ("firehose delimiter as long as a record",
+     SPOOL + FIREHOSE + f'max_record_bytes = 1024\ndelimiter = "{"-" * 1024}"\n', ['destination "f": delimiter']),
+    ("max_request_bytes below max_record_bytes", SPOOL + KINESIS + 'max_request_bytes = "512KiB"\n',
+     ['destination "a": max_request_bytes']),
+    ("bad socket_mode", SPOOL + KINESIS + 'socket_mode = "rw-rw----"\n', ['destination "a": socket_mode']),
+    ("socket_mode as a number", SPOOL + KINESIS + "socket_mode = 660\n", ['destination "a": socket_mode']),
+    ("bad explicit_hash_key", SPOOL + KINESIS + f'explicit_hash_key = "{2**128}"\n',
+     ['destination "a": explicit_hash_key']),
+    ("ordered with kpl", SPOOL + KINESIS + 'ordered = true\naggregation = "kpl"\n', ['destination "a": aggregation']),
+    ("bad endpoint_url", SPOOL + KINESIS + 'endpoint_url = "kinesis.local"\n', ['destination "a": endpoint_url']),
+    ("bad metrics listen", SPOOL + '[metrics]\nlisten = "9464"\n' + KINESIS, ["[metrics].listen"]),
+    ("invalid TOML", SPOOL + KINESIS + "linger 5\n", ["invalid TOML", "line 9"]),
+    ("not UTF-8", (SPOOL + KINESIS).encode() + b'# caf\xe9\n', ["UTF-8"]),
+]
+
+
+@pytest.mark.parametrize(("text", "wanted"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_config(tmp_path: Path, text: str | bytes, wanted: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text, {"AWS_REGION": "us-east-1"})
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'spoold.toml'}: ")
+    for part in wanted:
+        assert part in message
+    assert "\n" not in message.strip()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path / "nope.toml", {})
+    assert str(tmp_path / "nope.toml") in str(info.value)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def spoold(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = str(cwd / "no-aws-files")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this checkout
+    return subprocess.run([sys.executable, "-m", "spoold", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_cli_check_config_valid(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(SPOOL + KINESIS)
+    proc = spoold("check-config", "--config", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout and "a: kinesis" in proc.stdout
+
+
+def test_cli_check_config_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(SPOOL + KINESIS + "max_in_flight = 0\n")
+    proc = spoold("check-config", "--config", str(path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "max_in_flight" in proc.stderr and str(path) in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(["check-config", "--config", "missing.toml"], id="missing file"),
+    pytest.param([], id="no arguments"),
+    pytest.param(["send", "--socket", "/nonexistent"], id="send to no socket"),
+])
+def test_cli_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
+    proc = spoold(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip()
+    assert "Traceback" not in proc.stderr
