@@ -149,9 +149,10 @@ class Encoder:
         # Random keys are drawn for the whole chunk at once: one call instead of one per line.
         width = RANDOM_KEY_HEX
         keys = self._rng.randbytes(width // 2 * len(chunk.lines)).hex()
+        one = [(chunk, 1)]  # shared: refs are only read
         for i, line in enumerate(chunk.lines):
             key = (field and partition_key_from_json(line, field)) or keys[i * width:(i + 1) * width]
-            yield Entry(line, key, [(chunk, 1)], 1, created, ehk)
+            yield Entry(line, key, one, 1, created, ehk)
 
     def _aggregated(self, chunk: Chunk) -> Iterator[Entry]:
         # KPL aggregation. Every sub-record of one aggregate must hash into the shard that
