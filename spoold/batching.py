@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -122,6 +123,7 @@ class Encoder:
         self.aggregation = aggregation
         # Set by the flusher from ListShards/DescribeStream; None groups keyed lines by key.
         self.shard_map: ShardMap | None = None
+        self._open: _OpenAggregate | None = None
         self._rng = rng or random.Random()
 
     def random_key(self) -> str:
@@ -196,19 +198,47 @@ class Encoder:
             yield self._aggregate_entry(chunk, builder, lines)
 
     def _aggregated_unkeyed(self, chunk: Chunk) -> Iterator[Entry]:
-        # Every line shares the aggregate's own random key (or the configured hash key).
+        # Every line shares the aggregate's own random key (or the configured hash key). The
+        # last aggregate stays open across rows, so aggregates fill up to the record limit
+        # rather than to the size of one commit; flush() closes it (the flusher calls it
+        # once it has waited linger for more lines).
         lines = chunk.lines
-        ehk = self.explicit_hash_key
         i = 0
         while i < len(lines):
-            builder = AggregateBuilder(self.max_record_bytes, self.random_key(), ehk)
-            n = builder.extend(lines, i)
-            if n == 0:  # too big to aggregate (the framing costs ~30 bytes): send it plain
-                yield Entry(lines[i], builder.partition_key, [(chunk, 1)], 1, chunk.created, ehk)
-                i += 1
-            else:
-                yield self._aggregate_entry(chunk, builder, lines[i:i + n])
+            agg = self._open
+            if agg is None:
+                builder = AggregateBuilder(self.max_record_bytes, self.random_key(), self.explicit_hash_key)
+                agg = self._open = _OpenAggregate(builder, chunk.created)
+            n = agg.builder.extend(lines, i)
+            if n:
+                agg.lines.extend(lines[i:i + n])
+                agg.refs.append((chunk, n))
                 i += n
+            if i < len(lines):
+                if len(agg.builder):
+                    yield self._close_open()  # full
+                else:  # too big to aggregate (the framing costs ~30 bytes): send it plain
+                    yield Entry(lines[i], agg.builder.partition_key, [(chunk, 1)], 1, chunk.created,
+                                self.explicit_hash_key)
+                    i += 1
+
+    @property
+    def open_since(self) -> float | None:
+        """When the open aggregate was started (trio clock), or None when there is none."""
+        return self._open.opened if self._open is not None and len(self._open.builder) else None
+
+    def flush(self) -> list[Entry]:
+        """Close the open aggregate, if it holds anything."""
+        if self._open is None or not len(self._open.builder):
+            return []
+        return [self._close_open()]
+
+    def _close_open(self) -> Entry:
+        agg = self._open
+        assert agg is not None
+        self._open = None
+        b = agg.builder
+        return Entry(b.build(), b.partition_key, agg.refs, len(agg.lines), agg.created, b.explicit_hash_key, agg.lines)
 
     @staticmethod
     def _aggregate_entry(chunk: Chunk, builder: AggregateBuilder, lines: list[bytes]) -> Entry:
@@ -233,6 +263,19 @@ class Encoder:
         if parts:
             yield Entry(delim.join(parts) + delim, "", [(chunk, len(parts))], len(parts), chunk.created,
                         lines=parts)
+
+
+class _OpenAggregate:
+    """An aggregate still filling, possibly from several rows."""
+
+    __slots__ = ("builder", "lines", "refs", "created", "opened")
+
+    def __init__(self, builder: AggregateBuilder, created: float) -> None:
+        self.builder = builder
+        self.lines: list[bytes] = []
+        self.refs: list[tuple[Chunk, int]] = []
+        self.created = created
+        self.opened = time.monotonic()
 
 
 def take_batch(

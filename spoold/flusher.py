@@ -161,6 +161,13 @@ class Flusher:
             self._fresh_bytes += sum(e.size for e in got)
             if len(got) < step:
                 self._to_encode.popleft()
+        since = self.encoder.open_since
+        if since is not None and not self._to_encode and len(self.fresh) < target and (
+            self.draining or time.monotonic() - since >= self.dest.linger
+        ):
+            for entry in self.encoder.flush():  # an aggregate that waited linger for more lines
+                self.fresh.append(entry)
+                self._fresh_bytes += entry.size
         if self.fresh and self._fresh_since is None:
             self._fresh_since = trio.current_time()
 
@@ -236,6 +243,9 @@ class Flusher:
                 deadline = self._retry[0][0]
             if self.fresh and self._fresh_since is not None:
                 deadline = min(deadline, self._fresh_since + d.linger)
+            since = self.encoder.open_since
+            if since is not None:
+                deadline = min(deadline, now + max(0.0, since + d.linger - time.monotonic()))
             if not self.caught_up and self.leased_bytes < LEASE_BYTES:
                 deadline = now  # more rows to read
             with trio.move_on_at(deadline):

@@ -287,3 +287,22 @@ def test_non_ascii_partition_key_counts_bytes_and_fits_the_room() -> None:
     (entry,) = list(enc.entries(Chunk(1, 0.0, [line], len(line) + 1)))
     assert len(entry.key.encode()) <= 256 and entry.key == key[:128]
     assert entry.size == len(line) + len(entry.key.encode())
+
+
+def test_kpl_aggregate_spans_rows_until_full_or_flushed() -> None:
+    from spoold.batching import Chunk, Encoder
+
+    enc = Encoder("kinesis", max_record_bytes=1200, aggregation="kpl")
+    a = Chunk(1, 10.0, [b"a%02d" % i + b"x" * 80 for i in range(10)], 0)
+    b = Chunk(2, 11.0, [b"b%02d" % i + b"x" * 80 for i in range(10)], 0)
+    assert list(enc.entries(a)) == [] and enc.open_since is not None  # still filling
+    closed = list(enc.entries(b))  # 20 lines of ~90 bytes do not fit 1200 bytes: one closes
+    assert len(closed) == 1
+    first = closed[0]
+    assert [c.id for c, _ in first.refs] == [1, 2], "the aggregate holds lines of both rows"
+    assert first.created == 10.0 and first.nlines == sum(n for _, n in first.refs)
+    assert first.size <= 1200
+    rest = enc.flush()
+    assert len(rest) == 1 and enc.open_since is None and enc.flush() == []
+    assert first.lines + rest[0].lines == a.lines + b.lines
+    assert sum(n for e in (first, rest[0]) for _, n in e.refs) == 20
