@@ -11,7 +11,7 @@ It also owns the spool's size accounting and the ``when_full`` policy.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import structlog
@@ -76,6 +76,7 @@ class Committer:
         stats: dict[str, DestStats],
         on_rows: Callable[[list[tuple[int, str, list[bytes], int]], float], None],
         cursor_of: Cursors,
+        destinations: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.spool = spool
         self.worker = worker
@@ -83,6 +84,7 @@ class Committer:
         self.stats = stats
         self.on_rows = on_rows
         self.cursor_of = cursor_of
+        self.destinations = destinations or (lambda: list(self.stats))
         self.total_bytes = sum(s.bytes for s in stats.values())
         self.dropped: dict[str, int] = {}
         self.expired: dict[str, int] = {}
@@ -91,8 +93,12 @@ class Committer:
         self.last_error = ""
         self._pending: list[tuple[str, Ticket]] = []
         self._pending_bytes = 0
+        # Bytes of the commit on the writer thread now: no longer pending, not yet in total_bytes.
+        self._committing_bytes = 0
+        self._rows_lock = trio.Lock()
         self._deletes: list[tuple[int, str, int, int]] = []
         self._wake = trio.Event()
+        self._lines_waiting = trio.Event()
         self._space = trio.Event()
         self._log = RateLimitedLog()
         self._closed = False
@@ -104,27 +110,40 @@ class Committer:
         ticket = Ticket(lines, nbytes)
         while not self._closed and (
             self._pending_bytes > MAX_PENDING_BYTES
-            or (self.cfg.when_full == "block" and self._full(nbytes))
+            or (self.cfg.when_full == "block" and self._full(dest, nbytes))
         ):
             await self._wait_for_space()
         if self._closed:
             self._reject(ticket, "shutting down")
             return ticket
-        if self._full(nbytes):
+        if self._full(dest, nbytes):
             if self.cfg.when_full == "reject":
                 self.rejected_full += len(lines)
                 self._log("spool_full_rejected", len(lines), max_bytes=self.cfg.max_bytes)
                 self._reject(ticket, "spool full")
                 return ticket
             if self.cfg.when_full == "drop_oldest":
-                await self._drop_oldest(nbytes)
+                await self._drop_oldest(dest, nbytes)
         self._pending.append((dest, ticket))
         self._pending_bytes += nbytes
         self._wake.set()
+        self._lines_waiting.set()
         return ticket
 
-    def _full(self, nbytes: int) -> bool:
-        return self.total_bytes + self._pending_bytes + nbytes > self.cfg.max_bytes
+    def _full(self, dest: str, nbytes: int) -> bool:
+        """Would ``nbytes`` more for ``dest`` overfill the spool? Each configured destination
+        keeps an equal share of max_bytes reserved while it uses less than that share, so a
+        destination that is down fills at most the rest and never blocks the others' writers."""
+        in_memory = self._pending_bytes + self._committing_bytes
+        return self.total_bytes + in_memory + nbytes + self._reserved_for_others(dest) > self.cfg.max_bytes
+
+    def _reserved_for_others(self, dest: str) -> int:
+        names = [n for n in self.destinations()]
+        if len(names) < 2:
+            return 0
+        share = self.cfg.max_bytes // len(names)
+        stats = self.stats
+        return sum(max(0, share - (stats[n].bytes if n in stats else 0)) for n in names if n != dest)
 
     async def _wait_for_space(self) -> None:
         if self._space.is_set():
@@ -150,15 +169,19 @@ class Committer:
             await self._wake.wait()
             self._wake = trio.Event()
             if not self._pending:
-                await trio.sleep(DELETE_LINGER)  # let deletes gather
+                # Only deletes: let more gather, but never make new lines wait for them.
+                self._lines_waiting = trio.Event()
+                with trio.move_on_after(DELETE_LINGER):
+                    await self._lines_waiting.wait()
             await self.commit_once()
 
     async def commit_once(self) -> None:
         pending, self._pending = self._pending, []
         deletes, self._deletes = self._deletes, []
-        self._pending_bytes = 0
+        committing, self._pending_bytes = self._pending_bytes, 0
         if not pending and not deletes:
             return
+        self._committing_bytes += committing
         grouped: dict[str, list[bytes]] = {}
         sizes: dict[str, int] = {}
         for dest, ticket in pending:
@@ -166,31 +189,39 @@ class Committer:
             sizes[dest] = sizes.get(dest, 0) + ticket.nbytes
         appends = [(d, lines, sizes[d]) for d, lines in grouped.items()]
         now = time.time()
-        try:
-            made = await self.worker.run(self.spool.commit, appends, [d[0] for d in deletes], now)
-        except SpoolError as exc:
+        # Held until the new rows are offered: a drop that ran in between would go by cursors
+        # that do not know of them yet, and delete rows that a flusher is about to lease.
+        async with self._rows_lock:
+            try:
+                made = await self.worker.run(self.spool.commit, appends, [d[0] for d in deletes], now)
+            except SpoolError as exc:
+                failed: SpoolError | None = exc
+            else:
+                failed = None
+                self._committing_bytes -= committing
+                for _row_id, dest, lines, nbytes in deletes:
+                    self._account(dest, -1, -lines, -nbytes)
+                for _row_id, dest, lines_, nbytes in made:
+                    self._account(dest, 1, len(lines_), nbytes)
+                for _, ticket in pending:
+                    ticket.accepted = len(ticket.lines)
+                    ticket.done.set()
+                self._space.set()
+                if made:
+                    self.on_rows(made, now)
+        if failed is not None:
+            self._committing_bytes -= committing
             self.write_errors += 1
-            self.last_error = str(exc)
+            self.last_error = str(failed)
             self._deletes[:0] = deletes  # those rows are still there; try again next time
             n = sum(len(t.lines) for _, t in pending)
-            self._log("spool_write_failed", n, level="error", error=str(exc))
+            self._log("spool_write_failed", n, level="error", error=str(failed))
             for _, ticket in pending:
-                self._reject(ticket, f"spool write failed: {exc}")
+                self._reject(ticket, f"spool write failed: {failed}")
             self._space.set()
             if deletes and not pending:
                 await trio.sleep(1.0)  # a failing disk: do not spin on the deletes
                 self._wake.set()
-            return
-        for _row_id, dest, lines, nbytes in deletes:
-            self._account(dest, -1, -lines, -nbytes)
-        for _row_id, dest, lines_, nbytes in made:
-            self._account(dest, 1, len(lines_), nbytes)
-        for _, ticket in pending:
-            ticket.accepted = len(ticket.lines)
-            ticket.done.set()
-        self._space.set()
-        if made:
-            self.on_rows(made, now)
 
     def account_rows(self, dest: str, rows: int, lines: int, nbytes: int) -> None:
         """Rows written outside a commit of ours (dead-letter replay)."""
@@ -203,14 +234,15 @@ class Committer:
         s.bytes += nbytes
         self.total_bytes += nbytes
 
-    async def _drop_oldest(self, need: int) -> None:
-        # Drops whole rows, oldest first, that no flusher has loaded (loaded rows are being sent).
-        while self._full(need):
-            candidates = [(self.cursor_of(d), d) for d, s in self.stats.items() if s.rows]
+    async def _drop_oldest(self, dest: str, need: int) -> None:
+        # Drops whole rows, oldest first, that no flusher has loaded (loaded rows are being
+        # sent), from the destinations holding the most first: usually the one that is down.
+        while self._full(dest, need):
+            candidates = sorted((d for d, s in self.stats.items() if s.rows), key=lambda d: -self.stats[d].bytes)
             best: list[tuple[int, str, int, int]] = []
-            for cursor, dest in candidates:
+            for dest in candidates:
                 try:
-                    rows = await self.worker.run(self.spool.drop, dest, cursor, None, 1)
+                    rows = await self._drop(dest, None, 1)
                 except SpoolError as exc:
                     self._log("spool_drop_failed", 0, level="error", error=str(exc))
                     return
@@ -224,11 +256,16 @@ class Committer:
                 self.dropped[dest] = self.dropped.get(dest, 0) + lines
                 self._log("spool_full_dropped_oldest", lines, dest=dest, max_bytes=self.cfg.max_bytes)
 
+    async def _drop(self, dest: str, older_than: float | None, limit_rows: int) -> list[tuple[int, int, int]]:
+        # The cursor is read under the lock, once every committed row has been offered.
+        async with self._rows_lock:
+            return await self.worker.run(self.spool.drop, dest, self.cursor_of(dest), older_than, limit_rows)
+
     async def expire(self, dest: str, cutoff: float) -> int:
         """Drop rows of ``dest`` older than ``cutoff`` that no flusher holds; returns lines."""
         total = 0
         while True:
-            rows = await self.worker.run(self.spool.drop, dest, self.cursor_of(dest), cutoff, DROP_BATCH_ROWS)
+            rows = await self._drop(dest, cutoff, DROP_BATCH_ROWS)
             for _, lines, nbytes in rows:
                 self._account(dest, -1, -lines, -nbytes)
                 total += lines

@@ -124,7 +124,7 @@ class Daemon:
                           kept_for_unknown_destination=dest not in known)
                 self._take_activated_sockets()
                 self.committer = Committer(self.spool, self.writer, self.cfg.spool, stats,
-                                           self._on_rows, self._cursor_of)
+                                           self._on_rows, self._cursor_of, lambda: self.dests.keys())
                 await self._serve(signals, task_status)
             finally:
                 with trio.CancelScope(shield=True):

@@ -148,6 +148,11 @@ class Spool:
         self.synchronous = synchronous
         self._w: sqlite3.Connection | None = None
         self._r: sqlite3.Connection | None = None
+        # The highest row id the last read of each destination returned: a flusher is leasing
+        # those rows though its cursor may not show it yet, so a drop must not delete them. The
+        # lock makes a read and a drop (through its COMMIT) happen one after the other.
+        self._read_high: dict[str, int] = {}
+        self._read_drop_lock = threading.Lock()
 
     # -- opening ------------------------------------------------------------------------
     def open_writer(self) -> dict[str, DestStats]:
@@ -312,7 +317,8 @@ class Spool:
 
     def drop(self, dest: str, above: int, older_than: float | None, limit_rows: int) -> list[tuple[int, int, int]]:
         """Delete up to ``limit_rows`` oldest rows of ``dest`` with id > ``above`` (and created
-        before ``older_than`` when given). Returns (id, lines, bytes) of each row deleted."""
+        before ``older_than`` when given), never one the last read returned (a flusher is leasing
+        those). Returns (id, lines, bytes) of each row deleted."""
         sql = "SELECT id, lines, bytes FROM chunks WHERE dest = ? AND id > ?"
         args: list[Any] = [dest, above]
         if older_than is not None:
@@ -326,7 +332,9 @@ class Spool:
             conn.executemany("DELETE FROM chunks WHERE id = ?", ((r[0],) for r in rows))
             return [(int(a), int(b), int(c)) for a, b, c in rows]
 
-        return self._transaction("dropping rows", work)
+        with self._read_drop_lock:
+            args[1] = max(above, self._read_high.get(dest, 0))
+            return self._transaction("dropping rows", work)
 
     def _transaction(self, doing: str, work: Callable[[sqlite3.Connection], T]) -> T:
         assert self._w is not None
@@ -394,16 +402,19 @@ class Spool:
         out: list[Row] = []
         total = 0
         try:
-            cur = self._r.execute(
-                "SELECT id, created, bytes, data FROM chunks WHERE dest = ? AND id > ? ORDER BY id LIMIT ?",
-                (dest, above, READ_MAX_ROWS),
-            )
-            for id_, created, nbytes, data in cur:
-                out.append(Row(id_, dest, created, bytes(data).split(b"\n"), nbytes))
-                total += nbytes
-                if total >= max_bytes:
-                    break
-            cur.close()
+            with self._read_drop_lock:
+                cur = self._r.execute(
+                    "SELECT id, created, bytes, data FROM chunks WHERE dest = ? AND id > ? ORDER BY id LIMIT ?",
+                    (dest, above, READ_MAX_ROWS),
+                )
+                for id_, created, nbytes, data in cur:
+                    out.append(Row(id_, dest, created, bytes(data).split(b"\n"), nbytes))
+                    total += nbytes
+                    if total >= max_bytes:
+                        break
+                cur.close()
+                # A flusher's reads go up with its cursor; a lower one is a new flusher's (reload).
+                self._read_high[dest] = out[-1].id if out else above
         except sqlite3.Error as exc:
             raise _translate(exc, self.path, "reading the spool") from exc
         return out
