@@ -221,7 +221,8 @@ class Flusher:
             self._encode_ahead()
             waiting = len(self._due) + len(self.fresh)
             if waiting:
-                full = waiting >= d.max_records_per_request or self._to_encode
+                full = (waiting >= d.max_records_per_request or self._to_encode
+                        or self._fresh_bytes >= d.max_request_bytes)
                 lingered = self._fresh_since is None or now - self._fresh_since >= d.linger
                 if full or lingered or self.draining or self._due:
                     if d.ordered:

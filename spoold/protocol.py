@@ -19,6 +19,9 @@ from spoold.errors import FatalSendError, RetryableSendError, SendError
 
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
 KINESIS_PREFIX = "Kinesis_20131202."
+# Batches of at most this many records are joined by hand: they are few and large (aggregates,
+# packed lines), where a serializer's growing buffer would cost more memory than it saves time.
+LARGE_RECORDS_BATCH = 16
 FIREHOSE_PREFIX = "Firehose_20150804."
 
 # Whole-request errors that an operator must fix; retrying alone cannot (records stay spooled).
@@ -61,6 +64,20 @@ class Api:
     def body(self, batch: list[Entry]) -> bytes:
         """The request body for ``batch``, built once so the signed bytes are the sent bytes."""
         b64 = base64.b64encode
+        if len(batch) <= LARGE_RECORDS_BATCH:
+            # A few large records (aggregates, packed lines): one join, no serializer buffers.
+            stream = _dumps(self.stream)
+            parts = [b'{"' + self.stream_field.encode() + b'":' + stream + b',"Records":[']
+            for i, e in enumerate(batch):
+                parts.append(b'{"Data":"' if i == 0 else b'},{"Data":"')
+                parts.append(b64(e.data))
+                parts.append(b'"')
+                if not self.firehose:
+                    parts.append(b',"PartitionKey":' + _dumps(e.key))
+                    if e.hash_key:
+                        parts.append(b',"ExplicitHashKey":' + _dumps(e.hash_key))
+            parts.append(b"}]}" if batch else b"]}")
+            return b"".join(parts)
         records: list[dict[str, str]]
         if self.firehose:
             records = [{"Data": b64(e.data).decode()} for e in batch]
