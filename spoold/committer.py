@@ -240,21 +240,21 @@ class Committer:
         while self._full(dest, need):
             candidates = sorted((d for d, s in self.stats.items() if s.rows), key=lambda d: -self.stats[d].bytes)
             best: list[tuple[int, str, int, int]] = []
-            for dest in candidates:
+            for victim in candidates:
                 try:
-                    rows = await self._drop(dest, None, 1)
+                    rows = await self._drop(victim, None, 1)
                 except SpoolError as exc:
                     self._log("spool_drop_failed", 0, level="error", error=str(exc))
                     return
-                best.extend((r[0], dest, r[1], r[2]) for r in rows)
+                best.extend((r[0], victim, r[1], r[2]) for r in rows)
                 if rows:
                     break
             if not best:
                 return  # everything left is in flight; the caller stores over the limit
-            for _row_id, dest, lines, nbytes in best:
-                self._account(dest, -1, -lines, -nbytes)
-                self.dropped[dest] = self.dropped.get(dest, 0) + lines
-                self._log("spool_full_dropped_oldest", lines, dest=dest, max_bytes=self.cfg.max_bytes)
+            for _row_id, victim, lines, nbytes in best:
+                self._account(victim, -1, -lines, -nbytes)
+                self.dropped[victim] = self.dropped.get(victim, 0) + lines
+                self._log("spool_full_dropped_oldest", lines, dest=victim, max_bytes=self.cfg.max_bytes)
 
     async def _drop(self, dest: str, older_than: float | None, limit_rows: int) -> list[tuple[int, int, int]]:
         # The cursor is read under the lock, once every committed row has been offered.

@@ -196,6 +196,7 @@ def test_socket_activation_by_name(make_daemon, fake_aws, tmp_path):
 
 def test_socket_and_spool_permissions(make_daemon, fake_aws):
     daemon = make_daemon({"endpoint_url": fake_aws.url, "socket_mode": "0620"}).start()
+    wait_until((daemon.tmp / "control.sock").exists, what="the control socket")
     assert os.stat(daemon.sockets()[0]).st_mode & 0o777 == 0o620
     assert os.stat(daemon.tmp / "spool.db").st_mode & 0o777 == 0o600
     assert os.stat(daemon.tmp / "control.sock").st_mode & 0o777 == 0o600
