@@ -233,6 +233,10 @@ class Encoder:
             return []
         return [self._close_open()]
 
+    def discard_open(self) -> None:
+        """Forget the open aggregate (its rows were given back to the spool)."""
+        self._open = None
+
     def _close_open(self) -> Entry:
         agg = self._open
         assert agg is not None

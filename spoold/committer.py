@@ -11,7 +11,7 @@ It also owns the spool's size accounting and the ``when_full`` policy.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 import structlog
@@ -77,6 +77,7 @@ class Committer:
         on_rows: Callable[[list[tuple[int, str, list[bytes], int]], float], None],
         cursor_of: Cursors,
         destinations: Callable[[], Iterable[str]] | None = None,
+        release: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.spool = spool
         self.worker = worker
@@ -85,6 +86,7 @@ class Committer:
         self.on_rows = on_rows
         self.cursor_of = cursor_of
         self.destinations = destinations or (lambda: list(self.stats))
+        self.release = release
         self.total_bytes = sum(s.bytes for s in stats.values())
         self.dropped: dict[str, int] = {}
         self.expired: dict[str, int] = {}
@@ -250,6 +252,13 @@ class Committer:
                 if rows:
                     break
             if not best:
+                # The oldest rows are leased by flushers; those not sending can give them back.
+                released = False
+                if self.release is not None:
+                    for victim in candidates:
+                        released = await self.release(victim) or released
+                if released:
+                    continue
                 return  # everything left is in flight; the caller stores over the limit
             for _row_id, victim, lines, nbytes in best:
                 self._account(victim, -1, -lines, -nbytes)

@@ -106,6 +106,10 @@ class Daemon:
             if rt is not None:
                 rt.flusher.offer(row_id, lines, nbytes, created)
 
+    async def _release(self, dest: str) -> bool:
+        rt = self.dests.get(dest)
+        return await rt.flusher.release() if rt is not None else False
+
     def _cursor_of(self, dest: str) -> int:
         rt = self.dests.get(dest)
         return rt.flusher.cursor if rt is not None else 0
@@ -124,7 +128,8 @@ class Daemon:
                           kept_for_unknown_destination=dest not in known)
                 self._take_activated_sockets()
                 self.committer = Committer(self.spool, self.writer, self.cfg.spool, stats,
-                                           self._on_rows, self._cursor_of, lambda: self.dests.keys())
+                                           self._on_rows, self._cursor_of, lambda: self.dests.keys(),
+                                           self._release)
                 await self._serve(signals, task_status)
             finally:
                 with trio.CancelScope(shield=True):

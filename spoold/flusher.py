@@ -42,6 +42,8 @@ LEASE_BYTES = 12 * 1024 * 1024
 # Entries encoded ahead of the sender, in batches (records and bytes), a step at a time.
 ENCODE_AHEAD_BATCHES = 2
 ENCODE_STEP = 256
+# How often a release (spool full) checks whether the requests in flight have ended.
+RELEASE_POLL = 0.01
 # How often the shard map is refreshed (resharding), and retried after a failure.
 SHARD_MAP_REFRESH = 60.0
 SHARD_MAP_RETRY = 10.0
@@ -107,6 +109,7 @@ class Flusher:
         self._wake = trio.Event()
         self._fresh_since: float | None = None
         self.draining = False
+        self._holding = False
         self._ordered_seq: dict[str, str] = {}
         self._next_error_log = 0.0
         # Figures for status and metrics
@@ -171,6 +174,40 @@ class Flusher:
         if self.fresh and self._fresh_since is None:
             self._fresh_since = trio.current_time()
 
+    async def release(self) -> bool:
+        """Give every leased row back to the spool (when_full = "drop_oldest" needs to drop the
+        oldest rows, which are the leased ones). Only while nothing is in flight; the rows are
+        read again from disk later, so lines partly sent may be sent twice (at-least-once)."""
+        if not self.leased:
+            return False
+        self._holding = True  # start no request meanwhile
+        try:
+            with trio.move_on_after(self.dest.request_timeout + 1.0):
+                while self.in_flight:  # noqa: ASYNC110 (bounded, and only when the spool is full)
+                    await trio.sleep(RELEASE_POLL)
+            if self.in_flight:
+                return False
+            await self._release_all()
+        finally:
+            self._holding = False
+            self._wake.set()
+        return True
+
+    async def _release_all(self) -> None:
+        self.leased.clear()
+        self.leased_bytes = 0
+        self._to_encode.clear()
+        self.fresh.clear()
+        self._fresh_bytes = 0
+        self._fresh_since = None
+        self._due.clear()
+        self._retry.clear()
+        self.encoder.discard_open()
+        self.cursor = 0
+        self.caught_up = False
+        await self.reader.run(self.spool.forget_reads, self.dest.name)
+        self.log.info("leased_rows_released", reason="spool full")
+
     def drain(self) -> None:
         """Shutdown: send whatever is waiting now, without lingering."""
         self.draining = True
@@ -204,6 +241,15 @@ class Flusher:
             if self._wake.is_set():
                 self._wake = trio.Event()
             now = trio.current_time()
+            if self._holding:
+                await self._wake.wait()
+                continue
+            if now < self.blocked_until:
+                # Backing off: no reads either, so that rows wait on disk, where a full spool
+                # can drop them, rather than in memory.
+                with trio.move_on_at(self.blocked_until):
+                    await trio.sleep_forever()
+                continue
             if not self.caught_up and self.leased_bytes < LEASE_BYTES:
                 try:
                     await self._read_rows()
@@ -213,10 +259,6 @@ class Flusher:
                     self._note_error("SpoolReadError", str(exc), fatal=True)
                     await trio.sleep(1.0)
                     continue
-            if now < self.blocked_until:
-                with trio.move_on_at(self.blocked_until):
-                    await trio.sleep_forever()
-                continue
             self._collect_due(now)
             self._encode_ahead()
             waiting = len(self._due) + len(self.fresh)

@@ -420,6 +420,11 @@ class Spool:
         return out
 
 
+    def forget_reads(self, dest: str) -> None:
+        """The flusher gave back every row it had read: drops may take them again."""
+        with self._read_drop_lock:
+            self._read_high.pop(dest, None)
+
     def summary(self) -> dict[str, tuple[float | None, int]]:
         """Per destination: the oldest row's creation time and the dead-letter count."""
         assert self._r is not None
