@@ -41,7 +41,7 @@ class Chunk:
 class Entry:
     """One record to send: its exact Data, its partition key, and the lines it carries."""
 
-    __slots__ = ("data", "key", "hash_key", "refs", "nlines", "attempts", "created", "_lines")
+    __slots__ = ("data", "key", "hash_key", "refs", "nlines", "attempts", "created", "_lines", "size")
 
     def __init__(
         self,
@@ -61,17 +61,14 @@ class Entry:
         self.attempts = 0
         self.created = created
         self._lines = lines  # None when data is the line itself
+        # Bytes the service counts against its limits: data plus partition key (UTF-8).
+        self.size = len(data) + (len(key) if key.isascii() else len(key.encode()))
 
     @property
     def lines(self) -> list[bytes]:
         """The original lines this entry carries (for dead letters)."""
         return self._lines if self._lines is not None else [self.data]
 
-    @property
-    def size(self) -> int:
-        """Bytes the service counts against its limits: data plus partition key."""
-        key = self.key
-        return len(self.data) + (len(key) if key.isascii() else len(key.encode()))
 
 
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
