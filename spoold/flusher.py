@@ -296,13 +296,20 @@ class Flusher:
 
     def _collect_due(self, now: float) -> None:
         cutoff = time.time() - self.spool_cfg.max_age
+        if self._due and self._due[0].created < cutoff:  # retried as a whole batch for too long
+            kept = [e for e in self._due if not self._expire(e, cutoff)]
+            self._due = deque(kept)
         while self._retry and self._retry[0][0] <= now:
             entry = heapq.heappop(self._retry)[2]
-            if entry.created < cutoff:
-                self.committer.count_expired(self.dest.name, entry.nlines)
-                self._ack(entry, sent=False)
-            else:
+            if not self._expire(entry, cutoff):
                 self._due.append(entry)
+
+    def _expire(self, entry: Entry, cutoff: float) -> bool:
+        if entry.created >= cutoff:
+            return False
+        self.committer.count_expired(self.dest.name, entry.nlines)
+        self._ack(entry, sent=False)
+        return True
 
     # -- sending --------------------------------------------------------------------------
     async def _send(self, batch: list[Entry]) -> None:

@@ -58,3 +58,25 @@ def test_nothing_is_dead_lettered_when_every_request_fails(make_daemon, fake_aws
     assert daemon.stop() == 0
     assert _dead(daemon, "list")["dead_letters"] == []
     assert daemon.spool_rows() > 0
+
+
+def test_lines_older_than_max_age_are_dropped_and_counted(make_daemon, fake_aws):
+    # The endpoint is down for longer than max_age: the lines expire, are counted in status and
+    # logged, and never arrive afterwards. Nothing is dropped silently.
+    fake_aws.faults.down = True
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "50ms", "retry_cap": "200ms"},
+                         spool={"max_age": "1s"}).start()
+    assert send_lines(daemon.sockets()[0], b"\n".join(b"old-%d" % i for i in range(100)))["accepted"] == 100
+
+    def expired() -> int:
+        out = subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config), "--json"],
+                             capture_output=True, text=True, env=daemon.env, timeout=60)
+        return int(json.loads(out.stdout)["destinations"]["d0"]["expired"])
+
+    wait_until(lambda: expired() == 100, what="100 expired lines in status")
+    wait_until(lambda: daemon.spool_rows() == 0, what="the expired rows to leave the spool")
+    assert any(e.get("event") == "lines_expired" for e in daemon.log_events())
+    fake_aws.faults.down = False
+    assert send_lines(daemon.sockets()[0], b"fresh\n")["accepted"] == 1
+    wait_until(lambda: [r.data for r in fake_aws.all_records()] == [b"fresh"], what="only the fresh line")
+    daemon.stop()
