@@ -92,7 +92,10 @@ def partition_key_from_json(line: bytes, field: str) -> str | None:
         return None
     key = value if isinstance(value, str) else json.dumps(value)
     if not key.isascii():  # at most 256 characters, and at most 256 UTF-8 bytes (the room kept for it)
-        key = key.encode()[:MAX_PARTITION_KEY].decode("utf-8", "ignore")
+        try:
+            key = key.encode()[:MAX_PARTITION_KEY].decode("utf-8", "ignore")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") cannot be a key: random instead
+            return None
     return key[:MAX_PARTITION_KEY] or None
 
 

@@ -201,8 +201,10 @@ class Committer:
             else:
                 failed = None
                 self._committing_bytes -= committing
-                for _row_id, dest, lines, nbytes in deletes:
-                    self._account(dest, -1, -lines, -nbytes)
+                gone = self.spool.last_deleted
+                for row_id, dest, lines, nbytes in deletes:
+                    if row_id in gone:  # not already dropped or expired
+                        self._account(dest, -1, -lines, -nbytes)
                 for _row_id, dest, lines_, nbytes in made:
                     self._account(dest, 1, len(lines_), nbytes)
                 for _, ticket in pending:
@@ -268,7 +270,8 @@ class Committer:
     async def _drop(self, dest: str, older_than: float | None, limit_rows: int) -> list[tuple[int, int, int]]:
         # The cursor is read under the lock, once every committed row has been offered.
         async with self._rows_lock:
-            return await self.worker.run(self.spool.drop, dest, self.cursor_of(dest), older_than, limit_rows)
+            spare = frozenset(d[0] for d in self._deletes if d[1] == dest)
+            return await self.worker.run(self.spool.drop, dest, self.cursor_of(dest), older_than, limit_rows, spare)
 
     async def expire(self, dest: str, cutoff: float) -> int:
         """Drop rows of ``dest`` older than ``cutoff`` that no flusher holds; returns lines."""

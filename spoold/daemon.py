@@ -285,8 +285,9 @@ class Daemon:
         for name, dest in old.items():
             if wanted.get(name) == dest:
                 continue
-            rt = self.dests.pop(name)
-            await self._stop_dest(rt)
+            rt = self.dests[name]
+            await self._stop_dest(rt)  # its cursor stays visible to drops until it has stopped
+            del self.dests[name]
             again = wanted.get(name)
             keep = again is not None and (again.socket, again.socket_type) == (dest.socket, dest.socket_type)
             if keep and again is not None:

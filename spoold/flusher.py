@@ -110,6 +110,7 @@ class Flusher:
         self._fresh_since: float | None = None
         self.draining = False
         self._holding = False
+        self._epoch = 0  # bumped by release(): reads begun before it are stale
         self._ordered_seq: dict[str, str] = {}
         self._next_error_log = 0.0
         # Figures for status and metrics
@@ -145,12 +146,19 @@ class Flusher:
 
     async def _read_rows(self) -> None:
         room = LEASE_BYTES - self.leased_bytes
+        epoch = self._epoch
+        # Rows offered so far were committed before this read starts, so the read sees them.
+        offered = self.highest_offered
         rows: list[Row] = await self.reader.run(self.spool.read, self.dest.name, self.cursor, room)
+        if epoch != self._epoch:
+            return  # a release() gave every row back meanwhile: this read is stale
         for row in rows:
             if row.id > self.cursor:
                 self._lease(Chunk(row.id, row.created, row.lines, row.nbytes))
-        if not rows and self.cursor >= self.highest_offered:
-            self.caught_up = True
+        if not rows:
+            # Nothing above the cursor: rows offered earlier were dropped or expired since.
+            self.cursor = max(self.cursor, offered)
+            self.caught_up = self.cursor >= self.highest_offered
 
     def _encode_ahead(self) -> None:
         # A few batches ahead, counted in records and in bytes (aggregates are big records).
@@ -194,6 +202,7 @@ class Flusher:
         return True
 
     async def _release_all(self) -> None:
+        self._epoch += 1
         self.leased.clear()
         self.leased_bytes = 0
         self._to_encode.clear()
@@ -324,7 +333,11 @@ class Flusher:
             self._wake.set()
 
     async def _post(self, body: bytes, target: str | None = None) -> httpx.Response:
-        creds = await self.credentials.get()
+        try:
+            with trio.fail_after(self.dest.request_timeout):
+                creds = await self.credentials.get()
+        except trio.TooSlowError:
+            raise RetryableSendError("getting AWS credentials timed out", code="NoCredentials") from None
         headers = self.api.headers()
         if target:
             headers["X-Amz-Target"] = target

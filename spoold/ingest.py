@@ -34,6 +34,8 @@ BACKLOG = 512
 MAX_CONNECTIONS = 1024
 # Longest wait to deliver the acknowledgement to a client that does not read it.
 ANSWER_TIMEOUT = 10.0
+# At shutdown, how long a connection may wait for a full spool to take its last lines.
+STOP_SUBMIT_WAIT = 5.0
 # Largest datagram accepted (the kernel's limit for AF_UNIX is about this by default).
 MAX_DATAGRAM = 256 * 1024
 
@@ -102,13 +104,20 @@ class Ingest:
         self.stats = IngestStats()
         self.log = logger.bind(dest=dest.name)
         self._readers: set[trio.CancelScope] = set()
+        self._finishing: set[trio.CancelScope] = set()
+        self._stop_deadline = float("inf")
         self._accepting = trio.CancelScope()
 
     def stop_reading(self) -> None:
-        """Shutdown: accept no more, stop reading; what was read is still made durable."""
+        """Shutdown: accept no more, stop reading; what was read is still made durable, unless
+        that waits on a full spool for longer than STOP_SUBMIT_WAIT (the client then gets no
+        answer, so it knows to send again)."""
         self._accepting.cancel()
         for scope in self._readers:
             scope.cancel()
+        self._stop_deadline = trio.current_time() + STOP_SUBMIT_WAIT
+        for scope in self._finishing:
+            scope.deadline = min(scope.deadline, self._stop_deadline)
 
     async def serve(
         self, tsock: trio.socket.SocketType, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -183,17 +192,23 @@ class Ingest:
                     await self._submit(buf.feed(data), buf, tickets)
                     while tickets and tickets[0].done.is_set():
                         accepted, rejected = self._tally(tickets.popleft(), accepted, rejected, reasons)
-            # Shielded: lines already read are made durable even during shutdown.
-            with trio.CancelScope(shield=True):
-                if eof:
-                    await self._submit(buf.close(), buf, tickets)
-                else:
-                    await self._submit([], buf, tickets)
-                while tickets:
-                    ticket = tickets.popleft()
-                    await ticket.done.wait()
-                    accepted, rejected = self._tally(ticket, accepted, rejected, reasons)
-            if eof:
+            # Shielded: lines already read are made durable even during shutdown (with a
+            # deadline then, since a full spool under when_full = "block" may never free up).
+            finishing = trio.CancelScope(shield=True, deadline=self._stop_deadline)
+            self._finishing.add(finishing)
+            try:
+                with finishing:
+                    if eof:
+                        await self._submit(buf.close(), buf, tickets)
+                    else:
+                        await self._submit([], buf, tickets)
+                    while tickets:
+                        ticket = tickets.popleft()
+                        await ticket.done.wait()
+                        accepted, rejected = self._tally(ticket, accepted, rejected, reasons)
+            finally:
+                self._finishing.discard(finishing)
+            if eof and not finishing.cancelled_caught:
                 answer: dict[str, object] = {"accepted": accepted, "rejected": rejected}
                 if reasons:
                     answer["reasons"] = reasons

@@ -70,7 +70,9 @@ class CredentialSource:
             now = trio.current_time()
             if self._frozen is None or now - self._fetched > CREDENTIALS_REUSE:
                 try:
-                    frozen = await trio.to_thread.run_sync(self._resolve)
+                    # A hung credential_process or metadata call must not hold the daemon:
+                    # the caller's deadline abandons the thread (it only reads credentials).
+                    frozen = await trio.to_thread.run_sync(self._resolve, abandon_on_cancel=True)
                 except Exception as exc:
                     raise RetryableSendError(
                         f"cannot get AWS credentials: {type(exc).__name__}", code="NoCredentials"

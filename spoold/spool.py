@@ -152,6 +152,8 @@ class Spool:
         # those rows though its cursor may not show it yet, so a drop must not delete them. The
         # lock makes a read and a drop (through its COMMIT) happen one after the other.
         self._read_high: dict[str, int] = {}
+        # Ids the last commit() really deleted (a row may already be gone: dropped or expired).
+        self.last_deleted: set[int] = set()
         self._read_drop_lock = threading.Lock()
 
     # -- opening ------------------------------------------------------------------------
@@ -309,13 +311,17 @@ class Spool:
                     )
                     assert cur.lastrowid is not None
                     made.append((cur.lastrowid, dest, part, size))
-            if deletes:
-                conn.executemany("DELETE FROM chunks WHERE id = ?", ((i,) for i in deletes))
+            gone: set[int] = set()
+            for row_id in deletes:
+                if conn.execute("DELETE FROM chunks WHERE id = ? RETURNING id", (row_id,)).fetchone():
+                    gone.add(row_id)
+            self.last_deleted = gone
             return made
 
         return self._transaction("writing the spool", work)
 
-    def drop(self, dest: str, above: int, older_than: float | None, limit_rows: int) -> list[tuple[int, int, int]]:
+    def drop(self, dest: str, above: int, older_than: float | None, limit_rows: int,
+             spare: frozenset[int] = frozenset()) -> list[tuple[int, int, int]]:
         """Delete up to ``limit_rows`` oldest rows of ``dest`` with id > ``above`` (and created
         before ``older_than`` when given), never one the last read returned (a flusher is leasing
         those). Returns (id, lines, bytes) of each row deleted."""
@@ -326,6 +332,10 @@ class Spool:
             args.append(older_than)
         sql += " ORDER BY id LIMIT ?"
         args.append(limit_rows)
+
+        if spare:  # rows the service accepted, whose delete waits for the next commit
+            sql = sql.replace(" ORDER BY", f" AND id NOT IN ({','.join('?' * len(spare))}) ORDER BY")
+            args[-1:-1] = sorted(spare)
 
         def work(conn: sqlite3.Connection) -> list[tuple[int, int, int]]:
             rows = conn.execute(sql, args).fetchall()

@@ -306,3 +306,10 @@ def test_kpl_aggregate_spans_rows_until_full_or_flushed() -> None:
     assert len(rest) == 1 and enc.open_since is None and enc.flush() == []
     assert first.lines + rest[0].lines == a.lines + b.lines
     assert sum(n for e in (first, rest[0]) for _, n in e.refs) == 20
+
+
+def test_lone_surrogate_key_falls_back_to_random() -> None:
+    from spoold.batching import partition_key_from_json
+
+    assert partition_key_from_json(b'{"k": "\\ud800"}', "k") is None
+    assert partition_key_from_json(b'{"k": "ok\\ud800x"}', "k") is None

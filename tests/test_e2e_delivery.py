@@ -204,3 +204,26 @@ def test_sigkill_loses_no_acknowledged_line(make_daemon, fake_aws):
     wait_until(lambda: set(acked) <= set(_arrived(fake_aws)), what="every acknowledged line")
     assert len(acked) > 1000
     daemon.stop()
+
+
+def test_shutdown_does_not_hang_on_a_full_spool(make_daemon, fake_aws):
+    """A writer blocked on a full spool (when_full = "block") must not hold SIGTERM forever:
+    it gets no answer (so it knows to resend) and the daemon exits 0."""
+    import socket as socketmod
+
+    fake_aws.faults.down = True
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "50ms", "retry_cap": "100ms"},
+                         spool={"max_bytes": "1MiB"}, extra='[daemon]\nshutdown_grace = "1s"\n').start()
+    sock = daemon.sockets()[0]
+    assert send_lines(sock, b"f" * 1000 + b"\n" + b"\n".join(b"x" * 1000 for _ in range(1000)))["accepted"] == 1001
+    blocked = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+    blocked.connect(str(sock))
+    blocked.sendall(b"y" * 100_000)  # no newline: the last line counts at end of input
+    blocked.shutdown(socketmod.SHUT_WR)
+    time.sleep(0.5)  # let it reach the full spool; the test is about what SIGTERM does next
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 20
+    blocked.settimeout(5)
+    assert blocked.recv(100) == b"", "no acknowledgement for lines that were not stored"
+    blocked.close()
