@@ -435,6 +435,12 @@ class Flusher:
             response = await self._post(body, target="Kinesis_20131202.PutRecord")
             seq = self.api.parse_single(response.status_code, response.content)
         except SendError as exc:
+            if isinstance(exc, FatalSendError) and exc.code in BISECT_CODES and self.records_sent:
+                # Other records went through: this one is refused for good. Keeping it first in
+                # line would block the destination forever.
+                self.failures[exc.code] += 1
+                await self._dead_letter([(entry, str(exc))])
+                return
             self._whole_failure([entry], exc)
             return
         self._whole_attempt = 0

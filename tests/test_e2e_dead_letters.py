@@ -80,3 +80,18 @@ def test_lines_older_than_max_age_are_dropped_and_counted(make_daemon, fake_aws)
     assert send_lines(daemon.sockets()[0], b"fresh\n")["accepted"] == 1
     wait_until(lambda: [r.data for r in fake_aws.all_records()] == [b"fresh"], what="only the fresh line")
     daemon.stop()
+
+
+def test_ordered_mode_dead_letters_a_refused_record_and_goes_on(make_daemon, fake_aws):
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "ordered": True, "max_record_bytes": "2MiB",
+                          "max_line_bytes": 1024 * 1024 + 100, "partition_key_field": "k"}).start()
+    sock = daemon.sockets()[0]
+    assert send_lines(sock, b'{"k":"a","n":1}\n')["accepted"] == 1
+    wait_until(lambda: len(fake_aws.all_records()) == 1, what="the first record")
+    big = b'{"k":"a","n":2,"pad":"' + b"p" * (1024 * 1024) + b'"}'
+    assert send_lines(sock, big + b'\n{"k":"a","n":3}\n')["accepted"] == 2
+    wait_until(lambda: len(fake_aws.all_records()) == 2, what="the record after the refused one")
+    assert [json.loads(r.data)["n"] for r in fake_aws.all_records()] == [1, 3]
+    listed = wait_until(lambda: _dead(daemon, "list")["dead_letters"], what="the dead letter")
+    assert len(listed) == 1 and listed[0]["size"] == len(big)
+    daemon.stop()
