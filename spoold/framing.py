@@ -16,13 +16,15 @@ class LineBuffer:
     unterminated line at EOF (if any and if it fits).
     """
 
-    __slots__ = ("max_line_bytes", "_partial", "_skipping", "_oversized")
+    __slots__ = ("max_line_bytes", "_partial", "_skipping", "_oversized", "_discarding", "_discarded")
 
     def __init__(self, max_line_bytes: int) -> None:
         self.max_line_bytes = max_line_bytes
         self._partial = bytearray()
         self._skipping = -1  # bytes of an oversized line seen so far, or -1 when not skipping
         self._oversized: list[int] = []
+        self._discarding = False  # the line being skipped was given up by discard_partial()
+        self._discarded: list[int] = []
 
     def feed(self, data: bytes) -> list[bytes]:
         limit = self.max_line_bytes
@@ -33,8 +35,7 @@ class LineBuffer:
             if nl < 0:
                 self._skipping += len(data)
                 return lines
-            self._oversized.append(self._skipping + nl)
-            self._skipping = -1
+            self._skipped(self._skipping + nl)
             start = nl + 1
         elif self._partial:
             nl = data.find(b"\n")
@@ -73,12 +74,30 @@ class LineBuffer:
         """End of input: the last unterminated line counts."""
         lines: list[bytes] = []
         if self._skipping >= 0:
-            self._oversized.append(self._skipping)
-            self._skipping = -1
+            self._skipped(self._skipping)
         elif self._partial:
             self._emit(bytes(self._partial), lines)
             self._partial.clear()
         return lines
+
+    def _skipped(self, size: int) -> None:
+        (self._discarded if self._discarding else self._oversized).append(size)
+        self._skipping = -1
+        self._discarding = False
+
+    def discard_partial(self) -> int:
+        """Give up the incomplete line held so far (memory is short): the rest of it is skipped,
+        and its size is reported by take_discarded() once it ends. Returns the bytes freed."""
+        held = len(self._partial)
+        if held:
+            self._skipping = held
+            self._discarding = True
+            self._partial = bytearray()
+        return held
+
+    def take_discarded(self) -> list[int]:
+        sizes, self._discarded = self._discarded, []
+        return sizes
 
     def take_oversized(self) -> list[int]:
         sizes, self._oversized = self._oversized, []

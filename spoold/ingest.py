@@ -34,6 +34,10 @@ BACKLOG = 512
 MAX_CONNECTIONS = 1024
 # Longest wait to deliver the acknowledgement to a client that does not read it.
 ANSWER_TIMEOUT = 10.0
+# Bytes of unfinished lines all connections of a destination may hold; past it, a connection
+# holding more than PARTIAL_FAIR_SHARE gives its unfinished line up (rejected, "memory limit").
+MAX_PARTIAL_BYTES = 64 * 1024 * 1024
+PARTIAL_FAIR_SHARE = 256 * 1024
 # At shutdown, how long a connection may wait for a full spool to take its last lines.
 STOP_SUBMIT_WAIT = 5.0
 # Largest datagram accepted (the kernel's limit for AF_UNIX is about this by default).
@@ -105,6 +109,8 @@ class Ingest:
         self.log = logger.bind(dest=dest.name)
         self._readers: set[trio.CancelScope] = set()
         self._finishing: set[trio.CancelScope] = set()
+        self._held: dict[LineBuffer, int] = {}  # bytes of unfinished lines, per connection
+        self.partial_bytes = 0
         self._stop_deadline = float("inf")
         self._accepting = trio.CancelScope()
 
@@ -189,7 +195,9 @@ class Ingest:
                     if not data:
                         eof = True
                         break
-                    await self._submit(buf.feed(data), buf, tickets)
+                    lines = buf.feed(data)
+                    self._hold(buf)
+                    await self._submit(lines, buf, tickets)
                     while tickets and tickets[0].done.is_set():
                         accepted, rejected = self._tally(tickets.popleft(), accepted, rejected, reasons)
             # Shielded: lines already read are made durable even during shutdown (with a
@@ -214,16 +222,33 @@ class Ingest:
                     answer["reasons"] = reasons
                 await self._answer(stream, answer)
         finally:
+            self.partial_bytes -= self._held.pop(buf, 0)
             self._readers.discard(scope)
             limit.release()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    def _hold(self, buf: LineBuffer) -> None:
+        # Unfinished lines of all connections share one budget: past it, a connection holding a
+        # big unfinished line gives it up (rejected and counted once it ends), so that many
+        # slow clients cannot make the daemon hold connections x max_line_bytes.
+        held = self._held.get(buf, 0)
+        now = buf.buffered
+        self.partial_bytes += now - held
+        if self.partial_bytes > MAX_PARTIAL_BYTES and now > PARTIAL_FAIR_SHARE:
+            self.partial_bytes -= buf.discard_partial()
+            self.log.warning("partial_line_dropped", held=now, budget=MAX_PARTIAL_BYTES)
+            now = 0
+        self._held[buf] = now
 
     async def _submit(self, lines: list[bytes], buf: LineBuffer, tickets: deque[Ticket]) -> None:
         oversized = buf.take_oversized()
         if oversized:
             self._oversized(oversized)
             tickets.append(_rejected_ticket(len(oversized), "line too long"))
+        discarded = buf.take_discarded()
+        if discarded:
+            tickets.append(_rejected_ticket(len(discarded), "memory limit"))
         if lines:
             nbytes = sum(map(len, lines)) + len(lines)
             self.stats.lines_in += len(lines)
