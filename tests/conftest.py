@@ -165,14 +165,25 @@ def moto_server() -> Iterator[Any]:
         yield srv
 
 
-@pytest.fixture
-def fake_aws() -> Iterator[Any]:
+def _fake_aws(seed: int) -> Iterator[Any]:
     from tests.fakeaws import FakeAWS
 
     srv = FakeAWS(access_key=TEST_KEYS["AWS_ACCESS_KEY_ID"], secret_key=TEST_KEYS["AWS_SECRET_ACCESS_KEY"],
-                  verify=True, store=True, seed=7)
+                  verify=True, store=True, seed=seed)
     srv.start()
     try:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def fake_aws() -> Iterator[Any]:
+    """The loopback fault-injecting endpoint, verifying signatures with the test keys."""
+    yield from _fake_aws(7)
+
+
+@pytest.fixture
+def second_aws() -> Iterator[Any]:
+    """A second, independent endpoint (a healthy destination beside a failing one)."""
+    yield from _fake_aws(8)

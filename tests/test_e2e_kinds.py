@@ -89,16 +89,6 @@ def _status(daemon: Any) -> dict[str, Any]:
     return doc
 
 
-@pytest.fixture
-def second_aws() -> Iterator[FakeAWS]:
-    srv = FakeAWS(access_key=TEST_KEYS["AWS_ACCESS_KEY_ID"], secret_key=TEST_KEYS["AWS_SECRET_ACCESS_KEY"],
-                  verify=True, store=True, seed=8)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
 
 class _FieldsSeen(FakeAWS):
     """FakeAWS that also remembers which stream fields each Kinesis request named."""
