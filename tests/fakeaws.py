@@ -1201,6 +1201,32 @@ def _describe(predicate: Callable[..., Any]) -> str:
 # ---- command line ------------------------------------------------------------------------------
 
 
+def serve_until_stopped(server: FakeAWS, args: argparse.Namespace) -> int:
+    """The CLI's life: faults from ``args``, the port file, then serve until SIGTERM/SIGINT or
+    until whoever started us is gone (an orphan would listen forever)."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    parent = os.getppid()
+    server.faults.record_fail_rate = args.record_fail_rate
+    server.faults.throttle_rate = args.throttle_rate
+    server.faults.http500_rate = args.http500_rate
+    server.faults.latency = args.latency
+    server.start()
+    try:
+        if args.port_file:
+            temporary = args.port_file + ".tmp"
+            with open(temporary, "w") as f:
+                f.write(f"{server.port}\n")
+            os.replace(temporary, args.port_file)  # readers never see a half-written file
+        print(f"{type(server).__name__} listening on {server.url}", file=sys.stderr, flush=True)
+        while not stop.wait(0.5) and os.getppid() == parent:
+            pass
+    finally:
+        server.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free one)")
@@ -1217,10 +1243,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
 
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    parent = os.getppid()
     server = FakeAWS(
         args.access_key,
         args.secret_key,
@@ -1230,24 +1252,7 @@ def main(argv: list[str] | None = None) -> int:
         shards=args.shards,
         port=args.port,
     )
-    server.faults.record_fail_rate = args.record_fail_rate
-    server.faults.throttle_rate = args.throttle_rate
-    server.faults.http500_rate = args.http500_rate
-    server.faults.latency = args.latency
-    server.start()
-    try:
-        if args.port_file:
-            temporary = args.port_file + ".tmp"
-            with open(temporary, "w") as f:
-                f.write(f"{server.port}\n")
-            os.replace(temporary, args.port_file)  # readers never see a half-written file
-        print(f"fakeaws listening on {server.url}", file=sys.stderr, flush=True)
-        # An orphan would listen forever: leave when whoever started us is gone.
-        while not stop.wait(0.5) and os.getppid() == parent:
-            pass
-    finally:
-        server.stop()
-    return 0
+    return serve_until_stopped(server, args)
 
 
 if __name__ == "__main__":

@@ -32,14 +32,12 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import binascii
 import random
-import signal
-import threading
 import time
 from typing import Any
 
 import orjson
 
-from tests.fakeaws import FakeAWS, _Ctx, _Request
+from tests.fakeaws import FakeAWS, _Ctx, _Request, serve_until_stopped
 
 KPL_MAGIC = b"\xf3\x89\x9a\xc2"
 KPL_MAGIC_B64 = "84ma"  # base64 of the magic's first three bytes: a cheap pre-check
@@ -295,28 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reservoir", type=int, default=50_000, help="latency samples kept per stream")
     args = parser.parse_args(argv)
 
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    parent = os.getppid()
     server = BenchAWS(args.access_key, args.secret_key, verify=args.verify, store=False, seed=args.seed,
                       shards=args.shards, port=args.port, reservoir=args.reservoir)
-    server.faults.record_fail_rate = args.record_fail_rate
-    server.faults.throttle_rate = args.throttle_rate
-    server.faults.http500_rate = args.http500_rate
-    server.faults.latency = args.latency
-    server.start()
-    try:
-        if args.port_file:
-            tmp = args.port_file + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(f"{server.port}\n")
-            os.replace(tmp, args.port_file)
-        while not stop.wait(0.5) and os.getppid() == parent:
-            pass
-    finally:
-        server.stop()
-    return 0
+    return serve_until_stopped(server, args)
 
 
 if __name__ == "__main__":
