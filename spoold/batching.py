@@ -126,6 +126,11 @@ class Encoder:
         self._open: _OpenAggregate | None = None
         self._rng = rng or random.Random()
 
+    @property
+    def hex_keys(self) -> bool:
+        """Every partition key this encoder makes is a random hex key (JSON-safe as it is)."""
+        return not self.partition_key_field
+
     def random_key(self) -> str:
         return f"{self._rng.getrandbits(RANDOM_KEY_HEX * 4):0{RANDOM_KEY_HEX}x}"
 

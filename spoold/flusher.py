@@ -373,7 +373,7 @@ class Flusher:
         """Send one batch; True if any of it was accepted. A validation error of the whole request
         is bisected to find the records at fault, which are collected in ``refused``."""
         try:
-            response = await self._post(self.api.body(batch))
+            response = await self._post(self.api.body(batch, self.encoder.hex_keys))
             outcomes = self.api.parse(response.status_code, response.content, len(batch))
         except FatalSendError as exc:
             if exc.code not in BISECT_CODES:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+from binascii import b2a_base64 as b2a
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,6 @@ from spoold.errors import FatalSendError, RetryableSendError, SendError
 
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
 KINESIS_PREFIX = "Kinesis_20131202."
-# Batches of at most this many records are joined by hand: they are few and large (aggregates,
-# packed lines), where a serializer's growing buffer would cost more memory than it saves time.
-LARGE_RECORDS_BATCH = 16
 FIREHOSE_PREFIX = "Firehose_20150804."
 
 # Whole-request errors that an operator must fix; retrying alone cannot (records stay spooled).
@@ -61,32 +59,33 @@ class Api:
     def headers(self) -> dict[str, str]:
         return {"Content-Type": JSON_CONTENT_TYPE, "X-Amz-Target": self.target}
 
-    def body(self, batch: list[Entry]) -> bytes:
-        """The request body for ``batch``, built once so the signed bytes are the sent bytes."""
-        b64 = base64.b64encode
-        if len(batch) <= LARGE_RECORDS_BATCH:
-            # A few large records (aggregates, packed lines): one join, no serializer buffers.
-            stream = _dumps(self.stream)
-            parts = [b'{"' + self.stream_field.encode() + b'":' + stream + b',"Records":[']
-            for i, e in enumerate(batch):
-                parts.append(b'{"Data":"' if i == 0 else b'},{"Data":"')
-                parts.append(b64(e.data))
-                parts.append(b'"')
-                if not self.firehose:
-                    parts.append(b',"PartitionKey":' + _dumps(e.key))
-                    if e.hash_key:
-                        parts.append(b',"ExplicitHashKey":' + _dumps(e.hash_key))
-            parts.append(b"}]}" if batch else b"]}")
-            return b"".join(parts)
-        records: list[dict[str, str]]
+    def body(self, batch: list[Entry], hex_keys: bool = False) -> bytes:
+        """The request body for ``batch``, built once so the signed bytes are the sent bytes.
+
+        Joined by hand rather than serialized from dicts (about 3x faster): Data is base64 and
+        ExplicitHashKey decimal digits, which JSON never escapes. ``hex_keys`` says every
+        partition key is a random hex key (no partition_key_field), so keys need no escaping
+        either; otherwise each key goes through the JSON encoder.
+        """
+        head = b'{"' + self.stream_field.encode() + b'":' + _dumps(self.stream) + b',"Records":['
+        if not batch:
+            return head + b"]}"
         if self.firehose:
-            records = [{"Data": b64(e.data).decode()} for e in batch]
-        else:
-            records = [{"Data": b64(e.data).decode(), "PartitionKey": e.key} for e in batch]
-            for e, record in zip(batch, records):
-                if e.hash_key:
-                    record["ExplicitHashKey"] = e.hash_key
-        return _dumps({self.stream_field: self.stream, "Records": records})
+            parts = [b2a(e.data, newline=False) for e in batch]
+            return head + b'{"Data":"' + b'"},{"Data":"'.join(parts) + b'"}]}'
+        if hex_keys:
+            parts = [
+                b2a(e.data, newline=False) + b'","PartitionKey":"' + e.key.encode()
+                + (b'","ExplicitHashKey":"' + e.hash_key.encode() if e.hash_key else b"")
+                for e in batch
+            ]
+            return head + b'{"Data":"' + b'"},{"Data":"'.join(parts) + b'"}]}'
+        parts = [
+            b2a(e.data, newline=False) + b'","PartitionKey":' + _dumps(e.key)
+            + (b',"ExplicitHashKey":"' + e.hash_key.encode() + b'"' if e.hash_key else b"")
+            for e in batch
+        ]
+        return head + b'{"Data":"' + b'},{"Data":"'.join(parts) + b"}]}"
 
     def single_body(self, entry: Entry, sequence_for_ordering: str | None) -> bytes:
         """A Kinesis PutRecord body (ordered mode)."""

@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spoold.batching import Entry
 from spoold.errors import FatalSendError, RetryableSendError, SendError
@@ -56,6 +58,47 @@ def test_body(kind: str, stream: str, arn: str | None, field: str, value: str, t
     else:
         assert [r["PartitionKey"] for r in records] == [x.key for x in BATCH]
         assert [r.get("ExplicitHashKey") for r in records] == [x.hash_key for x in BATCH]
+
+
+def _reference_body(api: Api, batch: list[Entry]) -> dict[str, Any]:
+    records: list[dict[str, str]] = []
+    for x in batch:
+        record = {"Data": base64.b64encode(x.data).decode()}
+        if not api.firehose:
+            record["PartitionKey"] = x.key
+            if x.hash_key:
+                record["ExplicitHashKey"] = x.hash_key
+        records.append(record)
+    return {api.stream_field: api.stream, "Records": records}
+
+
+_hex_key = st.binary(min_size=1, max_size=16).map(bytes.hex)
+_any_key = st.text(min_size=1, max_size=40)  # hypothesis leaves out lone surrogates
+_hash_key = st.none() | st.integers(0, 2**128 - 1).map(str)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    kind=st.sampled_from(["kinesis", "firehose"]),
+    hex_keys=st.booleans(),
+    stream=st.text(min_size=1, max_size=20),
+    rows=st.lists(st.tuples(st.binary(max_size=64), st.data()), max_size=40),
+)
+def test_hand_joined_body_is_the_dict_body(kind: str, hex_keys: bool, stream: str,
+                                           rows: list[tuple[bytes, Any]]) -> None:
+    """Every batch, small or large, hex keys or any keys (quotes, backslashes, control and
+    non-ASCII characters), serializes to exactly the JSON a dict-based encoder would make."""
+    api = Api.for_destination(kind, stream, None)
+    batch = [e(data, draw.draw(_hex_key if hex_keys else _any_key), draw.draw(_hash_key)) for data, draw in rows]
+    assert json.loads(api.body(batch, hex_keys)) == _reference_body(api, batch)
+
+
+def test_body_of_500_records_with_escaped_keys() -> None:
+    batch = [e(bytes([i % 256]) * (i % 7), f'k"{i}\\\n\u00e9', None if i % 3 else str(i)) for i in range(500)]
+    assert json.loads(KINESIS.body(batch)) == _reference_body(KINESIS, batch)
+    hexed = [e(x.data, f"{i:032x}", x.hash_key) for i, x in enumerate(batch)]
+    assert json.loads(KINESIS.body(hexed, hex_keys=True)) == _reference_body(KINESIS, hexed)
+    assert json.loads(FIREHOSE.body(batch)) == _reference_body(FIREHOSE, batch)
 
 
 def test_single_body() -> None:
