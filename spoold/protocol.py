@@ -12,8 +12,8 @@ from __future__ import annotations
 import base64
 import json
 from binascii import b2a_base64 as b2a
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from spoold.batching import Entry
