@@ -53,6 +53,20 @@ BISECT_CODES = frozenset({"ValidationException", "InvalidArgumentException", "Se
 PERMANENT_RECORD_CODES = frozenset({"ValidationException", "InvalidArgumentException"})
 # Partition keys remembered for ordered mode's SequenceNumberForOrdering.
 ORDERED_KEYS_MAX = 10_000
+# What a response read in full keeps as its stream (see uncycled).
+_READ = httpx.ByteStream(b"")
+
+
+def uncycled(response: httpx.Response) -> httpx.Response:
+    """``response`` (read in full) cut out of the reference cycle httpx leaves it in.
+
+    httpx binds each response's stream to the response itself, so every request and reply
+    body stays in memory until the cycle collector runs: about 150 KiB a request, 300 MiB per
+    million lines with the collector off, and most of the collector's work with it on. The
+    body is read and the stream closed by then, so the stream is no longer needed.
+    """
+    response.stream = _READ
+    return response
 
 
 class Flusher:
@@ -346,8 +360,8 @@ class Flusher:
         self.requests += 1
         try:
             with trio.fail_after(self.dest.request_timeout + 1.0):
-                return await self.client.post(self.url, content=body, headers=signed,
-                                              timeout=self.dest.request_timeout)
+                response = await self.client.post(self.url, content=body, headers=signed,
+                                                  timeout=self.dest.request_timeout)
         except trio.TooSlowError:
             raise RetryableSendError("request timed out", code="Timeout") from None
         except httpx.TimeoutException as exc:
@@ -355,6 +369,7 @@ class Flusher:
         except httpx.HTTPError as exc:
             raise RetryableSendError(f"connection failed: {type(exc).__name__}: {exc}",
                                      code="ConnectionError") from exc
+        return uncycled(response)
 
     async def _send_batch(self, batch: list[Entry]) -> None:
         refused: list[tuple[Entry, str]] = []
