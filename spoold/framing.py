@@ -52,8 +52,16 @@ class LineBuffer:
             start = nl + 1
         end = data.rfind(b"\n")
         if end >= start:
-            for line in data[start:end].split(b"\n"):
-                self._emit(line, lines)
+            found = data[start:end].split(b"\n")
+            # The common case in C loops: no empty and no oversized line among them.
+            if b"" not in found and max(map(len, found)) <= limit:
+                if lines:
+                    lines += found
+                else:
+                    lines = found
+            else:
+                for line in found:
+                    self._emit(line, lines)
             start = end + 1
         rest = len(data) - start
         if rest:
