@@ -30,8 +30,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, chain
 from typing import Any
 
 __all__ = [
@@ -79,6 +80,51 @@ def _varint(value: int) -> bytes:
 
 # Varints of small values, precomputed: every line's framing needs two of them.
 _SMALL_VARINTS = [_varint(v) for v in range(1 << 14)]
+
+
+class _Framing:
+    """Per line length: the bytes framing a sub-record of data under one key index field
+    (Record tag, its length, key index, Data tag, data length), and the whole record's cost."""
+
+    __slots__ = ("cost", "prefix")
+
+    def __init__(self, index_field: bytes) -> None:
+        head_base = index_field + _TAG_DATA
+
+        def prefix(n: int) -> bytes:
+            head = head_base + _varint(n)
+            return _TAG_RECORD + _varint(len(head) + n) + head
+
+        self.prefix = _Table(prefix)
+        self.cost = _Table(lambda n: len(self.prefix[n]) + n)
+
+
+class _Table(dict[int, Any]):
+    """A dict that computes missing values (map(table.__getitem__, ...) stays in C), and
+    forgets everything past a few thousand sizes so that odd sizes cannot grow it forever."""
+
+    def __init__(self, make: Callable[[int], Any]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, n: int) -> Any:
+        if len(self) >= _FRAMING_SIZES_MAX:
+            self.clear()
+        value = self[n] = self._make(n)
+        return value
+
+
+_FRAMING_SIZES_MAX = 4096
+_FRAMINGS: dict[bytes, _Framing] = {}
+
+
+def _frames(index_field: bytes) -> _Framing:
+    framing = _FRAMINGS.get(index_field)
+    if framing is None:
+        if len(_FRAMINGS) >= 64:
+            _FRAMINGS.clear()
+        framing = _FRAMINGS[index_field] = _Framing(index_field)
+    return framing
 
 
 def _length_delimited(tag: bytes, payload: bytes) -> bytes:
@@ -255,24 +301,26 @@ class AggregateBuilder:
             if not self.try_add(lines[start]):
                 return 0
             first = 1
-        added = 0
-        head_base = self._pk_fields[key] + _TAG_DATA
-        small = _SMALL_VARINTS
+        frames = _frames(self._pk_fields[key])
+        prefix_of, cost_of = frames.prefix, frames.cost
         room = self._max_bytes - self._size
         records = self._records
+        i = start + first
         used = 0
-        for i in range(start + first, end):
-            data = lines[i]
-            n = len(data)
-            head = head_base + (small[n] if n < 16384 else _varint(n))
-            inner = len(head) + n
-            cost = 1 + (len(small[inner]) if inner < 16384 else _varint_size(inner)) + inner
-            if used + cost > room:
+        # Windows of about as many lines as the room holds, each framed in C loops (map,
+        # accumulate, bisect): no Python step per line, and little work past the last line
+        # that fits.
+        while i < end:
+            window = lines[i:i + max(16, (room - used) // (len(lines[i]) + 6) + 16)]
+            lens = list(map(len, window))
+            totals = list(accumulate(map(cost_of.__getitem__, lens), initial=used))
+            fit = bisect.bisect_right(totals, room) - 1  # totals[0] = used <= room
+            records += chain.from_iterable(zip(map(prefix_of.__getitem__, lens[:fit]), window[:fit]))
+            used = totals[fit]
+            i += fit
+            if fit < len(window):
                 break
-            records.append(_TAG_RECORD + (small[inner] if inner < 16384 else _varint(inner)) + head)
-            records.append(data)
-            used += cost
-            added += 1
+        added = i - (start + first)
         self._size += used
         self._count += added
         return first + added

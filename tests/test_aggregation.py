@@ -604,3 +604,37 @@ def test_extend_equals_try_add_line_by_line(limit: int, lines: list[bytes], star
     if len(a):
         assert a.build() == b.build()
         assert a.size == len(a.build()) + len(b"outer")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    limit=st.integers(200, 200_000),
+    sizes=st.lists(st.integers(0, 400), min_size=1, max_size=3000),
+    first=st.integers(0, 2000),
+)
+def test_extend_over_many_windows_equals_try_add(limit: int, sizes: list[int], first: int) -> None:
+    """Many small lines of mixed sizes, where the first line's size misjudges how many fit:
+    the bulk path works through several windows and still matches line-by-line exactly."""
+    lines = [bytes([i % 251]) * n for i, n in enumerate([first, *sizes])]
+    a, b = AggregateBuilder(limit, "outer"), AggregateBuilder(limit, "outer")
+    n = a.extend(lines)
+    m = 0
+    for line in lines:
+        if not b.try_add(line):
+            break
+        m += 1
+    assert n == m
+    assert len(a) == len(b) and a.size == b.size <= limit
+    if len(a):
+        assert a.build() == b.build()
+
+
+def test_extend_stops_exactly_at_the_limit() -> None:
+    """Every remainder of room before the line that does not fit: 0, 1, 2 ... bytes short."""
+    lines = [bytes([i]) * (90 + i % 13) for i in range(200)]
+    for limit in range(2_000, 2_300):
+        a, b = AggregateBuilder(limit, "outer"), AggregateBuilder(limit, "outer")
+        n = a.extend(lines)
+        m = next(i for i, line in enumerate(lines) if not b.try_add(line))
+        assert (n, a.size) == (m, b.size), limit
+        assert a.size <= limit and a.build() == b.build()
