@@ -90,6 +90,7 @@ class Config:
     spool: SpoolConfig
     destinations: tuple[Destination, ...]
     shutdown_grace: float = 10.0
+    http_process: bool = True
     log_level: str = "info"
     log_format: str = "auto"
     control_socket: Path | None = None
@@ -130,6 +131,7 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
 
     daemon_t = top.table("daemon")
     grace = daemon_t.duration("shutdown_grace", 10.0, minimum=0.0)
+    http_process = daemon_t.boolean("http_process", True)
     daemon_t.done()
 
     log_t = top.table("log")
@@ -172,7 +174,8 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
         seen_sockets.add(sock)
         if sock == Path(os.path.abspath(spool.path)):
             raise ConfigError(f'{path}: destination "{d.name}": socket: same path as [spool].path')
-    return Config(path=path, spool=spool, destinations=dests, shutdown_grace=grace, log_level=level,
+    return Config(path=path, spool=spool, destinations=dests, shutdown_grace=grace,
+                  http_process=http_process, log_level=level,
                   log_format=fmt, control_socket=control, metrics_listen=metrics)
 
 

@@ -34,6 +34,7 @@ from spoold.config import Config, Destination
 from spoold.errors import ConfigError, SpoolError
 from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
+from spoold.sender import InlineSender, ProcessSender, Sender, client_limits
 from spoold.signing import CredentialSource, use_systemd_credentials
 from spoold.spool import Spool, Worker, dead_letter_json
 from spoold.status import render_prometheus
@@ -93,6 +94,7 @@ class Daemon:
         self.dests: dict[str, DestRuntime] = {}
         self.committer: Committer | None = None
         self.client: httpx.AsyncClient | None = None
+        self.sender: Sender | None = None
         self.credentials = CredentialSource()
         self.rng = random.Random()
         self.started = time.time()
@@ -165,12 +167,16 @@ class Daemon:
         cfg = self.cfg
         committer = self.committer
         assert committer is not None
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+        async with httpx.AsyncClient(limits=client_limits(), trust_env=False) as client:
             self.client = client
             async with trio.open_nursery() as services:
                 self._services = services
                 await services.start(committer.run)
+                if cfg.http_process:
+                    self.sender = ProcessSender()
+                    await services.start(self.sender.run)
+                else:
+                    self.sender = InlineSender(client)
                 for dest in cfg.destinations:
                     await self._start_dest(dest)
                 services.start_soon(self._expire_loop)
@@ -201,7 +207,7 @@ class Daemon:
         if sock is None:
             sock, activated = self._socket_for(dest)
         flusher = Flusher(dest, self.cfg.spool, self.spool, self.reader, self.committer, self.client,
-                          self.credentials, self.rng)
+                          self.credentials, self.rng, self.sender)
         rt = DestRuntime(dest, sock, activated, Ingest(dest, self.committer), flusher)
         self.dests[dest.name] = rt
         await self._services.start(self._run_dest, rt)
@@ -275,10 +281,12 @@ class Daemon:
         if new.spool != self.cfg.spool:
             logger.warning("reload_spool_ignored", hint="[spool] changes need a restart")
             new = dataclasses.replace(new, spool=self.cfg.spool)
-        if (new.control_socket, new.metrics_listen) != (self.cfg.control_socket, self.cfg.metrics_listen):
-            logger.warning("reload_servers_ignored", hint="[control] and [metrics] changes need a restart")
+        if (new.control_socket, new.metrics_listen, new.http_process) != (
+                self.cfg.control_socket, self.cfg.metrics_listen, self.cfg.http_process):
+            logger.warning("reload_servers_ignored",
+                           hint="[control], [metrics] and [daemon] http_process changes need a restart")
             new = dataclasses.replace(new, control_socket=self.cfg.control_socket,
-                                      metrics_listen=self.cfg.metrics_listen)
+                                      metrics_listen=self.cfg.metrics_listen, http_process=self.cfg.http_process)
         old = {d.name: d for d in self.cfg.destinations}
         wanted = {d.name: d for d in new.destinations}
         self.cfg = new

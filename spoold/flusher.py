@@ -32,6 +32,7 @@ from spoold.committer import Committer
 from spoold.config import Destination, SpoolConfig
 from spoold.errors import FatalSendError, RetryableSendError, SendError, SpoolCorrupt, SpoolError
 from spoold.protocol import KINESIS_PREFIX, Api, is_throttle, reply_document
+from spoold.sender import InlineSender, Sender, post
 from spoold.signing import CredentialSource, sign
 from spoold.spool import Row, Spool, Worker
 
@@ -53,22 +54,6 @@ BISECT_CODES = frozenset({"ValidationException", "InvalidArgumentException", "Se
 PERMANENT_RECORD_CODES = frozenset({"ValidationException", "InvalidArgumentException"})
 # Partition keys remembered for ordered mode's SequenceNumberForOrdering.
 ORDERED_KEYS_MAX = 10_000
-# What a response read in full keeps as its stream (see uncycled).
-_READ = httpx.ByteStream(b"")
-
-
-def uncycled(response: httpx.Response) -> httpx.Response:
-    """``response`` (read in full) cut out of the reference cycle httpx leaves it in.
-
-    httpx binds each response's stream to the response itself, so every request and reply
-    body stays in memory until the cycle collector runs: about 150 KiB a request, 300 MiB per
-    million lines with the collector off, and most of the collector's work with it on. The
-    body is read and the stream closed by then, so the stream is no longer needed.
-    """
-    response.stream = _READ
-    return response
-
-
 class Flusher:
     def __init__(
         self,
@@ -80,6 +65,7 @@ class Flusher:
         client: httpx.AsyncClient,
         credentials: CredentialSource,
         rng: random.Random | None = None,
+        sender: Sender | None = None,
     ) -> None:
         self.dest = dest
         self.spool_cfg = spool_cfg
@@ -87,6 +73,7 @@ class Flusher:
         self.reader = reader
         self.committer = committer
         self.client = client
+        self.sender: Sender = sender or InlineSender(client)
         self.credentials = credentials
         self.rng = rng or random.Random()
         self.api = Api.for_destination(dest.kind, dest.stream, dest.stream_arn)
@@ -346,7 +333,7 @@ class Flusher:
             self._slots.release()
             self._wake.set()
 
-    async def _post(self, body: bytes, target: str | None = None) -> httpx.Response:
+    async def _signed(self, body: bytes, target: str | None = None) -> dict[str, str]:
         try:
             with trio.fail_after(self.dest.request_timeout):
                 creds = await self.credentials.get()
@@ -355,21 +342,14 @@ class Flusher:
         headers = self.api.headers()
         if target:
             headers["X-Amz-Target"] = target
-        signed = sign(creds, url=self.url, body=body, headers=headers,
-                      region=self.dest.region, service=self.dest.signing_service)
         self.requests += 1
-        try:
-            with trio.fail_after(self.dest.request_timeout + 1.0):
-                response = await self.client.post(self.url, content=body, headers=signed,
-                                                  timeout=self.dest.request_timeout)
-        except trio.TooSlowError:
-            raise RetryableSendError("request timed out", code="Timeout") from None
-        except httpx.TimeoutException as exc:
-            raise RetryableSendError(f"request timed out ({type(exc).__name__})", code="Timeout") from exc
-        except httpx.HTTPError as exc:
-            raise RetryableSendError(f"connection failed: {type(exc).__name__}: {exc}",
-                                     code="ConnectionError") from exc
-        return uncycled(response)
+        return sign(creds, url=self.url, body=body, headers=headers,
+                    region=self.dest.region, service=self.dest.signing_service)
+
+    async def _post(self, body: bytes, target: str | None = None) -> httpx.Response:
+        """A request on the daemon's own client (ordered mode, shard maps)."""
+        signed = await self._signed(body, target)
+        return await post(self.client, self.url, signed, body, self.dest.request_timeout)
 
     async def _send_batch(self, batch: list[Entry]) -> None:
         refused: list[tuple[Entry, str]] = []
@@ -388,8 +368,10 @@ class Flusher:
         """Send one batch; True if any of it was accepted. A validation error of the whole request
         is bisected to find the records at fault, which are collected in ``refused``."""
         try:
-            response = await self._post(self.api.body(batch, self.encoder.hex_keys))
-            outcomes = self.api.parse(response.status_code, response.content, len(batch))
+            body = self.api.body(batch, self.encoder.hex_keys)
+            signed = await self._signed(body)
+            outcomes = await self.sender.put(self.url, signed, body, self.dest.request_timeout,
+                                             self.api.firehose, len(batch))
         except FatalSendError as exc:
             if exc.code not in BISECT_CODES:
                 self._whole_failure(batch, exc)

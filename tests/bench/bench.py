@@ -15,8 +15,9 @@ subprocess: tests/fakeaws.py plus line counting through KPL aggregates and laten
    time.monotonic_ns()), so the endpoint can sample write-to-receipt latency.
    Printed: acceptance rate (acked lines/s: first write -> last ack), end-to-end rate (lines/s
    the endpoint accepted: first write -> last acceptance), p50/p99 latency, the daemon's peak
-   RSS (VmHWM) and CPU seconds per million lines (utime + stime, all threads), and the CPU
-   share of endpoint and clients (2 cores are shared by everything).
+   RSS (VmHWM) and CPU seconds per million lines (utime + stime, all threads), both counting
+   its HTTP sender child process too, and the CPU share of endpoint and clients (2 cores are
+   shared by everything).
 2. boto3 baseline: a plain ``put_records`` loop, 500 records per call (failed records resent),
    bounded by --baseline-seconds; ratio spoold/boto3.
 3. Endpoint ceiling: --ceiling-connections raw sockets replay one prepared 500-record
@@ -118,6 +119,41 @@ def proc_mem(pid: int) -> dict[str, int]:
             if line.startswith(("VmRSS:", "VmHWM:")):
                 key, value = line.split(":", 1)
                 out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def proc_family(pid: int) -> list[int]:
+    """The process and its children (spoold's HTTP sender is one), read from /proc."""
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return pids
+
+
+def family_cpu(pid: int) -> float:
+    """proc_cpu summed over the process and its running children."""
+    total = 0.0
+    for p in proc_family(pid):
+        try:
+            total += proc_cpu(p)
+        except OSError:
+            pass  # a child that just exited
+    return total
+
+
+def family_mem(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM summed over the process and its children (the sum of peaks bounds the
+    peak of the sum from above)."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for p in proc_family(pid):
+        try:
+            for key, value in proc_mem(p).items():
+                out[key] += value
+        except OSError:
+            pass
     return out
 
 
@@ -910,9 +946,10 @@ def spoold_phase(args: argparse.Namespace, tmp: Path, ep: Endpoint, daemon: Daem
         f"{args.inflight} in flight per client, {mode}; aggregation={args.aggregation}")
     while time.monotonic_ns() < start_ns - 100_000_000:
         time.sleep(0.01)
-    cpu0 = proc_cpu(daemon.pid)
+    cpu0 = family_cpu(daemon.pid)
+    main_cpu0 = proc_cpu(daemon.pid)
     ep_cpu0 = ep.cpu()
-    rss_idle = proc_mem(daemon.pid).get("VmRSS", 0)
+    rss_idle = family_mem(daemon.pid).get("VmRSS", 0)
     t0 = time.monotonic()
     bar = ProgressBar(args.lines)
     samples: list[tuple[float, int, int, int, float]] = []  # t, rss, lines_in, endpoint lines, daemon cpu
@@ -932,8 +969,8 @@ def spoold_phase(args: argparse.Namespace, tmp: Path, ep: Endpoint, daemon: Daem
                              f"{daemon.log_path.read_text()[-3000:]}")
         st = ep.stream("spoold")
         ds = daemon.status() or {}
-        mem = proc_mem(daemon.pid)
-        samples.append((now, mem.get("VmRSS", 0), ds.get("lines_in", 0), st["lines"], proc_cpu(daemon.pid)))
+        mem = family_mem(daemon.pid)
+        samples.append((now, mem.get("VmRSS", 0), ds.get("lines_in", 0), st["lines"], family_cpu(daemon.pid)))
         if now - last_rate_point[0] >= 1.0:
             rate = (st["lines"] - last_rate_point[1]) / (now - last_rate_point[0])
             last_rate_point = (now, st["lines"])
@@ -954,17 +991,20 @@ def spoold_phase(args: argparse.Namespace, tmp: Path, ep: Endpoint, daemon: Daem
         if now - t0 > args.timeout + 5:
             timed_out = True
             break
-    cpu1 = proc_cpu(daemon.pid)
+    cpu1 = family_cpu(daemon.pid)
+    main_cpu1 = proc_cpu(daemon.pid)
     ep_cpu1 = ep.cpu()
     t1 = time.monotonic()
-    mem = proc_mem(daemon.pid)
+    mem = family_mem(daemon.pid)
     ds = daemon.status() or {}
     st = ep.stream("spoold")
     bar.show(t1 - t0, ds.get("lines_in", 0), st["lines"], rate, final=True)
     if profiler is not None and profiler.proc is not None and not profiler.error:
         profiler.stop()
         # Percentages of a core are over the push (the daemon idles, unsampled, before it).
-        results["profile"] = summarize_profile(profiler.out, profiler.rate, t1 - t0, args.top, cpu1 - cpu0,
+        # py-spy samples the daemon's own process, not its sender child.
+        results["profile"] = summarize_profile(profiler.out, profiler.rate, t1 - t0, args.top,
+                                               main_cpu1 - main_cpu0,
                                                ep.stream("spoold")["lines"])
         results["profile_file"] = str(profiler.out)
     if not clients:
@@ -998,7 +1038,8 @@ def spoold_phase(args: argparse.Namespace, tmp: Path, ep: Endpoint, daemon: Daem
         "ack_p50_ns": pct(ack_lat, 50), "ack_p99_ns": pct(ack_lat, 99),
         "peak_rss": mem.get("VmHWM"), "idle_rss": rss_idle, "daemon_cpu_s": cpu1 - cpu0,
         "cpu_s_per_million": (cpu1 - cpu0) / (e2e_lines / 1e6) if e2e_lines else None,
-        "daemon_cores": (cpu1 - cpu0) / span, "endpoint_cores": (ep_cpu1 - ep_cpu0) / span,
+        "daemon_cores": (cpu1 - cpu0) / span, "sender_cores": ((cpu1 - cpu0) - (main_cpu1 - main_cpu0)) / span,
+        "endpoint_cores": (ep_cpu1 - ep_cpu0) / span,
         "client_cpu_s": sum(c.get("cpu_s", 0) for c in clients),
         "client_cores": sum(c.get("cpu_s", 0) for c in clients) / span,
         "timed_out": timed_out,
@@ -1031,12 +1072,13 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
            else ", first, middle and last record of each request)"))
     out(f"latency write->ack     p50 {fmt_ms(s.get('ack_p50_ns'))}, p99 {fmt_ms(s.get('ack_p99_ns'))}")
     rss = s.get("peak_rss")
-    out(f"daemon peak RSS        {rss / MiB:.1f} MiB (VmHWM; {s.get('idle_rss', 0) / MiB:.1f} MiB before the"
-        " first line)" if rss else "daemon peak RSS        n/a")
+    out(f"daemon peak RSS        {rss / MiB:.1f} MiB (VmHWM, daemon + its HTTP sender process;"
+        f" {s.get('idle_rss', 0) / MiB:.1f} MiB before the first line)" if rss else "daemon peak RSS        n/a")
     cpm = s.get("cpu_s_per_million")
     out(f"daemon CPU             {s.get('daemon_cpu_s', 0):.2f}s = "
         f"{cpm:.2f} s per million lines" if cpm else "daemon CPU             n/a")
-    out(f"cores busy (avg)       daemon {s.get('daemon_cores', 0):.2f}, endpoint {s.get('endpoint_cores', 0):.2f},"
+    out(f"cores busy (avg)       daemon {s.get('daemon_cores', 0):.2f} (of which the sender process"
+        f" {s.get('sender_cores', 0):.2f}), endpoint {s.get('endpoint_cores', 0):.2f},"
         f" clients {s.get('client_cores', 0):.2f} (of {os.cpu_count()})")
     if s.get("timed_out"):
         out("WARNING: the spoold phase timed out; figures are partial")
@@ -1097,8 +1139,9 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
         if rss else "n/a",
         f"<= 150 MiB {'met' if rss and rss <= 150 * MiB else 'NOT met'}")
     row("daemon CPU per million lines", f"{cpm:.2f} s" if cpm else "n/a")
-    row("cores: daemon / endpoint / clients",
-        f"{s.get('daemon_cores', 0):.2f} / {s.get('endpoint_cores', 0):.2f} / {s.get('client_cores', 0):.2f}")
+    row("cores: daemon (sender) / endpoint / clients",
+        f"{s.get('daemon_cores', 0):.2f} ({s.get('sender_cores', 0):.2f}) / {s.get('endpoint_cores', 0):.2f}"
+        f" / {s.get('client_cores', 0):.2f}")
     if b:
         row("boto3 put_records loop", f"{fmt_int(b['rate'])} lines/s")
         if e2e:

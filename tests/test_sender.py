@@ -1,4 +1,4 @@
-"""flusher.uncycled: a sent request and its reply are freed by reference counting alone."""
+"""sender.uncycled: a sent request and its reply are freed by reference counting alone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import weakref
 
 import httpx
 
-from spoold.flusher import uncycled
+from spoold.sender import uncycled
 
 
 def _reply(request: httpx.Request) -> httpx.Response:

@@ -1,0 +1,311 @@
+"""The HTTP sender: POST a signed batch, parse the reply into per-record outcomes.
+
+Two ways to run it, with the same code and the same results:
+
+- inline, on the daemon's own event loop (``[daemon] http_process = false``);
+- in a helper process (the default), ``python -m spoold.sender``, a child of the daemon that
+  reads signed requests on its stdin and writes outcomes on its stdout. Sending and parsing
+  the service's verbose replies are about half of the daemon's CPU per line without
+  aggregation; in a second process they run on a second core instead of sharing the daemon's
+  one (Python runs one thread at a time).
+
+The daemon keeps every decision: it builds and signs each body, and only turns the outcomes it
+gets back into acks and retries. The helper holds nothing durable. If it dies, every request it
+had is failed as retryable (those lines are sent again: at-least-once, as after any network
+error) and a new helper is started. It exits when its stdin closes, so it never outlives the
+daemon, even after kill -9.
+
+Wire format, both ways: a little-endian u32 length, then that many bytes. A request is two
+frames: a JSON head {id, url, headers, timeout, firehose, count} and the body. A reply is one
+frame: JSON {id, outcomes} (null for accepted, else the error code), or {id, all: true} when
+every record was accepted, or {id, error: "retry" | "fatal", message, code, status}.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import httpx
+import orjson
+import outcome
+import structlog
+import trio
+
+from spoold.errors import FatalSendError, RetryableSendError, SendError
+from spoold.protocol import Api
+
+logger = structlog.get_logger()
+
+_LEN = struct.Struct("<I")
+# Bigger than any request spoold makes (PutRecords: 5 MiB of data, ~6.7 MiB as JSON).
+MAX_FRAME = 64 * 1024 * 1024
+READ_SIZE = 1024 * 1024
+# How long a request may wait to be written to the helper before the helper counts as hung.
+WRITE_TIMEOUT = 10.0
+# Pause before starting a new helper after one exited.
+RESTART_DELAY = 1.0
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PIPE_SIZE = 1024 * 1024
+# How long a stopping helper may take to finish its requests before it is killed.
+STOP_TIMEOUT = 5.0
+
+# What a response read in full keeps as its stream (see uncycled).
+_READ = httpx.ByteStream(b"")
+
+
+def client_limits() -> httpx.Limits:
+    return httpx.Limits(max_connections=64, max_keepalive_connections=64)
+
+
+def uncycled(response: httpx.Response) -> httpx.Response:
+    """``response`` (read in full) cut out of the reference cycle httpx leaves it in.
+
+    httpx binds each response's stream to the response itself, so every request and reply
+    body stays in memory until the cycle collector runs: about 150 KiB a request, 300 MiB per
+    million lines with the collector off, and most of the collector's work with it on. The
+    body is read and the stream closed by then, so the stream is no longer needed.
+    """
+    response.stream = _READ
+    return response
+
+
+async def post(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: bytes,
+               request_timeout: float) -> httpx.Response:
+    """One POST; every failure to get a reply becomes a RetryableSendError."""
+    try:
+        with trio.fail_after(request_timeout + 1.0):
+            response = await client.post(url, content=body, headers=headers, timeout=request_timeout)
+    except trio.TooSlowError:
+        raise RetryableSendError("request timed out", code="Timeout") from None
+    except httpx.TimeoutException as exc:
+        raise RetryableSendError(f"request timed out ({type(exc).__name__})", code="Timeout") from exc
+    except httpx.HTTPError as exc:
+        raise RetryableSendError(f"connection failed: {type(exc).__name__}: {exc}",
+                                 code="ConnectionError") from exc
+    return uncycled(response)
+
+
+async def post_batch(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: bytes,
+                     request_timeout: float, firehose: bool, count: int) -> list[str | None]:
+    """POST a PutRecords/PutRecordBatch body; the outcome of each of its ``count`` records."""
+    response = await post(client, url, headers, body, request_timeout)
+    return _parser(firehose).parse(response.status_code, response.content, count)
+
+
+def _parser(firehose: bool) -> Api:
+    return Api("", "", "", firehose)  # parse() reads only the reply shape
+
+
+class Sender(Protocol):
+    async def put(self, url: str, headers: dict[str, str], body: bytes, request_timeout: float,
+                  firehose: bool, count: int) -> list[str | None]: ...
+
+
+class InlineSender:
+    """Sends on the daemon's own event loop."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def put(self, url: str, headers: dict[str, str], body: bytes, request_timeout: float,
+                  firehose: bool, count: int) -> list[str | None]:
+        return await post_batch(self.client, url, headers, body, request_timeout, firehose, count)
+
+
+class _Pending:
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: outcome.Outcome[list[str | None]] | None = None
+
+
+class ProcessSender:
+    """Sends through a helper process; ``run`` starts it (and restarts it when it exits)."""
+
+    def __init__(self, command: list[str] | None = None) -> None:
+        self.command = command or [sys.executable, "-m", "spoold.sender"]
+        self._process: trio.Process | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._write_lock = trio.Lock()
+        self.starts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # until a helper runs, put() fails as retryable: lines wait
+        while True:
+            try:
+                process = await trio.lowlevel.open_process(
+                    self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            except OSError as exc:
+                logger.error("sender_start_failed", error=str(exc), retry_in=RESTART_DELAY)
+                await trio.sleep(RESTART_DELAY)
+                continue
+            self.starts += 1
+            for pipe in (process.stdin, process.stdout):
+                _widen(pipe)
+            self._process = process
+            logger.debug("sender_started", pid=process.pid)
+            try:
+                assert process.stdout is not None
+                async for frame in _frames(process.stdout):
+                    self._deliver(orjson.loads(frame))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, KeyError, TypeError, ValueError) as exc:
+                logger.error("sender_reply_unreadable", error=str(exc))
+            finally:
+                self._process = None
+                self._fail_all(RetryableSendError("the sender process exited", code="SenderExited"))
+                with trio.CancelScope(shield=True):
+                    await _stop(process)
+            logger.warning("sender_exited", returncode=process.returncode, restart_in=RESTART_DELAY)
+            await trio.sleep(RESTART_DELAY)
+
+    def _deliver(self, reply: dict[str, Any]) -> None:
+        slot = self._pending.pop(reply["id"], None)
+        if slot is None:
+            return  # its caller gave up (timed out or cancelled)
+        if "error" in reply:
+            kind = FatalSendError if reply["error"] == "fatal" else RetryableSendError
+            slot.result = outcome.Error(kind(reply["message"], code=reply["code"], status=reply["status"]))
+        elif reply.get("all"):
+            slot.result = outcome.Value([None] * reply["count"])
+        else:
+            slot.result = outcome.Value(reply["outcomes"])
+        slot.done.set()
+
+    def _fail_all(self, exc: SendError) -> None:
+        pending, self._pending = self._pending, {}
+        for slot in pending.values():
+            slot.result = outcome.Error(exc)
+            slot.done.set()
+
+    async def put(self, url: str, headers: dict[str, str], body: bytes, request_timeout: float,
+                  firehose: bool, count: int) -> list[str | None]:
+        process = self._process
+        if process is None or process.stdin is None:
+            raise RetryableSendError("the sender process is not running", code="SenderExited")
+        rid = next(self._ids)
+        slot = self._pending[rid] = _Pending()
+        head = orjson.dumps({"id": rid, "url": url, "headers": headers, "timeout": request_timeout,
+                             "firehose": firehose, "count": count})
+        try:
+            async with self._write_lock:
+                # A frame half written would garble every later one: written whole or the
+                # helper is replaced.
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                    try:
+                        await process.stdin.send_all(b"".join((_LEN.pack(len(head)), head,
+                                                               _LEN.pack(len(body)), body)))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        raise RetryableSendError("the sender process exited", code="SenderExited") from None
+                if scope.cancelled_caught:
+                    process.kill()
+                    raise RetryableSendError("the sender process is not reading", code="SenderHung")
+            with trio.fail_after(request_timeout + 2.0):  # the helper's own deadline is timeout + 1
+                await slot.done.wait()
+        except trio.TooSlowError:
+            raise RetryableSendError("request timed out", code="Timeout") from None
+        finally:
+            self._pending.pop(rid, None)
+        assert slot.result is not None
+        return slot.result.unwrap()
+
+
+def _widen(pipe: Any) -> None:
+    """A pipe as wide as Linux allows unprivileged (1 MiB by default, vs 64 KiB): a request
+    body goes in one write rather than many turns of both event loops."""
+    try:
+        fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+    except (AttributeError, OSError, ValueError):
+        pass  # not Linux, or the limit is lower: narrower pipes work too, a little slower
+
+
+async def _stop(process: trio.Process) -> None:
+    if process.stdin is not None:
+        await process.stdin.aclose()
+    with trio.move_on_after(STOP_TIMEOUT):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+async def _frames(stream: trio.abc.ReceiveStream) -> AsyncIterator[bytes]:
+    """Length-prefixed frames until a clean end of stream; ValueError for a broken one."""
+    buf = bytearray()
+    while True:
+        while len(buf) >= 4:
+            (size,) = _LEN.unpack_from(buf)
+            if size > MAX_FRAME:
+                raise ValueError(f"frame of {size} bytes")
+            if len(buf) < 4 + size:
+                break
+            frame = bytes(buf[4:4 + size])
+            del buf[:4 + size]
+            yield frame
+        data = await stream.receive_some(READ_SIZE)
+        if not data:
+            if buf:
+                raise ValueError("the stream ended inside a frame")
+            return
+        buf += data
+
+
+# -- the helper process ------------------------------------------------------------------
+
+
+async def _serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> None:
+    lock = trio.Lock()
+
+    async def answer(reply: dict[str, Any]) -> None:
+        frame = orjson.dumps(reply)
+        async with lock:
+            await stdout.send_all(_LEN.pack(len(frame)) + frame)
+
+    async def handle(head: dict[str, Any], body: bytes) -> None:
+        reply: dict[str, Any] = {"id": head["id"]}
+        try:
+            outcomes = await post_batch(client, head["url"], head["headers"], body, head["timeout"],
+                                        head["firehose"], head["count"])
+        except SendError as exc:
+            reply.update(error="fatal" if isinstance(exc, FatalSendError) else "retry",
+                         message=str(exc), code=exc.code, status=exc.status)
+        else:
+            if any(outcomes):
+                reply["outcomes"] = outcomes
+            else:
+                reply.update(all=True, count=len(outcomes))
+        await answer(reply)
+
+    async with httpx.AsyncClient(limits=client_limits(), trust_env=False) as client:
+        async with trio.open_nursery() as nursery:
+            frames = _frames(stdin)
+            async for head_frame in frames:
+                body = await anext(frames)
+                nursery.start_soon(handle, orjson.loads(head_frame), body)
+            # stdin closed: the daemon is stopping; finish what was asked, then exit
+
+
+def main() -> None:
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    stdout = trio.lowlevel.FdStream(os.dup(1))
+    try:
+        trio.run(_serve, stdin, stdout)
+    except (BrokenPipeError, trio.BrokenResourceError, KeyboardInterrupt):
+        pass  # the daemon is gone
+
+
+if __name__ == "__main__":
+    main()
