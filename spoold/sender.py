@@ -49,8 +49,11 @@ MAX_FRAME = 64 * 1024 * 1024
 READ_SIZE = 1024 * 1024
 # How long a request may wait to be written to the helper before the helper counts as hung.
 WRITE_TIMEOUT = 10.0
-# Pause before starting a new helper after one exited.
-RESTART_DELAY = 1.0
+# Pause before starting a new helper after one exited: none after a helper that ran a while;
+# doubling from RESTART_DELAY while helpers keep dying within QUICK_EXIT of their start.
+RESTART_DELAY = 0.1
+RESTART_DELAY_MAX = 30.0
+QUICK_EXIT = 5.0
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1024 * 1024
 # How long a stopping helper may take to finish its requests before it is killed.
@@ -136,6 +139,7 @@ class ProcessSender:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._write_lock = trio.Lock()
+        self._up = trio.Event()  # set while a helper runs
         self.starts = 0
 
     @property
@@ -143,33 +147,45 @@ class ProcessSender:
         return self._process.pid if self._process is not None else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()  # until a helper runs, put() fails as retryable: lines wait
+        task_status.started()  # put() waits (within its deadline) for a helper to be up
+        quick_exits = 0
         while True:
+            started_at = trio.current_time()
             try:
                 process = await trio.lowlevel.open_process(
                     self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             except OSError as exc:
-                logger.error("sender_start_failed", error=str(exc), retry_in=RESTART_DELAY)
-                await trio.sleep(RESTART_DELAY)
-                continue
-            self.starts += 1
-            for pipe in (process.stdin, process.stdout):
-                _widen(pipe)
-            self._process = process
-            logger.debug("sender_started", pid=process.pid)
-            try:
-                assert process.stdout is not None
-                async for frame in _frames(process.stdout):
-                    self._deliver(orjson.loads(frame))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, KeyError, TypeError, ValueError) as exc:
-                logger.error("sender_reply_unreadable", error=str(exc))
-            finally:
-                self._process = None
-                self._fail_all(RetryableSendError("the sender process exited", code="SenderExited"))
-                with trio.CancelScope(shield=True):
-                    await _stop(process)
-            logger.warning("sender_exited", returncode=process.returncode, restart_in=RESTART_DELAY)
-            await trio.sleep(RESTART_DELAY)
+                process = None
+                logger.error("sender_start_failed", error=str(exc))
+            if process is not None:
+                await self._serve_replies(process)
+            # A helper that dies at once again and again (a broken install) is retried ever
+            # more slowly, up to RESTART_DELAY_MAX; one that ran a while is replaced at once.
+            quick_exits = quick_exits + 1 if trio.current_time() - started_at < QUICK_EXIT else 0
+            delay = min(RESTART_DELAY_MAX, RESTART_DELAY * (2 ** quick_exits - 1))
+            logger.warning("sender_exited", returncode=process.returncode if process else None,
+                           restart_in=round(delay, 2))
+            await trio.sleep(delay)
+
+    async def _serve_replies(self, process: trio.Process) -> None:
+        self.starts += 1
+        for pipe in (process.stdin, process.stdout):
+            _widen(pipe)
+        self._process = process
+        self._up.set()
+        logger.debug("sender_started", pid=process.pid)
+        try:
+            assert process.stdout is not None
+            async for frame in _frames(process.stdout):
+                self._deliver(orjson.loads(frame))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, KeyError, TypeError, ValueError) as exc:
+            logger.error("sender_reply_unreadable", error=str(exc))
+        finally:
+            self._process = None
+            self._up = trio.Event()
+            self._fail_all(RetryableSendError("the sender process exited", code="SenderExited"))
+            with trio.CancelScope(shield=True):
+                await _stop(process)
 
     def _deliver(self, reply: dict[str, Any]) -> None:
         slot = self._pending.pop(reply["id"], None)
@@ -192,6 +208,9 @@ class ProcessSender:
 
     async def put(self, url: str, headers: dict[str, str], body: bytes, request_timeout: float,
                   firehose: bool, count: int) -> list[str | None]:
+        if self._process is None:
+            with trio.move_on_after(request_timeout):
+                await self._up.wait()
         process = self._process
         if process is None or process.stdin is None:
             raise RetryableSendError("the sender process is not running", code="SenderExited")

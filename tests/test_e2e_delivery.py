@@ -6,10 +6,12 @@ sent again (the endpoint counts every record it was offered)."""
 from __future__ import annotations
 
 import collections
+import os
 import random
 import signal
 import threading
 import time
+from pathlib import Path
 
 from tests.conftest import TEST_KEYS, send_lines, wait_until
 
@@ -227,3 +229,47 @@ def test_shutdown_does_not_hang_on_a_full_spool(make_daemon, fake_aws):
     blocked.settimeout(5)
     assert blocked.recv(100) == b"", "no acknowledgement for lines that were not stored"
     blocked.close()
+
+
+def _sender_pid(daemon) -> int | None:
+    """The daemon's child process (a child belongs to the thread that started it)."""
+    for task in Path(f"/proc/{daemon.proc.pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        if children:
+            return int(children[0])
+    return None
+
+
+def test_sender_process_killed_loses_nothing(make_daemon, fake_aws):
+    """kill -9 of the HTTP sender process (three times, while clients write and requests are in
+    flight): the daemon starts a new one and every acknowledged line arrives."""
+    fake_aws.faults.latency = 0.02
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "5ms"}).start()
+    sock = daemon.sockets()[0]
+    acked: list[bytes] = []
+    for round_ in range(3):
+        pid = wait_until(lambda: _sender_pid(daemon), what="the sender process")
+        for n in range(20):
+            batch = [f"k{round_}-{n}-{i}".encode() for i in range(50)]
+            assert send_lines(sock, b"\n".join(batch) + b"\n")["accepted"] == len(batch)
+            acked.extend(batch)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda old=pid: _sender_pid(daemon) not in (None, old), what="a new sender process")
+    wait_until(lambda: set(acked) <= set(_arrived(fake_aws)), what="every acknowledged line")
+    assert sum(1 for e in daemon.log_events() if e.get("event") == "sender_exited") >= 3
+    daemon.stop()
+
+
+def test_inline_sender_delivers(make_daemon, fake_aws):
+    """[daemon] http_process = false: requests go from the daemon's own process (no child)."""
+    fake_aws.faults.record_fail_rate = 0.2
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "5ms"},
+                         extra="[daemon]\nhttp_process = false\n").start()
+    lines = [f"inline-{i}".encode() for i in range(300)]
+    assert send_lines(daemon.sockets()[0], b"\n".join(lines) + b"\n")["accepted"] == 300
+    wait_until(lambda: set(lines) <= set(_arrived(fake_aws)), what="every line")
+    assert _sender_pid(daemon) is None
+    daemon.stop()

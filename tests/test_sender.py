@@ -1,13 +1,27 @@
-"""sender.uncycled: a sent request and its reply are freed by reference counting alone."""
+"""spoold.sender: freeing each reply at once, the helper's wire framing, and the helper
+process itself (real subprocess, real loopback endpoint): outcomes, kill -9, hangs, exits."""
 
 from __future__ import annotations
 
 import gc
+import os
+import signal
+import struct
+import sys
 import weakref
 
 import httpx
+import pytest
+import trio
+import trio.testing
+from botocore.credentials import ReadOnlyCredentials
 
-from spoold.sender import uncycled
+from spoold.batching import Entry
+from spoold.errors import RetryableSendError
+from spoold.protocol import Api
+from spoold.sender import MAX_FRAME, ProcessSender, _frames, uncycled
+from spoold.signing import sign
+from tests.conftest import DEADLINE, TEST_KEYS
 
 
 def _reply(request: httpx.Request) -> httpx.Response:
@@ -33,3 +47,97 @@ async def test_uncycled_response_and_request_die_without_the_cycle_collector() -
         assert request() is None
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------- framing
+
+
+async def _read_all(chunks: list[bytes]) -> list[bytes]:
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    for chunk in chunks:
+        await send.send_all(chunk)
+    await send.aclose()
+    return [frame async for frame in _frames(receive)]
+
+
+async def test_frames_survive_any_split() -> None:
+    frames = [b"", b"x", b'{"id":1}', bytes(range(256)) * 8]
+    wire = b"".join(struct.pack("<I", len(f)) + f for f in frames)
+    for cut in (1, 3, 4, 5, 7, 4096, len(wire)):
+        chunks = [wire[i:i + cut] for i in range(0, len(wire), cut)]
+        assert await _read_all(chunks) == frames
+
+
+async def test_frames_refuse_a_truncated_or_oversized_frame() -> None:
+    with pytest.raises(ValueError, match="inside a frame"):
+        await _read_all([struct.pack("<I", 10) + b"short"])
+    with pytest.raises(ValueError, match="frame of"):
+        await _read_all([struct.pack("<I", MAX_FRAME + 1)])
+
+
+# ---------------------------------------------------------------- the helper process, for real
+
+CREDS = ReadOnlyCredentials(TEST_KEYS["AWS_ACCESS_KEY_ID"], TEST_KEYS["AWS_SECRET_ACCESS_KEY"], None)
+KINESIS = Api.for_destination("kinesis", "test-stream", None)
+
+
+def _request(url: str, lines: list[bytes]) -> tuple[dict[str, str], bytes]:
+    batch = [Entry(line, f"{i:032x}", [], 1, 0.0) for i, line in enumerate(lines)]
+    body = KINESIS.body(batch, hex_keys=True)
+    return sign(CREDS, url=url, body=body, headers=KINESIS.headers(), region="us-east-1", service="kinesis"), body
+
+
+async def test_process_sender_delivers_and_survives_kill_9(fake_aws) -> None:
+    """Real helper, real endpoint: outcomes per record (failures included); a helper killed by
+    SIGKILL fails its requests as retryable and a new one takes over."""
+    url = fake_aws.url + "/"
+    sender = ProcessSender()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        await _wait(lambda: sender.pid is not None)
+        headers, body = _request(url, [b"a", b"b", b"c"])
+        assert await sender.put(url, headers, body, 10.0, False, 3) == [None, None, None]
+
+        fake_aws.faults.record_fail_rate = 1.0
+        headers, body = _request(url, [b"d", b"e"])
+        outcomes = await sender.put(url, headers, body, 10.0, False, 2)
+        assert len(outcomes) == 2 and all(outcomes)
+        fake_aws.faults.record_fail_rate = 0.0
+
+        first = sender.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await _wait(lambda: sender.pid not in (None, first))
+        assert sender.starts == 2
+        headers, body = _request(url, [b"f"])
+        assert await sender.put(url, headers, body, 10.0, False, 1) == [None]
+        nursery.cancel_scope.cancel()
+    assert sorted(r.data for r in fake_aws.all_records()) == [b"a", b"b", b"c", b"f"]
+
+
+async def test_process_sender_gives_up_on_a_helper_that_never_answers() -> None:
+    sender = ProcessSender([sys.executable, "-c", "import sys; sys.stdin.buffer.read()"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        await _wait(lambda: sender.pid is not None)
+        with pytest.raises(RetryableSendError) as info:
+            await sender.put("http://127.0.0.1:9/", {}, b"{}", 0.2, False, 1)
+        assert info.value.code == "Timeout"
+        nursery.cancel_scope.cancel()
+
+
+async def test_process_sender_helper_that_exits_fails_requests_as_retryable() -> None:
+    sender = ProcessSender([sys.executable, "-c", "pass"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        await _wait(lambda: sender.starts >= 2)  # it exited, and was started again
+        with pytest.raises(RetryableSendError) as info:
+            await sender.put("http://127.0.0.1:9/", {}, b"{}", 5.0, False, 1)
+        assert info.value.code == "SenderExited"
+        nursery.cancel_scope.cancel()
+
+
+async def _wait(predicate) -> None:
+    with trio.fail_after(DEADLINE):
+        while not predicate():  # noqa: ASYNC110 (polls state another task changes)
+            await trio.sleep(0.01)

@@ -126,10 +126,15 @@ def proc_family(pid: int) -> list[int]:
     """The process and its children (spoold's HTTP sender is one), read from /proc."""
     pids = [pid]
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            pids += [int(c) for c in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        pass
+        return pids
+    for tid in tasks:  # a child belongs to the thread that started it
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                pids += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
     return pids
 
 
