@@ -72,7 +72,7 @@ class Destination:
     max_request_bytes: int = 5 * MiB
     max_record_bytes: int = 1 * MiB
     max_line_bytes: int = 1 * MiB - PARTITION_KEY_ROOM
-    max_in_flight: int = 4
+    max_in_flight: int = 8
     linger: float = 0.2
     request_timeout: float = 30.0
     retry_base: float = 0.1
@@ -90,7 +90,7 @@ class Config:
     spool: SpoolConfig
     destinations: tuple[Destination, ...]
     shutdown_grace: float = 10.0
-    http_process: bool = True
+    sender: str = "auto"
     log_level: str = "info"
     log_format: str = "auto"
     control_socket: Path | None = None
@@ -131,7 +131,7 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
 
     daemon_t = top.table("daemon")
     grace = daemon_t.duration("shutdown_grace", 10.0, minimum=0.0)
-    http_process = daemon_t.boolean("http_process", True)
+    sender = daemon_t.choice("sender", ("auto", "process", "inline"), "auto")
     daemon_t.done()
 
     log_t = top.table("log")
@@ -175,7 +175,7 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
         if sock == Path(os.path.abspath(spool.path)):
             raise ConfigError(f'{path}: destination "{d.name}": socket: same path as [spool].path')
     return Config(path=path, spool=spool, destinations=dests, shutdown_grace=grace,
-                  http_process=http_process, log_level=level,
+                  sender=sender, log_level=level,
                   log_format=fmt, control_socket=control, metrics_listen=metrics)
 
 
@@ -299,7 +299,7 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
         max_request_bytes=max_request,
         max_record_bytes=max_record,
         max_line_bytes=max_line,
-        max_in_flight=t.integer("max_in_flight", 4, 1, 64),
+        max_in_flight=t.integer("max_in_flight", 8, 1, 64),
         linger=t.duration("linger", 0.2, minimum=0.0, maximum=60.0),
         request_timeout=t.duration("request_timeout", 30.0, minimum=0.1, maximum=600.0),
         retry_base=t.duration("retry_base", 0.1, minimum=0.001, maximum=60.0),

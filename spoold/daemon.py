@@ -34,7 +34,7 @@ from spoold.config import Config, Destination
 from spoold.errors import ConfigError, SpoolError
 from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
-from spoold.sender import InlineSender, ProcessSender, Sender, client_limits
+from spoold.sender import InlineSender, ProcessSender, Sender, client_limits, many_records_per_request
 from spoold.signing import CredentialSource, use_systemd_credentials
 from spoold.spool import Spool, Worker, dead_letter_json
 from spoold.status import render_prometheus
@@ -94,7 +94,7 @@ class Daemon:
         self.dests: dict[str, DestRuntime] = {}
         self.committer: Committer | None = None
         self.client: httpx.AsyncClient | None = None
-        self.sender: Sender | None = None
+        self.process_sender: ProcessSender | None = None  # started for the first destination that uses it
         self.credentials = CredentialSource()
         self.rng = random.Random()
         self.started = time.time()
@@ -172,11 +172,6 @@ class Daemon:
             async with trio.open_nursery() as services:
                 self._services = services
                 await services.start(committer.run)
-                if cfg.http_process:
-                    self.sender = ProcessSender()
-                    await services.start(self.sender.run)
-                else:
-                    self.sender = InlineSender(client)
                 for dest in cfg.destinations:
                     await self._start_dest(dest)
                 services.start_soon(self._expire_loop)
@@ -207,10 +202,22 @@ class Daemon:
         if sock is None:
             sock, activated = self._socket_for(dest)
         flusher = Flusher(dest, self.cfg.spool, self.spool, self.reader, self.committer, self.client,
-                          self.credentials, self.rng, self.sender)
+                          self.credentials, self.rng, await self._sender_for(dest))
         rt = DestRuntime(dest, sock, activated, Ingest(dest, self.committer), flusher)
         self.dests[dest.name] = rt
         await self._services.start(self._run_dest, rt)
+
+    async def _sender_for(self, dest: Destination) -> Sender:
+        """The helper process for destinations that send many small records (where posting and
+        parsing replies is most of the CPU); inline for the others ([daemon] sender)."""
+        assert self.client is not None and self._services is not None
+        mode = self.cfg.sender
+        if mode == "inline" or (mode == "auto" and not many_records_per_request(dest)):
+            return InlineSender(self.client)
+        if self.process_sender is None:
+            self.process_sender = ProcessSender()
+            await self._services.start(self.process_sender.run)
+        return self.process_sender
 
     async def _run_dest(self, rt: DestRuntime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -281,12 +288,12 @@ class Daemon:
         if new.spool != self.cfg.spool:
             logger.warning("reload_spool_ignored", hint="[spool] changes need a restart")
             new = dataclasses.replace(new, spool=self.cfg.spool)
-        if (new.control_socket, new.metrics_listen, new.http_process) != (
-                self.cfg.control_socket, self.cfg.metrics_listen, self.cfg.http_process):
+        if (new.control_socket, new.metrics_listen, new.sender) != (
+                self.cfg.control_socket, self.cfg.metrics_listen, self.cfg.sender):
             logger.warning("reload_servers_ignored",
-                           hint="[control], [metrics] and [daemon] http_process changes need a restart")
+                           hint="[control], [metrics] and [daemon] sender changes need a restart")
             new = dataclasses.replace(new, control_socket=self.cfg.control_socket,
-                                      metrics_listen=self.cfg.metrics_listen, http_process=self.cfg.http_process)
+                                      metrics_listen=self.cfg.metrics_listen, sender=self.cfg.sender)
         old = {d.name: d for d in self.cfg.destinations}
         wanted = {d.name: d for d in new.destinations}
         self.cfg = new
@@ -397,6 +404,8 @@ class Daemon:
                       "when_full": self.cfg.spool.when_full, "write_errors": c.write_errors,
                       "last_error": c.last_error},
             "destinations": dests,
+            "sender": ({"pid": self.process_sender.pid, "starts": self.process_sender.starts}
+                       if self.process_sender is not None else None),
         }
 
     async def dead_letters(self, action: str, limit: int, dest: str | None) -> dict[str, Any]:

@@ -2,12 +2,15 @@
 
 Two ways to run it, with the same code and the same results:
 
-- inline, on the daemon's own event loop (``[daemon] http_process = false``);
-- in a helper process (the default), ``python -m spoold.sender``, a child of the daemon that
-  reads signed requests on its stdin and writes outcomes on its stdout. Sending and parsing
-  the service's verbose replies are about half of the daemon's CPU per line without
-  aggregation; in a second process they run on a second core instead of sharing the daemon's
-  one (Python runs one thread at a time).
+- in a helper process, ``python -m spoold.sender``, a child of the daemon that reads signed
+  requests on its stdin and writes outcomes on its stdout. With one line per record, sending
+  500-record requests and parsing their verbose replies is about half of the daemon's CPU;
+  in a second process it runs on a second core instead of sharing the daemon's one (Python
+  runs one thread at a time). ``[daemon] sender = "auto"`` (the default) uses it for such
+  destinations (see many_records_per_request);
+- inline, on the daemon's own event loop: destinations with few, large records per request
+  (KPL aggregates, packed Firehose lines, ordered mode), where a helper would cost more memory
+  (its copy of each multi-MiB body) than it saves CPU; or everything, with ``sender = "inline"``.
 
 The daemon keeps every decision: it builds and signs each body, and only turns the outcomes it
 gets back into acks and retries. The helper holds nothing durable. If it dies, every request it
@@ -38,6 +41,7 @@ import outcome
 import structlog
 import trio
 
+from spoold.config import Destination
 from spoold.errors import FatalSendError, RetryableSendError, SendError
 from spoold.protocol import Api
 
@@ -61,6 +65,13 @@ STOP_TIMEOUT = 5.0
 
 # What a response read in full keeps as its stream (see uncycled).
 _READ = httpx.ByteStream(b"")
+
+
+def many_records_per_request(dest: Destination) -> bool:
+    """One line per record in PutRecords/PutRecordBatch requests: the helper process pays off."""
+    if dest.ordered or dest.aggregation != "none":
+        return False
+    return not (dest.kind == "firehose" and dest.pack_lines)
 
 
 def client_limits() -> httpx.Limits:

@@ -13,6 +13,7 @@ import pytest
 from spoold import config
 from spoold.config import Config, parse_duration, parse_size
 from spoold.errors import ConfigError
+from spoold.sender import many_records_per_request
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -88,6 +89,7 @@ def test_minimal_kinesis_defaults(tmp_path: Path) -> None:
     cfg = load(tmp_path, SPOOL + KINESIS)
     assert cfg.path == tmp_path / "spoold.toml"
     assert cfg.shutdown_grace == 10.0
+    assert cfg.sender == "auto"
     assert cfg.log_level == "info" and cfg.log_format == "auto"
     assert cfg.metrics_listen is None
     assert cfg.control_socket == Path("/var/lib/spoold/control.sock")
@@ -106,7 +108,7 @@ def test_minimal_kinesis_defaults(tmp_path: Path) -> None:
     assert d.max_line_bytes == MiB - 256
     assert d.delimiter == b"" and d.pack_lines is False
     assert (d.ordered, d.aggregation, d.partition_key_field, d.explicit_hash_key) == (False, "none", None, None)
-    assert (d.max_in_flight, d.linger, d.request_timeout) == (4, 0.2, 30.0)
+    assert (d.max_in_flight, d.linger, d.request_timeout) == (8, 0.2, 30.0)
     assert (d.retry_base, d.retry_cap_throttle, d.retry_cap) == (0.1, 5.0, 60.0)
     assert d.signing_service == "kinesis"
 
@@ -284,6 +286,7 @@ INVALID = [
     ("bad duration", SPOOL + KINESIS + 'linger = "fast"\n', ['destination "a": linger']),
     ("duration out of range", SPOOL + KINESIS + 'linger = "2m"\n', ['destination "a": linger']),
     ("bad daemon duration", SPOOL + "[daemon]\nshutdown_grace = \"soon\"\n" + KINESIS, ["[daemon].shutdown_grace"]),
+    ("bad sender", SPOOL + "[daemon]\nsender = \"thread\"\n" + KINESIS, ["[daemon].sender", "auto"]),
     ("bad size", SPOOL + KINESIS + 'max_record_bytes = "4 parsecs"\n', ['destination "a": max_record_bytes']),
     ("max_in_flight 0", SPOOL + KINESIS + "max_in_flight = 0\n", ['destination "a": max_in_flight']),
     ("max_in_flight not an integer", SPOOL + KINESIS + 'max_in_flight = "4"\n', ['destination "a": max_in_flight']),
@@ -363,3 +366,22 @@ def test_cli_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip()
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("extra", "many"), [
+    ("", True),
+    ('aggregation = "kpl"\n', False),
+    ("ordered = true\n", False),
+])
+def test_sender_auto_uses_the_helper_for_one_line_records(tmp_path: Path, extra: str, many: bool) -> None:
+    (d,) = load(tmp_path, SPOOL + "[daemon]\nsender = \"process\"\n" + KINESIS + extra).destinations
+    assert many_records_per_request(d) is many
+
+
+def test_sender_auto_firehose_packed_lines_stay_inline(tmp_path: Path) -> None:
+    plain = 'kind = "firehose"\nstream = "fh"\nregion = "us-east-1"\n'
+    (d,) = load(tmp_path, SPOOL + '[[destination]]\nname = "f"\nsocket = "/run/f.sock"\n' + plain).destinations
+    assert many_records_per_request(d)
+    (d,) = load(tmp_path, SPOOL + '[[destination]]\nname = "f"\nsocket = "/run/f.sock"\n' + plain
+                + "pack_lines = true\n").destinations
+    assert not many_records_per_request(d)

@@ -264,10 +264,10 @@ def test_sender_process_killed_loses_nothing(make_daemon, fake_aws):
 
 
 def test_inline_sender_delivers(make_daemon, fake_aws):
-    """[daemon] http_process = false: requests go from the daemon's own process (no child)."""
+    """[daemon] sender = "inline": requests go from the daemon's own process (no child)."""
     fake_aws.faults.record_fail_rate = 0.2
     daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "5ms"},
-                         extra="[daemon]\nhttp_process = false\n").start()
+                         extra='[daemon]\nsender = "inline"\n').start()
     lines = [f"inline-{i}".encode() for i in range(300)]
     assert send_lines(daemon.sockets()[0], b"\n".join(lines) + b"\n")["accepted"] == 300
     wait_until(lambda: set(lines) <= set(_arrived(fake_aws)), what="every line")

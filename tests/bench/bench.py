@@ -348,10 +348,11 @@ class DaemonProc:
         self.config = tmp / "spoold.toml"
         spool_extra = "".join(f"{k} = {toml_value(v)}\n" for k, v in (kv.split("=", 1) for kv in args.spool))
         dest_extra = "".join(f"{k} = {toml_value(v)}\n" for k, v in (kv.split("=", 1) for kv in args.dest))
+        daemon_extra = "".join(f"{k} = {toml_value(v)}\n" for k, v in (kv.split("=", 1) for kv in args.daemon))
         agg = f'aggregation = "{args.aggregation}"\n' if args.aggregation != "none" else ""
         self.config.write_text(
             f'[spool]\npath = "{tmp / "spool.db"}"\nsynchronous = "full"\n{spool_extra}\n'
-            f'[control]\nsocket = "{self.control}"\n\n'
+            f'[control]\nsocket = "{self.control}"\n\n[daemon]\n{daemon_extra}\n'
             f'[[destination]]\nname = "bench"\nkind = "kinesis"\nsocket = "{self.socket}"\n'
             f'stream = "spoold"\nregion = "us-east-1"\nendpoint_url = "{endpoint_url}"\n{agg}{dest_extra}'
         )
@@ -832,6 +833,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dest", action="append", default=[], metavar="KEY=VALUE",
                    help="extra [[destination]] key (TOML value), e.g. --dest linger=0.05")
     p.add_argument("--spool", action="append", default=[], metavar="KEY=VALUE", help="extra [spool] key")
+    p.add_argument("--daemon", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra [daemon] key, e.g. --daemon http_process=false")
     p.add_argument("--patch", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="what-if: set a spoold module constant in the daemon, e.g. "
                         "--patch spoold.committer.DELETE_LINGER=0.005 (reported with the results)")
@@ -1122,7 +1125,8 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f" record fail rate {args.record_fail_rate:g}, endpoint latency {args.latency_ms:g} ms"
         + (f", offered {args.rate:,.0f} lines/s" if args.rate else "") + (", under py-spy" if args.profile else "")
         + (f", PATCHED {', '.join(args.patch)}" if args.patch else "") + (f", destination {', '.join(args.dest)}"
-        if args.dest else "") + (f", spool {', '.join(args.spool)}" if args.spool else ""))
+        if args.dest else "") + (f", spool {', '.join(args.spool)}" if args.spool else "")
+        + (f", daemon {', '.join(args.daemon)}" if args.daemon else ""))
     out("")
     out("| figure | value | target |")
     out("|---|---|---|")
