@@ -385,3 +385,12 @@ def test_sender_auto_firehose_packed_lines_stay_inline(tmp_path: Path) -> None:
     (d,) = load(tmp_path, SPOOL + '[[destination]]\nname = "f"\nsocket = "/run/f.sock"\n' + plain
                 + "pack_lines = true\n").destinations
     assert not many_records_per_request(d)
+
+
+def test_kpl_defaults_to_one_aggregate_per_request(tmp_path: Path) -> None:
+    (d,) = load(tmp_path, SPOOL + KINESIS + 'aggregation = "kpl"\n').destinations
+    assert d.max_request_bytes == d.max_record_bytes == MiB
+    (d,) = load(tmp_path, SPOOL + KINESIS + 'aggregation = "kpl"\nmax_request_bytes = "5MiB"\n').destinations
+    assert d.max_request_bytes == 5 * MiB
+    (d,) = load(tmp_path, SPOOL + KINESIS).destinations
+    assert d.max_request_bytes == 5 * MiB
