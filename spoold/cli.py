@@ -174,7 +174,8 @@ def _status(path: str, as_json: bool) -> int:
         except SpooldError as exc:
             print(f"spoold status: daemon not running and {exc}", file=sys.stderr)
             return EXIT_FAILED
-    print(json.dumps(snap, indent=2, sort_keys=True) if as_json else status.render_table(snap), end="\n" if as_json else "")
+    text = json.dumps(snap, indent=2, sort_keys=True) if as_json else status.render_table(snap)
+    print(text, end="\n" if as_json else "")
     return EXIT_OK
 
 

@@ -219,7 +219,8 @@ class Daemon:
             await self._services.start(self.process_sender.run)
         return self.process_sender
 
-    async def _run_dest(self, rt: DestRuntime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_dest(self, rt: DestRuntime, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with rt.scope:
                 async with trio.open_nursery() as nursery:
@@ -229,7 +230,8 @@ class Daemon:
         finally:
             rt.done.set()
 
-    async def _run_ingest(self, rt: DestRuntime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_ingest(self, rt: DestRuntime, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await rt.ingest.serve(rt.tsock, task_status=task_status)
         finally:

@@ -400,7 +400,8 @@ class Spool:
 
     def purge_dead_letters(self, dest: str | None) -> int:
         def work(conn: sqlite3.Connection) -> int:
-            cur = conn.execute("DELETE FROM dead_letters" + (" WHERE dest = ?" if dest else ""), (dest,) if dest else ())
+            where, args = (" WHERE dest = ?", (dest,)) if dest else ("", ())
+            cur = conn.execute("DELETE FROM dead_letters" + where, args)
             return int(cur.rowcount)
 
         return self._transaction("purging dead letters", work)

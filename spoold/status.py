@@ -25,7 +25,8 @@ _METRICS = [
 
 def render_table(snap: dict[str, Any]) -> str:
     """A readable table, one row per destination."""
-    head = ["DESTINATION", "KIND", "SPOOLED", "BYTES", "OLDEST", "IN/s", "OUT/s", "SENT", "RETRIED", "REJECTED", "LAST ERROR"]
+    head = ["DESTINATION", "KIND", "SPOOLED", "BYTES", "OLDEST", "IN/s", "OUT/s", "SENT", "RETRIED", "REJECTED",
+            "LAST ERROR"]
     rows = [head]
     for name, d in sorted(snap.get("destinations", {}).items()):
         rows.append([
@@ -37,7 +38,8 @@ def render_table(snap: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
     source = "running daemon" if snap.get("running") else "spool file (daemon not running)"
-    footer = f"spool {snap.get('spool', {}).get('path', '?')}: {_size(snap.get('spool', {}).get('bytes', 0))} ({source})"
+    spool = snap.get("spool", {})
+    footer = f"spool {spool.get('path', '?')}: {_size(spool.get('bytes', 0))} ({source})"
     failures = [f"  {n}: " + ", ".join(f"{k}={v}" for k, v in sorted(d["failures"].items()))
                 for n, d in sorted(snap.get("destinations", {}).items()) if d.get("failures")]
     if failures:

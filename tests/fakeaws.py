@@ -417,7 +417,7 @@ class _Connection(asyncio.Protocol):
 
     async def _delay(self, request: _Request) -> None:
         try:
-            while self.server.faults.hang:
+            while self.server.faults.hang:  # noqa: ASYNC110 (a test flips the flag from another thread)
                 await asyncio.sleep(HANG_POLL_SECONDS)
             latency = self.server.faults.latency
             if latency > 0:

@@ -45,13 +45,13 @@ def _deaggregate_one(r):
     from aws_kinesis_agg.deaggregator import deaggregate_records
 
     out = []
-    for n, r in enumerate([r]):
-        event = {"kinesis": {"data": base64.b64encode(r.data).decode(), "partitionKey": r.partition_key,
+    for n, rec in enumerate([r]):
+        event = {"kinesis": {"data": base64.b64encode(rec.data).decode(), "partitionKey": rec.partition_key,
                              "sequenceNumber": str(n), "kinesisSchemaVersion": "1.0",
                              "approximateArrivalTimestamp": 1700000000.0},
                  "eventSource": "aws:kinesis"}
-        if r.explicit_hash_key:
-            event["kinesis"]["explicitHashKey"] = r.explicit_hash_key
+        if rec.explicit_hash_key:
+            event["kinesis"]["explicitHashKey"] = rec.explicit_hash_key
         with contextlib.redirect_stdout(io.StringIO()):
             subs = deaggregate_records([event])
         for sub in subs:

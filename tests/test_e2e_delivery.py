@@ -51,7 +51,8 @@ def test_signatures_are_valid_sigv4(make_daemon, fake_aws):
     wait_until(lambda: len(fake_aws.all_records()) >= 50, what="50 records")
     puts = [r for r in fake_aws.requests if r.target.endswith("PutRecords")]
     assert puts and all(r.signature_ok for r in puts)
-    assert {(r.region, r.service, r.access_key) for r in puts} == {("eu-west-1", "kinesis", TEST_KEYS["AWS_ACCESS_KEY_ID"])}
+    want = {("eu-west-1", "kinesis", TEST_KEYS["AWS_ACCESS_KEY_ID"])}
+    assert {(r.region, r.service, r.access_key) for r in puts} == want
     assert fake_aws.bad_signatures == 0
     daemon.stop()
 
