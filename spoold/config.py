@@ -90,7 +90,7 @@ class Config:
     spool: SpoolConfig
     destinations: tuple[Destination, ...]
     shutdown_grace: float = 10.0
-    sender: str = "auto"
+    sender: str = "inline"
     log_level: str = "info"
     log_format: str = "auto"
     control_socket: Path | None = None
@@ -131,7 +131,7 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
 
     daemon_t = top.table("daemon")
     grace = daemon_t.duration("shutdown_grace", 10.0, minimum=0.0)
-    sender = daemon_t.choice("sender", ("auto", "process", "inline"), "auto")
+    sender = daemon_t.choice("sender", ("inline", "process"), "inline")
     daemon_t.done()
 
     log_t = top.table("log")

@@ -208,11 +208,10 @@ class Daemon:
         await self._services.start(self._run_dest, rt)
 
     async def _sender_for(self, dest: Destination) -> Sender:
-        """The helper process for destinations that send many small records (where posting and
-        parsing replies is most of the CPU); inline for the others ([daemon] sender)."""
+        """With [daemon] sender = "process", the helper process for destinations that send many
+        small records (where posting and parsing replies is most of the CPU); else inline."""
         assert self.client is not None and self._services is not None
-        mode = self.cfg.sender
-        if mode == "inline" or (mode == "auto" and not many_records_per_request(dest)):
+        if self.cfg.sender != "process" or not many_records_per_request(dest):
             return InlineSender(self.client)
         if self.process_sender is None:
             self.process_sender = ProcessSender()

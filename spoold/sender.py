@@ -2,15 +2,19 @@
 
 Two ways to run it, with the same code and the same results:
 
+- inline, on the daemon's own event loop (``[daemon] sender = "inline"``, the default);
 - in a helper process, ``python -m spoold.sender``, a child of the daemon that reads signed
-  requests on its stdin and writes outcomes on its stdout. With one line per record, sending
-  500-record requests and parsing their verbose replies is about half of the daemon's CPU;
-  in a second process it runs on a second core instead of sharing the daemon's one (Python
-  runs one thread at a time). ``[daemon] sender = "auto"`` (the default) uses it for such
-  destinations (see many_records_per_request);
-- inline, on the daemon's own event loop: destinations with few, large records per request
-  (KPL aggregates, packed Firehose lines, ordered mode), where a helper would cost more memory
-  (its copy of each multi-MiB body) than it saves CPU; or everything, with ``sender = "inline"``.
+  requests on its stdin and writes outcomes on its stdout (``sender = "process"``). With one
+  line per record, posting 500-record requests and parsing their verbose replies is about a
+  third of the daemon's CPU; in a second process it runs on another core instead of sharing
+  the daemon's one (Python runs one thread at a time). Only for destinations of one line per
+  record (see many_records_per_request): with few, large records per request (KPL aggregates,
+  packed Firehose lines) or ordered mode, the helper's copy of each body would cost more
+  memory than it saves CPU. On the 2-core development machine, shared with the endpoint and
+  the clients, it did not raise end-to-end throughput (it costs IPC and a second interpreter:
+  about +1.3 s of CPU per million lines and +37 MiB), so it is off by default; it lets the
+  daemon accept lines about 1.5x faster than it sends them, and may help on hosts whose other
+  cores are idle.
 
 The daemon keeps every decision: it builds and signs each body, and only turns the outcomes it
 gets back into acks and retries. The helper holds nothing durable. If it dies, every request it

@@ -89,7 +89,7 @@ def test_minimal_kinesis_defaults(tmp_path: Path) -> None:
     cfg = load(tmp_path, SPOOL + KINESIS)
     assert cfg.path == tmp_path / "spoold.toml"
     assert cfg.shutdown_grace == 10.0
-    assert cfg.sender == "auto"
+    assert cfg.sender == "inline"
     assert cfg.log_level == "info" and cfg.log_format == "auto"
     assert cfg.metrics_listen is None
     assert cfg.control_socket == Path("/var/lib/spoold/control.sock")
@@ -286,7 +286,7 @@ INVALID = [
     ("bad duration", SPOOL + KINESIS + 'linger = "fast"\n', ['destination "a": linger']),
     ("duration out of range", SPOOL + KINESIS + 'linger = "2m"\n', ['destination "a": linger']),
     ("bad daemon duration", SPOOL + "[daemon]\nshutdown_grace = \"soon\"\n" + KINESIS, ["[daemon].shutdown_grace"]),
-    ("bad sender", SPOOL + "[daemon]\nsender = \"thread\"\n" + KINESIS, ["[daemon].sender", "auto"]),
+    ("bad sender", SPOOL + "[daemon]\nsender = \"thread\"\n" + KINESIS, ["[daemon].sender", "inline"]),
     ("bad size", SPOOL + KINESIS + 'max_record_bytes = "4 parsecs"\n', ['destination "a": max_record_bytes']),
     ("max_in_flight 0", SPOOL + KINESIS + "max_in_flight = 0\n", ['destination "a": max_in_flight']),
     ("max_in_flight not an integer", SPOOL + KINESIS + 'max_in_flight = "4"\n', ['destination "a": max_in_flight']),
@@ -373,12 +373,12 @@ def test_cli_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
     ('aggregation = "kpl"\n', False),
     ("ordered = true\n", False),
 ])
-def test_sender_auto_uses_the_helper_for_one_line_records(tmp_path: Path, extra: str, many: bool) -> None:
+def test_sender_process_serves_destinations_of_one_line_records(tmp_path: Path, extra: str, many: bool) -> None:
     (d,) = load(tmp_path, SPOOL + "[daemon]\nsender = \"process\"\n" + KINESIS + extra).destinations
     assert many_records_per_request(d) is many
 
 
-def test_sender_auto_firehose_packed_lines_stay_inline(tmp_path: Path) -> None:
+def test_sender_process_leaves_packed_firehose_inline(tmp_path: Path) -> None:
     plain = 'kind = "firehose"\nstream = "fh"\nregion = "us-east-1"\n'
     (d,) = load(tmp_path, SPOOL + '[[destination]]\nname = "f"\nsocket = "/run/f.sock"\n' + plain).destinations
     assert many_records_per_request(d)

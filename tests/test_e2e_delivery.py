@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TEST_KEYS, send_lines, wait_until
 
 
@@ -28,10 +30,12 @@ def _offered(srv) -> int:
     return sum(r.n_records for r in srv.requests if r.target.endswith("PutRecords"))
 
 
-def test_partial_failures_resend_only_failed_entries(make_daemon, fake_aws):
+@pytest.mark.parametrize("sender", ["inline", "process"])
+def test_partial_failures_resend_only_failed_entries(make_daemon, fake_aws, sender):
     fake_aws.faults.record_fail_rate = 0.3
     lines = _lines(3000)
-    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "10ms"}).start()
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "10ms"},
+                         extra=f'[daemon]\nsender = "{sender}"\n').start()
     assert send_lines(daemon.sockets()[0], b"\n".join(lines)) == {"accepted": 3000, "rejected": 0}
     wait_until(lambda: len(fake_aws.all_records()) >= 3000, what="3000 records")
     arrived = _arrived(fake_aws)
@@ -248,7 +252,8 @@ def test_sender_process_killed_loses_nothing(make_daemon, fake_aws):
     """kill -9 of the HTTP sender process (three times, while clients write and requests are in
     flight): the daemon starts a new one and every acknowledged line arrives."""
     fake_aws.faults.latency = 0.02
-    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "5ms"}).start()
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "5ms"},
+                         extra='[daemon]\nsender = "process"\n').start()
     sock = daemon.sockets()[0]
     acked: list[bytes] = []
     for round_ in range(3):
@@ -264,13 +269,22 @@ def test_sender_process_killed_loses_nothing(make_daemon, fake_aws):
     daemon.stop()
 
 
-def test_inline_sender_delivers(make_daemon, fake_aws):
-    """[daemon] sender = "inline": requests go from the daemon's own process (no child)."""
+@pytest.mark.parametrize(("aggregation", "sender", "helper"), [
+    ("none", None, False),  # the default: inline
+    ("none", "process", True),
+    ("kpl", "process", False),  # few large records per request: inline even so
+])
+def test_sender_modes_deliver(make_daemon, fake_aws, aggregation, sender, helper):
+    """Inline by default (no child process); with sender = "process", a helper serves the
+    destinations of one line per record; a KPL destination stays inline."""
     fake_aws.faults.record_fail_rate = 0.2
-    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "5ms"},
-                         extra='[daemon]\nsender = "inline"\n').start()
+    extra = f'[daemon]\nsender = "{sender}"\n' if sender else ""
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "5ms", "aggregation": aggregation},
+                         extra=extra).start()
     lines = [f"inline-{i}".encode() for i in range(300)]
     assert send_lines(daemon.sockets()[0], b"\n".join(lines) + b"\n")["accepted"] == 300
-    wait_until(lambda: set(lines) <= set(_arrived(fake_aws)), what="every line")
-    assert _sender_pid(daemon) is None
-    daemon.stop()
+    if aggregation == "none":
+        wait_until(lambda: set(lines) <= set(_arrived(fake_aws)), what="every line")
+    wait_until(lambda: daemon.spool_rows() == 0, what="an empty spool")
+    assert (_sender_pid(daemon) is not None) is helper
+    assert daemon.stop() == 0

@@ -846,13 +846,14 @@ def _malformed_replies(kind: str, n: int) -> list[tuple[int, bytes]]:
     ]
 
 
+@pytest.mark.parametrize("sender", ["inline", "process"])
 @pytest.mark.parametrize("kind", ["kinesis", "firehose"])
-def test_malformed_service_answers_never_mark_lines_sent(kind, make_daemon, fake_aws, figures):
+def test_malformed_service_answers_never_mark_lines_sent(kind, sender, make_daemon, fake_aws, figures):
     batch = 10
     replies = _malformed_replies(kind, batch)
     fake_aws.faults.scripted.extend(replies)
     dest = {"endpoint_url": fake_aws.url, "kind": kind, "max_records_per_request": batch, **FAST_RETRY}
-    daemon = make_daemon(dest).start()
+    daemon = make_daemon(dest, extra=f'[daemon]\nsender = "{sender}"\n').start()
     lines = make_lines(f"mal-{kind}", 50)  # one connection, one row: every request is exactly 10 records
     assert send_lines(daemon.sockets()[0], b"\n".join(lines)) == {"accepted": 50, "rejected": 0}
     strip = b"\n" if kind == "firehose" else b""
