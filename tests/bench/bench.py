@@ -37,9 +37,8 @@ rate, e.g. at half of it.
 thread, by pipeline stage, top functions by own time (scaled to the CPU time /proc measured).
 --plot PNG draws throughput, latency, RSS and CPU over time with a small built-in PNG writer (no
 matplotlib needed). --dest / --spool / --daemon KEY=VALUE add config keys (e.g. --daemon
-sender=process); --patch
-MODULE.NAME=VALUE sets a spoold constant in the daemon for what-if experiments (spoold's files
-are not touched; the summary says PATCHED). --keep keeps the work folder (config, logs,
+sender=process); --patch MODULE.NAME=VALUE sets a spoold constant in the daemon for what-if
+experiments (spoold's files are not touched; the summary says PATCHED). --keep keeps the work folder (config, logs,
 results.json, profile).
 """
 
