@@ -467,7 +467,7 @@ STAGES = [
     ("request body (JSON + base64)", ("Api.body ",)),
     ("parse reply", ("Api.parse ", "Api.parse_single ")),
     ("ack entries -> row deletes", ("Flusher._ack ",)),
-    ("HTTP (httpx/httpcore/h11 + socket)", ("Flusher._post ",)),
+    ("HTTP (httpx/httpcore/h11 + socket)", ("Flusher._post ", "post (spoold/sender.py", "ProcessSender.")),
     ("encode lines -> entries/aggregates", ("Encoder.", "Flusher._encode_ahead ")),
     ("batching (take_batch, loop)", ("Flusher._next_batch ", "Flusher.run ")),
     ("flusher, other", ("Flusher.",)),
