@@ -351,7 +351,9 @@ class DaemonProc:
         daemon_extra = "".join(f"{k} = {toml_value(v)}\n" for k, v in (kv.split("=", 1) for kv in args.daemon))
         agg = f'aggregation = "{args.aggregation}"\n' if args.aggregation != "none" else ""
         self.config.write_text(
-            f'[spool]\npath = "{tmp / "spool.db"}"\nsynchronous = "full"\n{spool_extra}\n'
+            f'[spool]\npath = "{tmp / "spool.db"}"\n'
+            + ('' if any(kv.startswith("synchronous=") for kv in args.spool) else 'synchronous = "full"\n')
+            + f'{spool_extra}\n'
             f'[control]\nsocket = "{self.control}"\n\n[daemon]\n{daemon_extra}\n'
             f'[[destination]]\nname = "bench"\nkind = "kinesis"\nsocket = "{self.socket}"\n'
             f'stream = "spoold"\nregion = "us-east-1"\nendpoint_url = "{endpoint_url}"\n{agg}{dest_extra}'
