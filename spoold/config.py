@@ -260,7 +260,7 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
     else:
         pk_field = t.string("partition_key_field", default=None)
         ehk = t.string("explicit_hash_key", default=None)
-        if ehk is not None and not (ehk.isdigit() and int(ehk) < 2**128):
+        if ehk is not None and not (ehk.isascii() and ehk.isdigit() and int(ehk) < 2**128):
             raise t.error("explicit_hash_key", "must be a decimal integer from 0 to 2**128-1")
         ordered = t.boolean("ordered", False)
         aggregation = t.choice("aggregation", ("none", "kpl"), "none")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -138,9 +139,10 @@ class InlineSender:
 
 
 class _Pending:
-    __slots__ = ("done", "result")
+    __slots__ = ("count", "done", "result")
 
-    def __init__(self) -> None:
+    def __init__(self, count: int) -> None:
+        self.count = count
         self.done = trio.Event()
         self.result: outcome.Outcome[list[str | None]] | None = None
 
@@ -149,12 +151,14 @@ class ProcessSender:
     """Sends through a helper process; ``run`` starts it (and restarts it when it exits)."""
 
     def __init__(self, command: list[str] | None = None) -> None:
-        self.command = command or [sys.executable, "-m", "spoold.sender"]
+        # -P: the daemon's working directory does not go first on the helper's sys.path.
+        self.command = command or [sys.executable, "-P", "-m", "spoold.sender"]
         self._process: trio.Process | None = None
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._write_lock = trio.Lock()
         self._up = trio.Event()  # set while a helper runs
+        self._last_reply = 0.0
         self.starts = 0
 
     @property
@@ -176,7 +180,8 @@ class ProcessSender:
                 await self._serve_replies(process)
             # A helper that dies at once again and again (a broken install) is retried ever
             # more slowly, up to RESTART_DELAY_MAX; one that ran a while is replaced at once.
-            quick_exits = quick_exits + 1 if trio.current_time() - started_at < QUICK_EXIT else 0
+            quick = trio.current_time() - started_at < QUICK_EXIT
+            quick_exits = min(quick_exits + 1, 20) if quick else 0
             delay = min(RESTART_DELAY_MAX, RESTART_DELAY * (2 ** quick_exits - 1))
             logger.warning("sender_exited", returncode=process.returncode if process else None,
                            restart_in=round(delay, 2))
@@ -203,16 +208,27 @@ class ProcessSender:
                 await _stop(process)
 
     def _deliver(self, reply: dict[str, Any]) -> None:
-        slot = self._pending.pop(reply["id"], None)
+        self._last_reply = trio.current_time()
+        slot = self._pending.get(reply["id"])
         if slot is None:
             return  # its caller gave up (timed out or cancelled)
+        result: outcome.Outcome[list[str | None]]
         if "error" in reply:
             kind = FatalSendError if reply["error"] == "fatal" else RetryableSendError
-            slot.result = outcome.Error(kind(reply["message"], code=reply["code"], status=reply["status"]))
-        elif reply.get("all"):
-            slot.result = outcome.Value([None] * reply["count"])
+            result = outcome.Error(kind(str(reply["message"]), code=str(reply["code"]), status=int(reply["status"])))
+        elif reply.get("all") is True:
+            result = outcome.Value([None] * slot.count)
         else:
-            slot.result = outcome.Value(reply["outcomes"])
+            outcomes = reply["outcomes"]
+            # Trusted no more than a service reply: exactly one outcome per record, or retry all.
+            if not (isinstance(outcomes, list) and len(outcomes) == slot.count
+                    and all(o is None or (isinstance(o, str) and o) for o in outcomes)):
+                result = outcome.Error(RetryableSendError("malformed reply from the sender process",
+                                                          code="MalformedReply"))
+            else:
+                result = outcome.Value(outcomes)
+        del self._pending[reply["id"]]
+        slot.result = result
         slot.done.set()
 
     def _fail_all(self, exc: SendError) -> None:
@@ -229,8 +245,11 @@ class ProcessSender:
         process = self._process
         if process is None or process.stdin is None:
             raise RetryableSendError("the sender process is not running", code="SenderExited")
+        if len(body) > MAX_FRAME:
+            raise FatalSendError(f"a {len(body)}-byte request is over the sender process's limit"
+                                 f" ({MAX_FRAME}): lower max_request_bytes", code="RequestTooBig")
         rid = next(self._ids)
-        slot = self._pending[rid] = _Pending()
+        slot = self._pending[rid] = _Pending(count)
         head = orjson.dumps({"id": rid, "url": url, "headers": headers, "timeout": request_timeout,
                              "firehose": firehose, "count": count})
         try:
@@ -247,9 +266,15 @@ class ProcessSender:
                 if scope.cancelled_caught:
                     process.kill()
                     raise RetryableSendError("the sender process is not reading", code="SenderHung")
+            written = trio.current_time()
             with trio.fail_after(request_timeout + 2.0):  # the helper's own deadline is timeout + 1
                 await slot.done.wait()
         except trio.TooSlowError:
+            if self._last_reply < written and process is self._process:
+                # Not one reply since this request went out, past the helper's own deadline:
+                # the helper is stuck. A new one replaces it.
+                logger.error("sender_unresponsive", pid=process.pid, waited=request_timeout + 2.0)
+                process.kill()
             raise RetryableSendError("request timed out", code="Timeout") from None
         finally:
             self._pending.pop(rid, None)
@@ -306,7 +331,10 @@ async def _serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> 
     async def answer(reply: dict[str, Any]) -> None:
         frame = orjson.dumps(reply)
         async with lock:
-            await stdout.send_all(_LEN.pack(len(frame)) + frame)
+            try:
+                await stdout.send_all(_LEN.pack(len(frame)) + frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                os._exit(0)  # the daemon is gone: nobody to answer, nothing to finish
 
     async def handle(head: dict[str, Any], body: bytes) -> None:
         reply: dict[str, Any] = {"id": head["id"]}
@@ -316,6 +344,8 @@ async def _serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> 
         except SendError as exc:
             reply.update(error="fatal" if isinstance(exc, FatalSendError) else "retry",
                          message=str(exc), code=exc.code, status=exc.status)
+        except Exception as exc:  # a bug here fails this request only, never the others
+            reply.update(error="retry", message=f"sender process error: {exc!r}", code="SenderError", status=0)
         else:
             if any(outcomes):
                 reply["outcomes"] = outcomes
@@ -327,17 +357,23 @@ async def _serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> 
         async with trio.open_nursery() as nursery:
             frames = _frames(stdin)
             async for head_frame in frames:
-                body = await anext(frames)
+                body = await anext(frames, None)
+                if body is None:
+                    break  # the daemon stopped in the middle of a request: nobody waits for it
                 nursery.start_soon(handle, orjson.loads(head_frame), body)
             # stdin closed: the daemon is stopping; finish what was asked, then exit
 
 
 def main() -> None:
+    # Stopping is the daemon's call: it closes our stdin once its own shutdown has drained
+    # (systemd's SIGTERM to the whole service, or a terminal's Ctrl-C, would cut requests short).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin = trio.lowlevel.FdStream(os.dup(0))
     stdout = trio.lowlevel.FdStream(os.dup(1))
     try:
         trio.run(_serve, stdin, stdout)
-    except (BrokenPipeError, trio.BrokenResourceError, KeyboardInterrupt):
+    except* (BrokenPipeError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the daemon is gone
 
 

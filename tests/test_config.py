@@ -286,6 +286,8 @@ INVALID = [
     ("bad duration", SPOOL + KINESIS + 'linger = "fast"\n', ['destination "a": linger']),
     ("duration out of range", SPOOL + KINESIS + 'linger = "2m"\n', ['destination "a": linger']),
     ("bad daemon duration", SPOOL + "[daemon]\nshutdown_grace = \"soon\"\n" + KINESIS, ["[daemon].shutdown_grace"]),
+    ("explicit_hash_key with a non-ASCII digit", SPOOL + KINESIS + 'explicit_hash_key = "\u00b2"\n',
+     ['destination "a": explicit_hash_key']),
     ("bad sender", SPOOL + "[daemon]\nsender = \"thread\"\n" + KINESIS, ["[daemon].sender", "inline"]),
     ("bad size", SPOOL + KINESIS + 'max_record_bytes = "4 parsecs"\n', ['destination "a": max_record_bytes']),
     ("max_in_flight 0", SPOOL + KINESIS + "max_in_flight = 0\n", ['destination "a": max_in_flight']),

@@ -4,9 +4,11 @@ process itself (real subprocess, real loopback endpoint): outcomes, kill -9, han
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import struct
+import subprocess
 import sys
 import weakref
 
@@ -21,7 +23,7 @@ from spoold.errors import RetryableSendError
 from spoold.protocol import Api
 from spoold.sender import MAX_FRAME, ProcessSender, _frames, uncycled
 from spoold.signing import sign
-from tests.conftest import DEADLINE, TEST_KEYS
+from tests.conftest import DEADLINE, TEST_KEYS, wait_until
 
 
 def _reply(request: httpx.Request) -> httpx.Response:
@@ -115,15 +117,91 @@ async def test_process_sender_delivers_and_survives_kill_9(fake_aws) -> None:
     assert sorted(r.data for r in fake_aws.all_records()) == [b"a", b"b", b"c", b"f"]
 
 
-async def test_process_sender_gives_up_on_a_helper_that_never_answers() -> None:
+async def test_process_sender_replaces_a_helper_that_never_answers() -> None:
     sender = ProcessSender([sys.executable, "-c", "import sys; sys.stdin.buffer.read()"])
     async with trio.open_nursery() as nursery:
         await nursery.start(sender.run)
         await _wait(lambda: sender.pid is not None)
+        first = sender.pid
         with pytest.raises(RetryableSendError) as info:
             await sender.put("http://127.0.0.1:9/", {}, b"{}", 0.2, False, 1)
         assert info.value.code == "Timeout"
+        await _wait(lambda: sender.pid not in (None, first))  # killed and started again
+        assert sender.starts == 2
         nursery.cancel_scope.cancel()
+
+
+# A helper that answers every request with the reply given on its command line (id filled in).
+FAKE_HELPER = """
+import json, struct, sys
+reply = json.loads(sys.argv[1])
+while True:
+    frames = []
+    for _ in range(2):
+        head = sys.stdin.buffer.read(4)
+        if len(head) < 4:
+            sys.exit(0)
+        frames.append(sys.stdin.buffer.read(struct.unpack("<I", head)[0]))
+    out = json.dumps({**reply, "id": json.loads(frames[0])["id"]}).encode()
+    sys.stdout.buffer.write(struct.pack("<I", len(out)) + out)
+    sys.stdout.buffer.flush()
+"""
+
+
+@pytest.mark.parametrize("reply", [
+    {"outcomes": []},  # fewer outcomes than records: must not ack the batch
+    {"outcomes": [None]},
+    {"outcomes": [None, None, None, None]},
+    {"outcomes": [None, 7, None]},
+    {"outcomes": [None, "", None]},
+    {"outcomes": "all good"},
+])
+async def test_process_sender_refuses_outcomes_that_do_not_add_up(reply) -> None:
+    """The helper's answer is checked like a service reply: one outcome per record, each None
+    or an error code, else the whole batch is retried (MalformedReply)."""
+    sender = ProcessSender([sys.executable, "-c", FAKE_HELPER, json.dumps(reply)])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        with pytest.raises(RetryableSendError) as info:
+            await sender.put("http://127.0.0.1:9/", {}, b"{}", 5.0, False, 3)
+        assert info.value.code == "MalformedReply"
+        nursery.cancel_scope.cancel()
+
+
+async def test_process_sender_passes_exact_outcomes() -> None:
+    reply = {"outcomes": [None, "ProvisionedThroughputExceededException", None]}
+    sender = ProcessSender([sys.executable, "-c", FAKE_HELPER, json.dumps(reply)])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        assert await sender.put("http://127.0.0.1:9/", {}, b"{}", 5.0, False, 3) == reply["outcomes"]
+        nursery.cancel_scope.cancel()
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    """The process ignores ``sig`` (its SigIgn mask in /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (sig - 1)))
+
+
+def test_process_sender_helper_survives_the_daemon_going_mid_request() -> None:
+    """The helper ignores SIGTERM (systemd signals the whole service; the daemon decides when
+    its helper stops) and exits 0 when its stdin closes, even in the middle of a request."""
+    with subprocess.Popen([sys.executable, "-P", "-m", "spoold.sender"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None
+        try:
+            # Once it has imported and installed its handlers, a head frame gets through.
+            head = b'{"id":1}'
+            proc.stdin.write(struct.pack("<I", len(head)) + head)
+            proc.stdin.flush()
+            wait_until(lambda: _ignores(proc.pid, signal.SIGTERM), what="the helper ignoring SIGTERM")
+            proc.send_signal(signal.SIGTERM)
+            proc.stdin.close()  # no body: the daemon went mid-request
+            assert proc.wait(timeout=DEADLINE) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 async def test_process_sender_helper_that_exits_fails_requests_as_retryable() -> None:
