@@ -590,6 +590,15 @@ def test_encode_throughput(capsys: pytest.CaptureFixture[str]) -> None:
 def test_extend_equals_try_add_line_by_line(limit: int, lines: list[bytes], start: int, prefill: bool) -> None:
     """The bulk path builds exactly the aggregate the line-by-line path builds, stops at the
     same line, and keeps size exact."""
+    a = _extend_matches_try_add(limit, lines, start, prefill)
+    if len(a):
+        assert a.size == len(a.build()) + len(b"outer")
+
+
+def _extend_matches_try_add(limit: int, lines: list[bytes], start: int = 0,
+                            prefill: bool = False) -> AggregateBuilder:
+    """extend(lines, start) and try_add line by line build the same aggregate, stop at the same
+    line and count the same exact size (never over limit); returns the extended builder."""
     a, b = AggregateBuilder(limit, "outer"), AggregateBuilder(limit, "outer")
     if prefill:  # the key's table entry already exists
         assert a.try_add(b"p") == b.try_add(b"p")
@@ -603,7 +612,7 @@ def test_extend_equals_try_add_line_by_line(limit: int, lines: list[bytes], star
     assert len(a) == len(b) and a.size == b.size <= limit
     if len(a):
         assert a.build() == b.build()
-        assert a.size == len(a.build()) + len(b"outer")
+    return a
 
 
 @settings(max_examples=60, deadline=None)
@@ -615,26 +624,11 @@ def test_extend_equals_try_add_line_by_line(limit: int, lines: list[bytes], star
 def test_extend_over_many_windows_equals_try_add(limit: int, sizes: list[int], first: int) -> None:
     """Many small lines of mixed sizes, where the first line's size misjudges how many fit:
     the bulk path works through several windows and still matches line-by-line exactly."""
-    lines = [bytes([i % 251]) * n for i, n in enumerate([first, *sizes])]
-    a, b = AggregateBuilder(limit, "outer"), AggregateBuilder(limit, "outer")
-    n = a.extend(lines)
-    m = 0
-    for line in lines:
-        if not b.try_add(line):
-            break
-        m += 1
-    assert n == m
-    assert len(a) == len(b) and a.size == b.size <= limit
-    if len(a):
-        assert a.build() == b.build()
+    _extend_matches_try_add(limit, [bytes([i % 251]) * n for i, n in enumerate([first, *sizes])])
 
 
 def test_extend_stops_exactly_at_the_limit() -> None:
     """Every remainder of room before the line that does not fit: 0, 1, 2 ... bytes short."""
     lines = [bytes([i]) * (90 + i % 13) for i in range(200)]
     for limit in range(2_000, 2_300):
-        a, b = AggregateBuilder(limit, "outer"), AggregateBuilder(limit, "outer")
-        n = a.extend(lines)
-        m = next(i for i, line in enumerate(lines) if not b.try_add(line))
-        assert (n, a.size) == (m, b.size), limit
-        assert a.size <= limit and a.build() == b.build()
+        assert len(_extend_matches_try_add(limit, lines)) < len(lines)  # stopped inside the list
