@@ -54,6 +54,8 @@ BISECT_CODES = frozenset({"ValidationException", "InvalidArgumentException", "Se
 PERMANENT_RECORD_CODES = frozenset({"ValidationException", "InvalidArgumentException"})
 # Partition keys remembered for ordered mode's SequenceNumberForOrdering.
 ORDERED_KEYS_MAX = 10_000
+
+
 class Flusher:
     def __init__(
         self,
