@@ -43,6 +43,8 @@ READ_MAX_ROWS = 64
 RECOVERY_PROBE_MAX = 5_000_000
 # Pages kept in the WAL before the writer checkpoints it (SQLite's default).
 WAL_AUTOCHECKPOINT = 1000
+# Row ids deleted by one statement (SQLite allows 32,766 parameters).
+DELETE_IDS_MAX = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -311,10 +313,13 @@ class Spool:
                     )
                     assert cur.lastrowid is not None
                     made.append((cur.lastrowid, dest, part, size))
+            # One statement per DELETE_IDS_MAX ids: each call hands the GIL over and takes it
+            # back, which costs up to a switch interval while the trio thread is busy.
             gone: set[int] = set()
-            for row_id in deletes:
-                if conn.execute("DELETE FROM chunks WHERE id = ? RETURNING id", (row_id,)).fetchone():
-                    gone.add(row_id)
+            for i in range(0, len(deletes), DELETE_IDS_MAX):
+                ids = deletes[i:i + DELETE_IDS_MAX]
+                sql = f"DELETE FROM chunks WHERE id IN ({','.join('?' * len(ids))}) RETURNING id"
+                gone.update(row[0] for row in conn.execute(sql, ids))
             self.last_deleted = gone
             return made
 

@@ -1244,3 +1244,22 @@ def test_drop_spares_the_rows_a_read_returned(tmp_path):
         assert [r[0] for r in spool.drop("d", 0, None, 10)] == more
     finally:
         spool.close()
+
+
+def test_commit_deletes_many_ids_and_reports_only_those_still_there(tmp_path, monkeypatch):
+    """Deletes go by id lists, several statements' worth here; ids already gone (dropped or
+    expired meanwhile) are not reported deleted, so they are not subtracted twice."""
+    from spoold import spool as spool_mod
+
+    monkeypatch.setattr(spool_mod, "DELETE_IDS_MAX", 7)
+    spool = spool_mod.Spool(tmp_path / "spool.db")
+    spool.open_writer()
+    try:
+        ids = [spool.commit([("d", [b"row%d" % i], 5)], [], time.time())[0][0] for i in range(30)]
+        assert spool.drop("d", 0, None, 3) == [(i, 1, 5) for i in ids[:3]]  # gone already
+        kept = ids[25:]
+        made = spool.commit([("d", [b"new"], 4)], ids[:25] + [10_000], time.time())
+        assert spool.last_deleted == set(ids[3:25])
+        assert sorted(spooled_ids(spool.path)) == sorted(kept + [made[0][0]])
+    finally:
+        spool.close()
