@@ -127,7 +127,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
         if not Path(cfg.spool.path).exists():
             print(f"spoold dead-letters: no spool at {cfg.spool.path}", file=sys.stderr)
             return EXIT_FAILED
-        spool = Spool(Path(cfg.spool.path), cfg.spool.synchronous)
+        spool = Spool(Path(cfg.spool.path), cfg.spool.synchronous, cfg.spool.page_size)
         try:
             spool.open_writer()
             if args.action == "list":

@@ -45,6 +45,7 @@ _SIZE_UNITS = {
 class SpoolConfig:
     path: Path
     synchronous: str = "full"
+    page_size: int = 4096
     max_bytes: int = 1024 * MiB
     when_full: str = "block"
     max_age: float = 7 * 86400.0
@@ -114,6 +115,13 @@ def load(path: str | os.PathLike[str], environ: dict[str, str] | None = None) ->
     return parse(doc, path, env)
 
 
+def _page_size(t: _Table) -> int:
+    size = t.size("page_size", 4096, minimum=4096)
+    if size > 65536 or size & (size - 1):
+        raise t.error("page_size", "must be a power of two from 4096 to 65536 bytes")
+    return size
+
+
 def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
     top = _Table(doc, f"{path}:", "")
     top.allow("spool", "destination", "daemon", "log", "control", "metrics")
@@ -123,6 +131,7 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
     spool = SpoolConfig(
         path=Path(spool_t.string("path", required=True)),
         synchronous=spool_t.choice("synchronous", ("full", "normal"), "full"),
+        page_size=_page_size(spool_t),
         max_bytes=spool_t.size("max_bytes", 1024 * MiB, minimum=MiB),
         when_full=spool_t.choice("when_full", ("block", "drop_oldest", "reject"), "block"),
         max_age=spool_t.duration("max_age", 7 * 86400.0, minimum=1.0),

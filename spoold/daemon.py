@@ -88,7 +88,7 @@ class Daemon:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.spool = Spool(cfg.spool.path, cfg.spool.synchronous)
+        self.spool = Spool(cfg.spool.path, cfg.spool.synchronous, cfg.spool.page_size)
         self.writer = Worker("spoold-spool-writer")
         self.reader = Worker("spoold-spool-reader")
         self.dests: dict[str, DestRuntime] = {}
@@ -402,7 +402,8 @@ class Daemon:
             "pid": os.getpid(),
             "uptime": round(now - self.started, 1),
             "spool": {"path": str(self.cfg.spool.path), "bytes": c.total_bytes, "max_bytes": self.cfg.spool.max_bytes,
-                      "when_full": self.cfg.spool.when_full, "write_errors": c.write_errors,
+                      "when_full": self.cfg.spool.when_full, "page_size": self.spool.page_size,
+                      "write_errors": c.write_errors,
                       "last_error": c.last_error},
             "destinations": dests,
             "sender": ({"pid": self.process_sender.pid, "starts": self.process_sender.starts}

@@ -145,9 +145,12 @@ def _translate(exc: sqlite3.Error, path: Path, doing: str) -> SpoolError:
 class Spool:
     """Synchronous access to the spool file. Not thread-safe: one Worker per connection."""
 
-    def __init__(self, path: Path, synchronous: str = "full") -> None:
+    def __init__(self, path: Path, synchronous: str = "full", page_size: int = 4096) -> None:
         self.path = path
         self.synchronous = synchronous
+        # Applies when the file is created; an existing file keeps its own (``page_size`` then
+        # tells which, once opened).
+        self.page_size = page_size
         self._w: sqlite3.Connection | None = None
         self._r: sqlite3.Connection | None = None
         # The highest row id the last read of each destination returned: a flusher is leasing
@@ -178,12 +181,18 @@ class Spool:
             self._recover(str(exc))
             conn, stats = self._connect_checked()
         self._w = conn
+        actual = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        if actual != self.page_size:
+            structlog.get_logger().info("spool_page_size_kept", page_size=actual, configured=self.page_size,
+                                        hint="page_size applies when a spool file is created")
+            self.page_size = actual
         return stats
 
     def _connect_checked(self) -> tuple[sqlite3.Connection, dict[str, DestStats]]:
         conn = None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA page_size={int(self.page_size)}")  # before WAL: new files only
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
             conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
@@ -231,7 +240,7 @@ class Spool:
             shutil.copyfile(_files(self.path)[1], _files(copy)[1])
         _fit_header_to_length(copy)
         old = sqlite3.connect(copy, isolation_level=None)
-        new = Spool(fresh, self.synchronous)
+        new = Spool(fresh, self.synchronous, self.page_size)
         new.open_writer()
         assert new._w is not None
         copied = lost = 0

@@ -95,6 +95,7 @@ def test_minimal_kinesis_defaults(tmp_path: Path) -> None:
     assert cfg.control_socket == Path("/var/lib/spoold/control.sock")
     assert cfg.spool.path == Path("/var/lib/spoold/spool.db")
     assert cfg.spool.synchronous == "full"
+    assert cfg.spool.page_size == 4096
     assert cfg.spool.when_full == "block"
     assert cfg.spool.max_bytes == 1024 * MiB
     assert cfg.spool.max_age == 7 * 86400.0
@@ -170,9 +171,10 @@ def test_parse_size_rejects(value: object) -> None:
 
 
 def test_durations_and_sizes_in_the_file(tmp_path: Path) -> None:
-    cfg = load(tmp_path, SPOOL + 'max_age = "7d"\nmax_bytes = "2GiB"\n[daemon]\nshutdown_grace = 3\n'
+    cfg = load(tmp_path, SPOOL + 'max_age = "7d"\nmax_bytes = "2GiB"\npage_size = "16KiB"\n[daemon]\nshutdown_grace = 3\n'
                + KINESIS + 'linger = "250ms"\nretry_cap = "1h"\nmax_request_bytes = "4MiB"\nmax_record_bytes = 2048\n')
     assert cfg.spool.max_age == 604800.0 and cfg.spool.max_bytes == 2 * 1024**3
+    assert cfg.spool.page_size == 16384
     assert cfg.shutdown_grace == 3.0
     (d,) = cfg.destinations
     assert d.linger == 0.25 and d.retry_cap == 3600.0
@@ -256,6 +258,9 @@ INVALID = [
     ("missing [spool]", KINESIS, ["[spool]", "missing"]),
     ("missing path", "[spool]\nsynchronous = \"full\"\n" + KINESIS, ["[spool].path: required"]),
     ("bad synchronous", SPOOL + 'synchronous = "sometimes"\n' + KINESIS, ["[spool].synchronous"]),
+    ("page_size not a power of two", SPOOL + "page_size = 12288\n" + KINESIS, ["[spool].page_size", "power of two"]),
+    ("page_size too small", SPOOL + "page_size = 1024\n" + KINESIS, ["[spool].page_size", "4096"]),
+    ("page_size too large", SPOOL + 'page_size = "128KiB"\n' + KINESIS, ["[spool].page_size", "65536"]),
     ("no destinations", SPOOL, ["[[destination]]", "at least one"]),
     ("destination not an array", SPOOL + '[destination]\nname = "a"\n', ["destination", "[[destination]]"]),
     ("bad name chars", SPOOL + KINESIS.replace('name = "a"', 'name = "a b"'), ["destination[0].name"]),

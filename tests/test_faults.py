@@ -1263,3 +1263,33 @@ def test_commit_deletes_many_ids_and_reports_only_those_still_there(tmp_path, mo
         assert sorted(spooled_ids(spool.path)) == sorted(kept + [made[0][0]])
     finally:
         spool.close()
+
+
+def test_page_size_applies_to_new_spools_and_an_existing_one_keeps_its_own(tmp_path):
+    """page_size is set when the file is created (SQLite cannot change it in WAL mode): a new
+    spool gets it, and an existing one keeps the size it has, reports it, and reads as before."""
+    from spoold.spool import Spool
+
+    def file_page_size(path: Path) -> int:
+        conn = sqlite3.connect(path)
+        try:
+            return int(conn.execute("PRAGMA page_size").fetchone()[0])
+        finally:
+            conn.close()
+
+    path = tmp_path / "spool.db"
+    spool = Spool(path, page_size=16384)
+    spool.open_writer()
+    spool.commit([("d", [b"x" * 100] * 500, 50500)], [], time.time())
+    spool.close()
+    assert file_page_size(path) == 16384
+
+    again = Spool(path, page_size=4096)
+    again.open_writer()
+    try:
+        assert again.page_size == 16384, "the file's own page size is reported"
+        again.open_reader()
+        assert [(r.nbytes, len(r.lines)) for r in again.read("d", 0, 1 << 20)] == [(50500, 500)]
+    finally:
+        again.close()
+    assert file_page_size(path) == 16384

@@ -356,7 +356,9 @@ class DaemonProc:
             + f'{spool_extra}\n'
             f'[control]\nsocket = "{self.control}"\n\n[daemon]\n{daemon_extra}\n'
             f'[[destination]]\nname = "bench"\nkind = "kinesis"\nsocket = "{self.socket}"\n'
-            f'stream = "spoold"\nregion = "us-east-1"\nendpoint_url = "{endpoint_url}"\n{agg}{dest_extra}'
+            f'stream = "spoold"\nregion = "us-east-1"\n'
+            + ('' if any(kv.startswith("endpoint_url=") for kv in args.dest) else f'endpoint_url = "{endpoint_url}"\n')
+            + f'{agg}{dest_extra}'
         )
         env = {**os.environ, **DUMMY_ENV}
         self.log_path = tmp / "daemon.log"
@@ -836,7 +838,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="extra [[destination]] key (TOML value), e.g. --dest linger=0.05")
     p.add_argument("--spool", action="append", default=[], metavar="KEY=VALUE", help="extra [spool] key")
     p.add_argument("--daemon", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra [daemon] key, e.g. --daemon http_process=false")
+                   help="extra [daemon] key, e.g. --daemon sender=process")
     p.add_argument("--patch", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="what-if: set a spoold module constant in the daemon, e.g. "
                         "--patch spoold.committer.DELETE_LINGER=0.005 (reported with the results)")
