@@ -8,6 +8,7 @@ must be an integer from 1 to 64``). Durations may be numbers of seconds or strin
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import tomllib
@@ -115,6 +116,13 @@ def load(path: str | os.PathLike[str], environ: dict[str, str] | None = None) ->
     return parse(doc, path, env)
 
 
+def group_id(group: str) -> int:
+    """The id of a group given by name or number; KeyError when no such group name exists."""
+    if group.isdigit():
+        return int(group)
+    return grp.getgrnam(group).gr_gid
+
+
 def _page_size(t: _Table) -> int:
     size = t.size("page_size", 4096, minimum=4096)
     if size > 65536 or size & (size - 1):
@@ -203,6 +211,11 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
     if not re.fullmatch(r"0?[0-7]{3}", mode_s):
         raise t.error("socket_mode", 'must be an octal string such as "0660"')
     socket_group = t.string("socket_group", default=None)
+    if socket_group is not None:
+        try:
+            group_id(socket_group)
+        except KeyError:
+            raise t.error("socket_group", f"no group {socket_group!r} on this host") from None
 
     stream = t.string("stream", default=None)
     if kind == "kinesis":

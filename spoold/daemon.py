@@ -309,7 +309,7 @@ class Daemon:
             if keep and again is not None:
                 logger.info("destination_restarting", dest=name)
                 if not rt.activated:
-                    os.chmod(again.socket, again.socket_mode)
+                    _set_socket_access(again)
                 await self._start_dest(again, rt.sock, rt.activated)
             else:
                 logger.info("destination_stopped", dest=name, hint="its spooled lines wait for it")
@@ -500,6 +500,17 @@ async def _read_head(stream: trio.SocketStream, end: bytes) -> bytes:
             break
         data += chunk
     return data
+
+
+def _set_socket_access(dest: Destination) -> None:
+    """A kept socket gets the reloaded socket_mode and socket_group; a failure is logged (the
+    socket still works, with its old access)."""
+    try:
+        os.chmod(dest.socket, dest.socket_mode)
+        if dest.socket_group:
+            os.chown(dest.socket, -1, config.group_id(dest.socket_group))
+    except (OSError, KeyError) as exc:
+        logger.error("socket_access_not_changed", dest=dest.name, socket=str(dest.socket), error=str(exc))
 
 
 async def run(cfg: Config) -> None:

@@ -10,7 +10,6 @@ name, set its mode and group, then rename it over the final path (replacing a st
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import socket as stdsocket
@@ -21,7 +20,7 @@ import structlog
 import trio
 
 from spoold.committer import Committer, Ticket
-from spoold.config import Destination
+from spoold.config import Destination, group_id
 from spoold.framing import LineBuffer
 
 logger = structlog.get_logger()
@@ -74,7 +73,7 @@ def bind_unix(path: Path, kind: int, mode: int, group: str | None = None) -> std
         sock.bind(str(tmp))
         os.chmod(tmp, mode)
         if group:
-            os.chown(tmp, -1, grp.getgrnam(group).gr_gid)
+            os.chown(tmp, -1, group_id(group))
         if kind == stdsocket.SOCK_STREAM:
             sock.listen(BACKLOG)
         os.rename(tmp, path)

@@ -171,7 +171,8 @@ def test_parse_size_rejects(value: object) -> None:
 
 
 def test_durations_and_sizes_in_the_file(tmp_path: Path) -> None:
-    cfg = load(tmp_path, SPOOL + 'max_age = "7d"\nmax_bytes = "2GiB"\npage_size = "16KiB"\n[daemon]\nshutdown_grace = 3\n'
+    cfg = load(tmp_path, SPOOL + 'max_age = "7d"\nmax_bytes = "2GiB"\npage_size = "16KiB"\n'
+               + '[daemon]\nshutdown_grace = 3\n'
                + KINESIS + 'linger = "250ms"\nretry_cap = "1h"\nmax_request_bytes = "4MiB"\nmax_record_bytes = 2048\n')
     assert cfg.spool.max_age == 604800.0 and cfg.spool.max_bytes == 2 * 1024**3
     assert cfg.spool.page_size == 16384
@@ -306,6 +307,8 @@ INVALID = [
      SPOOL + FIREHOSE + f'max_record_bytes = 1024\ndelimiter = "{"-" * 1024}"\n', ['destination "f": delimiter']),
     ("max_request_bytes below max_record_bytes", SPOOL + KINESIS + 'max_request_bytes = "512KiB"\n',
      ['destination "a": max_request_bytes']),
+    ("unknown socket_group", SPOOL + KINESIS + 'socket_group = "no-such-group-spoold"\n',
+     ['destination "a": socket_group', "no group"]),
     ("bad socket_mode", SPOOL + KINESIS + 'socket_mode = "rw-rw----"\n', ['destination "a": socket_mode']),
     ("socket_mode as a number", SPOOL + KINESIS + "socket_mode = 660\n", ['destination "a": socket_mode']),
     ("bad explicit_hash_key", SPOOL + KINESIS + f'explicit_hash_key = "{2**128}"\n',

@@ -3,6 +3,7 @@ reload, and the systemd protocols played from the test's side (notify socket, so
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -200,4 +201,25 @@ def test_socket_and_spool_permissions(make_daemon, fake_aws):
     assert os.stat(daemon.sockets()[0]).st_mode & 0o777 == 0o620
     assert os.stat(daemon.tmp / "spool.db").st_mode & 0o777 == 0o600
     assert os.stat(daemon.tmp / "control.sock").st_mode & 0o777 == 0o600
-    daemon.stop()
+
+    # A reload that keeps the socket applies its new mode and group (a group given by number).
+    gid = _another_group()
+    text = daemon.config.read_text()
+    assert 'socket_mode = "0620"' in text
+    extra = f'\nsocket_group = "{gid}"' if gid is not None else ""
+    daemon.config.write_text(text.replace('socket_mode = "0620"', 'socket_mode = "0640"' + extra))
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: any(e.get("event") == "reloaded" for e in daemon.log_events()), what="the reload")
+    st = os.stat(daemon.sockets()[0])
+    assert st.st_mode & 0o777 == 0o640
+    if gid is not None:
+        assert st.st_gid == gid
+    assert send_lines(daemon.sockets()[0], b"after-reload\n") == {"accepted": 1, "rejected": 0}
+    assert daemon.stop() == 0
+
+
+def _another_group() -> int | None:
+    """A group other than ours that we may give a file to (any, as root), or None."""
+    ours = os.getgid()
+    groups = [g.gr_gid for g in grp.getgrall()] if os.geteuid() == 0 else os.getgroups()
+    return next((g for g in groups if g != ours), None)
