@@ -835,7 +835,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ceiling-connections", type=int, default=2)
     p.add_argument("--timeout", type=float, default=90.0, help="cap on the spoold phase, seconds")
     p.add_argument("--dest", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra [[destination]] key (TOML value), e.g. --dest linger=0.05")
+                   help="extra [[destination]] key (TOML value), e.g. --dest linger=0.05; "
+                        "endpoint_url=... replaces the bench endpoint (a dead port: ingest alone)")
     p.add_argument("--spool", action="append", default=[], metavar="KEY=VALUE", help="extra [spool] key")
     p.add_argument("--daemon", action="append", default=[], metavar="KEY=VALUE",
                    help="extra [daemon] key, e.g. --daemon sender=process")
