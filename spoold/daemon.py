@@ -14,6 +14,7 @@ writers never see it vanish), and the others never pause. [spool] changes need a
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -43,6 +44,10 @@ logger = structlog.get_logger()
 
 # How often rows older than max_age are looked for on disk.
 EXPIRY_INTERVAL = 60.0
+# Container allocations (minus frees) between two young-generation passes of the cycle
+# collector (Python's default: 700). Measured without aggregation: 13% less CPU per line and
+# half the ack p99 (bench, alternating pairs); peak RSS unchanged.
+GC_YOUNG_THRESHOLD = 50_000
 # How often the shutdown drain checks whether every flusher is idle.
 DRAIN_POLL = 0.05
 # Heartbeat period without a systemd watchdog: STATUS= and the per-minute rates.
@@ -514,4 +519,13 @@ def _set_socket_access(dest: Destination) -> None:
 
 
 async def run(cfg: Config) -> None:
+    tune_gc()
     await Daemon(cfg).run()
+
+
+def tune_gc() -> None:
+    """The hot path allocates a few container objects per line (entries, tuples, lists) that
+    reference counting frees at once; with Python's default a young-generation pass runs every
+    700 of them. Reference cycles are rare here (httpx's request/response cycle is cut), so
+    collecting less often wastes little memory."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
