@@ -117,8 +117,9 @@ def load(path: str | os.PathLike[str], environ: dict[str, str] | None = None) ->
 
 
 def group_id(group: str) -> int:
-    """The id of a group given by name or number; KeyError when no such group name exists."""
-    if group.isdigit():
+    """The id of a group given by name or number; KeyError (or ValueError, for a name that
+    cannot be one, e.g. with a NUL) when no such group exists."""
+    if re.fullmatch(r"[0-9]+", group):
         return int(group)
     return grp.getgrnam(group).gr_gid
 
@@ -214,7 +215,7 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
     if socket_group is not None:
         try:
             group_id(socket_group)
-        except KeyError:
+        except (KeyError, ValueError):
             raise t.error("socket_group", f"no group {socket_group!r} on this host") from None
 
     stream = t.string("stream", default=None)

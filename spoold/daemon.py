@@ -128,6 +128,10 @@ class Daemon:
             try:
                 stats = await self.writer.run(self.spool.open_writer)
                 await self.reader.run(self.spool.open_reader)
+                if self.spool.page_size != self.cfg.spool.page_size:
+                    logger.info("spool_page_size_kept", page_size=self.spool.page_size,
+                                configured=self.cfg.spool.page_size,
+                                hint="page_size applies when a spool file is created")
                 known = {d.name for d in self.cfg.destinations}
                 for dest, s in stats.items():
                     level = logger.info if dest in known else logger.warning
@@ -511,10 +515,12 @@ def _set_socket_access(dest: Destination) -> None:
     """A kept socket gets the reloaded socket_mode and socket_group; a failure is logged (the
     socket still works, with its old access)."""
     try:
-        os.chmod(dest.socket, dest.socket_mode)
+        # The group first: a mode opened up for a group the change then fails to give would
+        # hand the socket to the old group.
         if dest.socket_group:
             os.chown(dest.socket, -1, config.group_id(dest.socket_group))
-    except (OSError, KeyError) as exc:
+        os.chmod(dest.socket, dest.socket_mode)
+    except (OSError, KeyError, ValueError) as exc:
         logger.error("socket_access_not_changed", dest=dest.name, socket=str(dest.socket), error=str(exc))
 
 

@@ -13,6 +13,7 @@ reads rows for the flushers, which WAL allows at any time. No SQLite call runs o
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -41,10 +42,13 @@ CHUNK_MAX_BYTES = 1024 * 1024
 READ_MAX_ROWS = 64
 # Ids probed one by one when a damaged table cannot be walked (the newest ones are kept).
 RECOVERY_PROBE_MAX = 5_000_000
-# Pages kept in the WAL before the writer checkpoints it (SQLite's default).
+# Pages kept in the WAL before the writer checkpoints it (SQLite's default), and at most
+# this many bytes of them (bigger pages, see [spool] page_size): the WAL's size on disk.
 WAL_AUTOCHECKPOINT = 1000
-# Row ids deleted by one statement (SQLite allows 32,766 parameters).
+WAL_MAX_BYTES = 16 * 1024 * 1024
+# Row ids deleted by one statement.
 DELETE_IDS_MAX = 500
+_DELETE_IDS = "DELETE FROM chunks WHERE id IN (SELECT value FROM json_each(?)) RETURNING id"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -148,8 +152,8 @@ class Spool:
     def __init__(self, path: Path, synchronous: str = "full", page_size: int = 4096) -> None:
         self.path = path
         self.synchronous = synchronous
-        # Applies when the file is created; an existing file keeps its own (``page_size`` then
-        # tells which, once opened).
+        # Applies when the file is created (or rebuilt by recovery); an existing file keeps its
+        # own, which ``page_size`` holds once the file is open.
         self.page_size = page_size
         self._w: sqlite3.Connection | None = None
         self._r: sqlite3.Connection | None = None
@@ -181,11 +185,7 @@ class Spool:
             self._recover(str(exc))
             conn, stats = self._connect_checked()
         self._w = conn
-        actual = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        if actual != self.page_size:
-            structlog.get_logger().info("spool_page_size_kept", page_size=actual, configured=self.page_size,
-                                        hint="page_size applies when a spool file is created")
-            self.page_size = actual
+        self.page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         return stats
 
     def _connect_checked(self) -> tuple[sqlite3.Connection, dict[str, DestStats]]:
@@ -195,7 +195,9 @@ class Spool:
             conn.execute(f"PRAGMA page_size={int(self.page_size)}")  # before WAL: new files only
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
             conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
+            size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            pages = max(1, min(WAL_AUTOCHECKPOINT, WAL_MAX_BYTES // size))
+            conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
             conn.execute("PRAGMA busy_timeout=5000")
             db = sqlite_utils.Database(conn)
             foreign = [t for t in db.table_names() if t not in ("meta", "chunks", "dead_letters", "sqlite_sequence")]
@@ -323,12 +325,12 @@ class Spool:
                     assert cur.lastrowid is not None
                     made.append((cur.lastrowid, dest, part, size))
             # One statement per DELETE_IDS_MAX ids: each call hands the GIL over and takes it
-            # back, which costs up to a switch interval while the trio thread is busy.
+            # back, which costs up to a switch interval while the trio thread is busy. The ids
+            # go as one JSON array, so the statement's text (and cached plan) is always the same.
             gone: set[int] = set()
             for i in range(0, len(deletes), DELETE_IDS_MAX):
-                ids = deletes[i:i + DELETE_IDS_MAX]
-                sql = f"DELETE FROM chunks WHERE id IN ({','.join('?' * len(ids))}) RETURNING id"
-                gone.update(row[0] for row in conn.execute(sql, ids))
+                ids = json.dumps(deletes[i:i + DELETE_IDS_MAX])
+                gone.update(row[0] for row in conn.execute(_DELETE_IDS, (ids,)))
             self.last_deleted = gone
             return made
 
@@ -481,6 +483,7 @@ def offline_status(path: Path) -> dict[str, Any]:
         try:
             stats = Spool._stats(conn)
             summary = _summary(conn)
+            page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         finally:
             conn.close()
     except sqlite3.Error as exc:
@@ -492,7 +495,8 @@ def offline_status(path: Path) -> dict[str, Any]:
         oldest, dead = summary.get(name, (None, 0))
         dests[name] = {"spooled_lines": s.lines, "spooled_bytes": s.bytes, "dead_letters": dead,
                        "oldest_age": max(0.0, now - oldest) if oldest is not None else None}
-    return {"running": False, "spool": {"path": str(path), "bytes": sum(s.bytes for s in stats.values())},
+    return {"running": False, "spool": {"path": str(path), "bytes": sum(s.bytes for s in stats.values()),
+                                        "page_size": page_size},
             "destinations": dests}
 
 

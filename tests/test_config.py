@@ -170,6 +170,15 @@ def test_parse_size_rejects(value: object) -> None:
         parse_size(value)
 
 
+def test_socket_group_by_number_or_existing_name(tmp_path: Path) -> None:
+    import grp
+
+    name = grp.getgrgid(os.getgid()).gr_name
+    for group in ("4242", name):
+        (d,) = load(tmp_path, SPOOL + KINESIS + f'socket_group = "{group}"\n').destinations
+        assert d.socket_group == group
+
+
 def test_durations_and_sizes_in_the_file(tmp_path: Path) -> None:
     cfg = load(tmp_path, SPOOL + 'max_age = "7d"\nmax_bytes = "2GiB"\npage_size = "16KiB"\n'
                + '[daemon]\nshutdown_grace = 3\n'
@@ -309,6 +318,9 @@ INVALID = [
      ['destination "a": max_request_bytes']),
     ("unknown socket_group", SPOOL + KINESIS + 'socket_group = "no-such-group-spoold"\n',
      ['destination "a": socket_group', "no group"]),
+    ("socket_group of a non-ASCII digit", SPOOL + KINESIS + 'socket_group = "\u00b2"\n',
+     ['destination "a": socket_group']),
+    ("socket_group with a NUL", SPOOL + KINESIS + 'socket_group = "a\\u0000b"\n', ['destination "a": socket_group']),
     ("bad socket_mode", SPOOL + KINESIS + 'socket_mode = "rw-rw----"\n', ['destination "a": socket_mode']),
     ("socket_mode as a number", SPOOL + KINESIS + "socket_mode = 660\n", ['destination "a": socket_mode']),
     ("bad explicit_hash_key", SPOOL + KINESIS + f'explicit_hash_key = "{2**128}"\n',

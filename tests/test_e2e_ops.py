@@ -34,7 +34,7 @@ def _free_port() -> int:
 def test_status_from_daemon_and_from_spool(make_daemon, fake_aws):
     fake_aws.faults.fatal = "AccessDeniedException"
     daemon = make_daemon({"name": "app", "endpoint_url": fake_aws.url, "retry_base": "10ms", "retry_cap": "100ms"},
-                         extra='[daemon]\nshutdown_grace = "200ms"\n').start()
+                         spool={"page_size": 16384}, extra='[daemon]\nshutdown_grace = "200ms"\n').start()
     send_lines(daemon.sockets()[0], b"a\nb\nc\n")
     wait_until(lambda: len(fake_aws.requests) >= 2, what="failing requests")
 
@@ -46,6 +46,7 @@ def test_status_from_daemon_and_from_spool(make_daemon, fake_aws):
     s = wait_until(lambda: (s := snap())["destinations"]["app"].get("failures") and s, what="failures in status")
     app = s["destinations"]["app"]
     assert s["running"] is True
+    assert s["spool"]["page_size"] == 16384
     assert app["spooled_lines"] == 3 and app["lines_in"] == 3 and app["lines_sent"] == 0
     assert app["failures"]["AccessDeniedException"] >= 1
     assert "AccessDenied" in app["last_error"]
@@ -56,6 +57,7 @@ def test_status_from_daemon_and_from_spool(make_daemon, fake_aws):
     daemon.stop()
     offline = json.loads(_status(daemon, "--json").stdout)
     assert offline["running"] is False
+    assert offline["spool"]["page_size"] == 16384
     assert offline["destinations"]["app"]["spooled_lines"] == 3
     assert "daemon not running" in _status(daemon).stdout
 
@@ -202,19 +204,26 @@ def test_socket_and_spool_permissions(make_daemon, fake_aws):
     assert os.stat(daemon.tmp / "spool.db").st_mode & 0o777 == 0o600
     assert os.stat(daemon.tmp / "control.sock").st_mode & 0o777 == 0o600
 
-    # A reload that keeps the socket applies its new mode and group (a group given by number).
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("by", ["number", "name"])
+def test_reload_applies_socket_mode_and_group_to_a_kept_socket(make_daemon, fake_aws, by):
     gid = _another_group()
+    if gid is None:
+        pytest.skip("no group other than ours that this user may give a file to")
+    group = str(gid) if by == "number" else grp.getgrgid(gid).gr_name
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "socket_mode": "0620"}).start()
+    path = daemon.sockets()[0]
+    assert os.stat(path).st_gid != gid
     text = daemon.config.read_text()
     assert 'socket_mode = "0620"' in text
-    extra = f'\nsocket_group = "{gid}"' if gid is not None else ""
-    daemon.config.write_text(text.replace('socket_mode = "0620"', 'socket_mode = "0640"' + extra))
+    daemon.config.write_text(text.replace('socket_mode = "0620"', f'socket_mode = "0640"\nsocket_group = "{group}"'))
     daemon.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: any(e.get("event") == "reloaded" for e in daemon.log_events()), what="the reload")
-    st = os.stat(daemon.sockets()[0])
-    assert st.st_mode & 0o777 == 0o640
-    if gid is not None:
-        assert st.st_gid == gid
-    assert send_lines(daemon.sockets()[0], b"after-reload\n") == {"accepted": 1, "rejected": 0}
+    st = os.stat(path)
+    assert (st.st_mode & 0o777, st.st_gid) == (0o640, gid)
+    assert send_lines(path, b"after-reload\n") == {"accepted": 1, "rejected": 0}
     assert daemon.stop() == 0
 
 

@@ -1280,6 +1280,15 @@ def test_page_size_applies_to_new_spools_and_an_existing_one_keeps_its_own(tmp_p
     path = tmp_path / "spool.db"
     spool = Spool(path, page_size=16384)
     spool.open_writer()
+    checkpoint_pages = spool._w.execute("PRAGMA wal_autocheckpoint").fetchone()[0]  # type: ignore[union-attr]
+    assert checkpoint_pages == 1000
+    big = Spool(tmp_path / "big.db", page_size=65536)
+    big.open_writer()
+    try:  # the WAL is checkpointed at 16 MB however big the pages
+        assert big._w.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 256  # type: ignore[union-attr]
+        assert file_page_size(tmp_path / "big.db") == 65536
+    finally:
+        big.close()
     spool.commit([("d", [b"x" * 100] * 500, 50500)], [], time.time())
     spool.close()
     assert file_page_size(path) == 16384
