@@ -289,7 +289,8 @@ class Daemon:
     async def _reload(self) -> None:
         systemd.reloading()
         try:
-            new = config.load(self.cfg.path)
+            # On a thread: group names are looked up (NSS, maybe LDAP), which may be slow.
+            new = await trio.to_thread.run_sync(config.load, self.cfg.path)
         except ConfigError as exc:
             logger.error("reload_failed", error=str(exc), hint="the running configuration is kept")
             systemd.notify("READY=1")
@@ -318,7 +319,7 @@ class Daemon:
             if keep and again is not None:
                 logger.info("destination_restarting", dest=name)
                 if not rt.activated:
-                    _set_socket_access(again)
+                    await trio.to_thread.run_sync(_set_socket_access, again)
                 await self._start_dest(again, rt.sock, rt.activated)
             else:
                 logger.info("destination_stopped", dest=name, hint="its spooled lines wait for it")
