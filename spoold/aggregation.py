@@ -78,9 +78,6 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-# Varints of small values, precomputed: every line's framing needs two of them.
-_SMALL_VARINTS = [_varint(v) for v in range(1 << 14)]
-
 
 class _Framing:
     """Per line length: the bytes framing a sub-record of data under one key index field
