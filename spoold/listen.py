@@ -1,0 +1,52 @@
+"""Accepting connections on a listening socket without dying or spinning when a resource runs out.
+
+Every listening surface of the daemon (writers' sockets, the control socket, the metrics port)
+accepts through :func:`accept`. When the process or the host is out of file descriptors or
+buffers, ``accept`` fails with EMFILE, ENFILE, ENOMEM or ENOBUFS; the connection stays in the
+kernel's backlog and a retry right away would fail again. As ``trio.serve_listeners`` does, we
+log it (at most once a period), sleep a little, and try again: the daemon keeps serving the
+connections it has, and accepts again once something closes.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import structlog
+import trio
+
+logger = structlog.get_logger()
+
+# Errors that mean "out of a resource for now", not "this listener is broken".
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# How long to wait before trying accept() again after such an error (trio.serve_listeners: 0.1 s).
+ACCEPT_RETRY = 0.1
+# At most one log line per listener per this many seconds while accept keeps failing.
+ACCEPT_LOG_EVERY = 10.0
+
+
+class Acceptor:
+    """Wraps a ``trio.SocketListener``: ``await acceptor.accept()`` returns the next stream,
+    waiting out resource exhaustion. ``failures`` counts the accept calls that failed so."""
+
+    def __init__(self, listener: trio.SocketListener, what: str) -> None:
+        self.listener = listener
+        self.what = what
+        self.failures = 0
+        self._next_log = 0.0
+
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            try:
+                return await self.listener.accept()
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise
+                self.failures += 1
+                now = trio.current_time()
+                if now >= self._next_log:
+                    self._next_log = now + ACCEPT_LOG_EVERY
+                    logger.error("accept_failed_out_of_resources", listener=self.what,
+                                 error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                                 retry_in=ACCEPT_RETRY, failures=self.failures)
+                await trio.sleep(ACCEPT_RETRY)
