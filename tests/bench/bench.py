@@ -1,4 +1,4 @@
-"""spoold's throughput benchmark (issue 6): one command, everything on 127.0.0.1, bounded in time.
+"""spoold's throughput benchmark: one command, everything on 127.0.0.1, bounded in time.
 
     python tests/bench/bench.py --lines 1000000 --size 100 --clients 4 \\
         [--aggregation kpl] [--record-fail-rate 0.1] [--latency-ms 0] [--rate 75000] \\
