@@ -78,6 +78,7 @@ PROGRESS_SECONDS = 5.0
 SETTLE_SECONDS = 30.0  # after the last id: how long daemons get to report an empty spool
 SEND_TIMEOUT = 120.0
 DAEMON_FIGURES = ("requests", "records_sent", "lines_sent", "retried_records", "dead_lettered")
+NOT_SUMMED = frozenset({"oldest_age", "last_error_at", "last_success_at"})  # times, not amounts
 
 
 # ---- lines -------------------------------------------------------------------------------------
@@ -359,6 +360,11 @@ def figures(args: argparse.Namespace, fleet: dict[str, Any], t0: int,
                       for s in shards],
         "per_second": fleet["seconds"],
     }
+    # The busiest shard's own need at its budget (no burst): how much of the run the keys' spread
+    # alone explains, whatever the daemons do.
+    needs = [max(s["accepted"] / args.shard_records if args.shard_records > 0 else 0.0,
+                 s["accepted_bytes"] / args.shard_bytes if args.shard_bytes > 0 else 0.0) for s in shards]
+    out["busiest_shard_needs_s"] = round(max(needs or [0.0]), 3)
     if args.shard_records > 0:
         out["goodput_records_pct"] = round(100 * accepted / elapsed / (args.shards * args.shard_records), 1)
     if args.shard_bytes > 0:
@@ -387,17 +393,20 @@ def figures(args: argparse.Namespace, fleet: dict[str, Any], t0: int,
 
 
 def daemon_totals(statuses: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The daemons' status figures summed: every number (a pace summed is the fleet's pace) and
+    every dict of numbers (failures by code), so figures a newer daemon adds show up too."""
     totals: dict[str, Any] = {k: 0 for k in DAEMON_FIGURES}
-    failures: dict[str, int] = {}
     for s in statuses:
-        if not s:
-            continue
-        for k in DAEMON_FIGURES:
-            if isinstance(s.get(k), int | float):
-                totals[k] += s[k]
-        for code, n in (s.get("failures") or {}).items():
-            failures[code] = failures.get(code, 0) + n
-    totals["failures"] = failures
+        for k, v in (s or {}).items():
+            if k in NOT_SUMMED:
+                continue
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                totals[k] = totals.get(k, 0) + v
+            elif isinstance(v, dict) and all(isinstance(x, int | float) for x in v.values()):
+                into = totals.setdefault(k, {})
+                for name, x in v.items():
+                    into[name] = into.get(name, 0) + x
+    totals.setdefault("failures", {})
     totals["no_status"] = sum(1 for s in statuses if not s)
     return totals
 
@@ -419,7 +428,8 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
     if "goodput_bytes_pct" in r:
         goodput.append(f"{n(r['bytes_per_s'] / 1024)} KiB/s = {r['goodput_bytes_pct']:.1f}% of byte capacity")
     out += [
-        f"  all lines delivered in {r['elapsed_s']:.2f} s; goodput " + "; ".join(goodput),
+        f"  all lines delivered in {r['elapsed_s']:.2f} s (the busiest shard alone needs"
+        f" {r['busiest_shard_needs_s']:.2f} s at its budget); goodput " + "; ".join(goodput),
         f"  {kind} sent per {kind[:-1]} accepted: {n(r['sent_per_accepted'], '.2f')} "
         f"({r['records_offered']:,} sent, {r['records_accepted']:,} accepted, {r['put_requests']:,} requests, "
         f"{r['refused_requests']:,} refused whole)",
