@@ -12,6 +12,7 @@ import functools
 import re
 import tomllib
 from collections import defaultdict
+from collections.abc import Callable, Mapping, Set as AbstractSet
 from pathlib import Path
 
 import pytest
@@ -76,58 +77,69 @@ def accepted_keys() -> dict[str, frozenset[str]]:
     return result
 
 
-def documented_keys() -> dict[str, set[str]]:
-    """The keys in the first column of each table of docs/configuration.md, by `## [section]`."""
+def _by_section(text: str, section_of: Callable[[str], str | None],
+                keys_of: Callable[[str], list[str]]) -> dict[str, set[str]]:
+    """Keys by section; section_of(line) names a section that starts, "" ends one, None neither."""
     found: dict[str, set[str]] = defaultdict(set)
-    section = None
-    for line in CONFIG_DOC.read_text().splitlines():
-        heading = re.match(r"^##\s+`?(\[\[?[a-z]+\]\]?)`?", line)
-        if heading:
-            section = heading.group(1)
-        elif line.startswith("## "):
-            section = None
-        elif section and line.startswith("|"):
-            first = line.split("|")[1]
-            found[section].update(re.findall(r"`([a-z_]+)`", first))
+    section = ""
+    for line in text.splitlines():
+        start = section_of(line)
+        if start is not None:
+            section = start
+        elif section:
+            found[section].update(keys_of(line))
     return dict(found)
 
 
-def test_every_config_key_is_documented() -> None:
-    accepted = accepted_keys()
-    documented = documented_keys()
-    assert {"[spool]", "[[destination]]"} <= set(accepted)
-    missing = {s: sorted(k - documented.get(s, set())) for s, k in accepted.items() if k - documented.get(s, set())}
-    assert not missing, f"config keys missing from the tables of docs/configuration.md: {missing}"
+def _beyond(these: Mapping[str, AbstractSet[str]], those: Mapping[str, AbstractSet[str]]) -> dict[str, list[str]]:
+    """The keys of `these` that `those` lacks, by section."""
+    return {s: sorted(k - those.get(s, set())) for s, k in these.items() if k - those.get(s, set())}
 
 
-def test_every_documented_key_is_accepted() -> None:
-    accepted = accepted_keys()
-    documented = documented_keys()
-    assert documented, "docs/configuration.md has no `## [section]` tables"
-    stale = {s: sorted(k - accepted.get(s, set())) for s, k in documented.items() if k - accepted.get(s, set())}
-    assert not stale, f"docs/configuration.md documents keys config.py does not accept: {stale}"
+def documented_keys() -> dict[str, set[str]]:
+    """The keys in the first column of each table of docs/configuration.md, by `## [section]`."""
+
+    def section_of(line: str) -> str | None:
+        heading = re.match(r"^##\s+`?(\[\[?[a-z]+\]\]?)`?", line)
+        return heading.group(1) if heading else ("" if line.startswith("## ") else None)
+
+    def keys_of(line: str) -> list[str]:
+        return re.findall(r"`([a-z_]+)`", line.split("|")[1]) if line.startswith("|") else []
+
+    return _by_section(CONFIG_DOC.read_text(), section_of, keys_of)
 
 
 def example_keys() -> dict[str, set[str]]:
     """Keys of config.example.toml by section, including the ones commented out for users to enable."""
-    found: dict[str, set[str]] = defaultdict(set)
-    section = None
-    for line in EXAMPLE.read_text().splitlines():
+
+    def section_of(line: str) -> str | None:
         head = re.match(r"^\s*(\[\[?[a-z]+\]\]?)", line)
-        if head:
-            section = head.group(1)
-            continue
-        key = re.match(r"^\s*#?\s*([a-z_]+)\s*=", line)
-        if key and section:
-            found[section].add(key.group(1))
-    return dict(found)
+        return head.group(1) if head else None
+
+    def keys_of(line: str) -> list[str]:
+        return re.findall(r"^\s*#?\s*([a-z_]+)\s*=", line)
+
+    return _by_section(EXAMPLE.read_text(), section_of, keys_of)
+
+
+def test_every_config_key_is_documented() -> None:
+    accepted = accepted_keys()
+    assert {"[spool]", "[[destination]]"} <= set(accepted)
+    missing = _beyond(accepted, documented_keys())
+    assert not missing, f"config keys missing from the tables of docs/configuration.md: {missing}"
+
+
+def test_every_documented_key_is_accepted() -> None:
+    documented = documented_keys()
+    assert documented, "docs/configuration.md has no `## [section]` tables"
+    stale = _beyond(documented, accepted_keys())
+    assert not stale, f"docs/configuration.md documents keys config.py does not accept: {stale}"
 
 
 def test_example_keys_are_known() -> None:
-    accepted = accepted_keys()
     example = example_keys()
     assert example.get("[[destination]]"), "found no destination keys in config.example.toml"
-    unknown = {s: sorted(k - accepted.get(s, set())) for s, k in example.items() if k - accepted.get(s, set())}
+    unknown = _beyond(example, accepted_keys())
     assert not unknown, f"config.example.toml has keys config.py does not know: {unknown}"
 
 
