@@ -57,6 +57,8 @@ RATE_WINDOW = 60.0
 # Limits of the control and metrics servers: request head size and time to answer.
 CONTROL_MAX_REQUEST = 8192
 CONTROL_TIMEOUT = 5.0
+# Characters of a refused reload's reason kept in STATUS= (one line for `systemctl status`).
+RELOAD_REASON_MAX = 300
 
 
 class DestRuntime:
@@ -105,6 +107,8 @@ class Daemon:
         self.started = time.time()
         self._activated: dict[str, stdsocket.socket] = {}
         self._services: trio.Nursery | None = None
+        # Why the last SIGHUP's config was refused, until a reload succeeds.
+        self.reload_refused: str | None = None
 
     # -- wiring for the committer -------------------------------------------------------
     def _on_rows(self, rows: list[tuple[int, str, list[bytes], int]], created: float) -> None:
@@ -293,8 +297,12 @@ class Daemon:
             new = await trio.to_thread.run_sync(config.load, self.cfg.path)
         except ConfigError as exc:
             logger.error("reload_failed", error=str(exc), hint="the running configuration is kept")
-            systemd.notify("READY=1")
+            # Kept in every STATUS= until a reload succeeds: the heartbeat would otherwise
+            # overwrite it within seconds, before anyone looks at `systemctl status`.
+            self.reload_refused = " ".join(str(exc).split())[:RELOAD_REASON_MAX]
+            systemd.notify("READY=1", f"STATUS={self.status_line()}")
             return
+        self.reload_refused = None
         logs.configure(new.log_level, new.log_format)
         if new.spool != self.cfg.spool:
             logger.warning("reload_spool_ignored", hint="[spool] changes need a restart")
@@ -376,7 +384,10 @@ class Daemon:
             s = self.committer.stats.get(name)
             err = " (failing)" if rt.flusher.blocked_until > trio.current_time() else ""
             parts.append(f"{name}: {s.lines if s else 0} spooled, {rt.flusher.lines_sent} sent{err}")
-        return "; ".join(parts) or "no destinations"
+        line = "; ".join(parts) or "no destinations"
+        if self.reload_refused:
+            line = f"reload refused: {self.reload_refused} (running the previous config); {line}"
+        return line
 
     async def snapshot(self) -> dict[str, Any]:
         """Everything `spoold status` shows, as JSON-ready data."""
