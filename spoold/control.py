@@ -55,6 +55,10 @@ MAX_CONTROL_CONNECTIONS = 32
 MAX_METRICS_CONNECTIONS = 64
 # Seconds spent telling a refused client why before closing (its buffer is empty: never blocks).
 REFUSE_TIMEOUT = 0.5
+# After a reply, unread input is read and discarded for up to this long and this many bytes,
+# so that the close does not reset the connection before the client has read the reply.
+LINGER_TIMEOUT = 1.0
+LINGER_MAX_BYTES = 256 * 1024
 # At most one log line per server per this many seconds about refused or bad requests.
 LOG_EVERY = 10.0
 # The most dead letters one `list` returns (each may be a line of up to max_line_bytes).
@@ -233,6 +237,13 @@ class Server:
             if reply:
                 with trio.move_on_after(REPLY_TIMEOUT):
                     await stream.send_all(reply)
+                    await stream.send_eof()
+                # Closing with unread input resets the connection, which may destroy the reply
+                # before the client reads it: read and discard what it still sends, briefly.
+                with trio.move_on_after(LINGER_TIMEOUT):
+                    drained = 0
+                    while drained < LINGER_MAX_BYTES and (chunk := await stream.receive_some(65536)):
+                        drained += len(chunk)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
