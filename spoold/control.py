@@ -174,10 +174,12 @@ class TooLong(Exception):
 async def _read_until(stream: trio.SocketStream, end: bytes, limit: int) -> bytes:
     """Bytes up to and including ``end`` (or up to EOF); TooLong past ``limit``."""
     data = bytearray()
+    searched = 0  # ``end`` is not in data[:searched]: each byte is looked at about once
     while True:
-        at = data.find(end, max(0, len(data) - 4096 - len(end)))
+        at = data.find(end, max(0, searched - len(end) + 1))
         if at >= 0:
             return bytes(data[: at + len(end)])
+        searched = len(data)
         if len(data) >= limit:
             raise TooLong
         chunk = await stream.receive_some(limit - len(data))
@@ -409,6 +411,12 @@ def query(cfg: Any, request: Request, offline: Callable[[], dict[str, Any]], tim
             who = f"spoold (pid {held.pid}{_process_state(held.pid)})" if held.pid else "another process"
             raise SpooldError(f"{who} holds the spool {cfg.spool.path} but gave no answer: {exc}; "
                               "the spool is not opened behind its back") from None
+    except SpooldError as cannot:
+        # The lock file is not ours to open (another user's daemon): only the daemon can answer.
+        try:
+            return ask(cfg.control_socket, request, timeout)
+        except NoAnswer as exc:
+            raise SpooldError(f"{cannot}; and the daemon gave no answer: {exc}") from None
     try:
         return offline()
     finally:

@@ -219,3 +219,13 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:
     for e in group.exceptions:
         out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
     return out
+
+
+async def test_read_until_finds_an_early_end_in_a_big_chunk() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(b"x" * 100 + b"\n" + b"y" * 7000)
+    assert await control._read_until(server, b"\n", control.MAX_REQUEST) == b"x" * 100 + b"\n"
+    client2, server2 = trio.testing.memory_stream_pair()
+    await client2.send_all(b"z" * control.MAX_REQUEST)
+    with pytest.raises(control.TooLong):
+        await control._read_until(server2, b"\n", control.MAX_REQUEST)
