@@ -31,6 +31,7 @@ import trio
 from spoold import __version__, config, logs, status, systemd
 from spoold.committer import Committer
 from spoold.config import Config, Destination
+from spoold.control import ControlServer, DeadLetters, MetricsServer
 from spoold.errors import ConfigError, SpoolError, SpoolLocked
 from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
@@ -38,7 +39,6 @@ from spoold.sender import InlineSender, ProcessSender, Sender, client_limits, ma
 from spoold.signing import CredentialSource, use_systemd_credentials
 from spoold.spool import Spool, SpoolLock, Worker, dead_letter_json
 from spoold.status import render_prometheus
-from spoold.control import ControlServer, DeadLetters, MetricsServer
 
 logger = structlog.get_logger()
 
