@@ -388,7 +388,7 @@ class DaemonProc:
         s.settimeout(5)
         try:
             s.connect(str(self.control))
-            s.sendall(b"status\n")
+            s.sendall(b'{"command": "status"}\n')
             data = b""
             while True:
                 chunk = s.recv(65536)
@@ -477,7 +477,7 @@ STAGES = [
     ("spool read (reader thread)", ("Spool.read ", "Spool.summary ")),
     ("committer (group commit, main thread)", ("Committer.",)),
     ("ingest (socket read, line split, ack)", ("Ingest.", "LineBuffer.")),
-    ("status/control/heartbeat", ("Daemon._control_connection", "Daemon.snapshot", "Daemon._heartbeat")),
+    ("status/control/heartbeat", ("ControlServer.", "MetricsServer.", "Server.", "Daemon.snapshot", "Daemon._heartbeat")),
     ("worker threads, other", ("Worker._loop ",)),
 ]
 
