@@ -180,9 +180,18 @@ class Committer:
         last = None
         spans: list[int] = []
         index: list[int] | None = None
+        same = None  # the refs of one-line entries of one chunk are one shared list
         for entry in entries:
             at = entry.at
-            for chunk, n in entry.refs:
+            refs = entry.refs
+            if refs is same:  # the hot path: the next line of the same chunk
+                if spans[-1] == at:
+                    spans[-1] = at + 1
+                else:
+                    spans += (at, at + 1)
+                continue
+            same = None
+            for chunk, n in refs:
                 if not chunk.remaining:
                     at = 0
                     continue
@@ -197,6 +206,8 @@ class Committer:
                             spans[-1] = at + n
                         else:
                             spans += (at, at + n)
+                        if n == 1 and len(refs) == 1:
+                            same = refs
                     else:
                         _add_positions(spans, [index[p] for p in range(at, at + n)])
                     at = 0
