@@ -105,6 +105,8 @@ class Committer:
         self._deletes: list[tuple[int, str, int, int]] = []
         # Per row id, lines accepted since the last commit, as flat ranges of positions in the row.
         self._progress: dict[int, list[int]] = {}
+        self._last: tuple[object, list[int], list[int] | None] = (None, [], None)
+        self._last_for: dict[int, list[int]] | None = None
         self._wake = trio.Event()
         self._lines_waiting = trio.Event()
         self._space = trio.Event()
@@ -176,10 +178,11 @@ class Committer:
         that a restart does not send those again. Call it after the entries' chunks' ``remaining``
         counts were lowered: a chunk at 0 is finished, and its delete() is what counts."""
         pending = self._progress
+        wake = not pending
         positions_of = self.spool.line_positions
-        last = None
-        spans: list[int] = []
-        index: list[int] | None = None
+        # The chunk of the last call, kept while its spans are still pending: entries are often
+        # acknowledged one call each (a batch with failures).
+        last, spans, index = self._last if self._last_for is pending else (None, [], None)
         same = None  # the refs of one-line entries of one chunk are one shared list
         for entry in entries:
             at = entry.at
@@ -213,8 +216,32 @@ class Committer:
                     at = 0
                 else:  # a list: the entry has one ref
                     _add_positions(spans, at if index is None else [index[p] for p in at])
-        if last is not None:
+        self._last = (last, spans, index)
+        self._last_for = pending
+        if wake and pending:
             self._wake.set()
+
+    def accepted_one(self, entry: Entry) -> None:
+        """accepted() for one entry, the common kind (one chunk, contiguous lines) kept short."""
+        refs = entry.refs
+        at = entry.at
+        if len(refs) != 1 or type(at) is not int:
+            self.accepted((entry,))
+            return
+        chunk, n = refs[0]
+        if not chunk.remaining:
+            return
+        pending = self._progress
+        last, spans, index = self._last
+        if chunk is not last or self._last_for is not pending:
+            self.accepted((entry,))
+            return
+        if index is not None:
+            _add_positions(spans, [index[p] for p in range(at, at + n)])
+        elif spans and spans[-1] == at:
+            spans[-1] = at + n
+        else:
+            spans += (at, at + n)
 
     def progress(self, row_id: int, positions: Iterable[int]) -> None:
         """Lines of a row (positions in it as the spool last returned it) were accepted while

@@ -503,7 +503,7 @@ class Flusher:
             if chunk.remaining == 0 and self.leased.pop(chunk.id, None) is not None:
                 self.leased_bytes -= chunk.nbytes
                 self.committer.delete(chunk.id, self.dest.name, len(chunk.lines), chunk.nbytes)
-        self.committer.accepted((entry,))
+        self.committer.accepted_one(entry)
 
     # -- the shard map, for aggregating keyed lines ----------------------------------------
     async def _shard_map_loop(self) -> None:

@@ -440,7 +440,7 @@ class Spool:
     ) -> list[tuple[int, str, list[bytes], int]]:
         """One transaction: append each (dest, lines, bytes) as rows, delete rows by id, and
         record ``progress``: per row id, the lines the service accepted, as flat ranges
-        [start0, stop0, start1, stop1, ...] of line positions in the row (see record_progress).
+        [start0, stop0, start1, stop1, ...] of line positions in the row (see _record_progress).
 
         Returns the appended rows as (id, dest, lines, bytes). Lines of one dest may be split
         over several rows of at most CHUNK_MAX_BYTES.

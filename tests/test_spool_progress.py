@@ -70,16 +70,20 @@ class Setup:
         return s.rows, s.lines, s.bytes
 
 
-def ack(committer: Committer, entries: list[Entry]) -> list[Chunk]:
+def ack(committer: Committer, entries: list[Entry], one_by_one: bool = False) -> list[Chunk]:
     """What the flusher does for accepted entries: lower each chunk's count, delete the
-    finished ones, record the rest's progress."""
+    finished ones, record the rest's progress (for the whole batch, or entry by entry as when
+    some of a batch failed)."""
     done = []
     for e in entries:
         for chunk, n in e.refs:
             chunk.remaining -= n
             if chunk.remaining == 0:
                 done.append(chunk)
-    committer.accepted(entries)
+        if one_by_one:
+            committer.accepted_one(e)
+    if not one_by_one:
+        committer.accepted(entries)
     for chunk in done:
         committer.delete(chunk.id, "d", len(chunk.lines), chunk.nbytes)
     return done
@@ -244,7 +248,8 @@ def encode(kind: str, chunk: Chunk, **opts: Any) -> list[Entry]:
     ("kinesis", {"aggregation": "kpl", "max_record_bytes": 400}),
     ("kinesis", {"aggregation": "kpl", "partition_key_field": "k", "max_record_bytes": 400}),
 ])
-async def test_entries_accepted_out_of_order_twice_over_a_restart(tmp_path, kind, opts):
+@pytest.mark.parametrize("one_by_one", [False, True])
+async def test_entries_accepted_out_of_order_twice_over_a_restart(tmp_path, kind, opts, one_by_one):
     """Every kind of entry: some accepted, a restart, more accepted from what the read gave,
     another restart: what is read at the end is exactly the lines never accepted."""
     lines = [b'{"k": "key%d", "i": %d}' % (i % 7, i) for i in range(300)]
@@ -257,12 +262,12 @@ async def test_entries_accepted_out_of_order_twice_over_a_restart(tmp_path, kind
         entries = encode(kind, chunk_of(row), **opts)
         assert len({id(e) for e in entries}) == len(entries)
         taken = [e for e in entries if rng.random() < 0.5]
-        ack(s.committer, taken)
+        ack(s.committer, taken, one_by_one)
         accepted.update(x for e in taken for x in e.lines)
         await s.committer.commit_once()
     finally:
         await s.close()
-    for _ in range(2):
+    for round_ in range(2):
         s = await Setup(tmp_path / "spool.db").open()
         try:
             assert s.stats()[1] == len(lines) - len(accepted)
@@ -271,7 +276,7 @@ async def test_entries_accepted_out_of_order_twice_over_a_restart(tmp_path, kind
             assert row.lines == [x for x in lines if x not in accepted]
             entries = encode(kind, chunk_of(row), **opts)
             taken = [e for e in entries if rng.random() < 0.5]
-            ack(s.committer, taken)
+            ack(s.committer, taken, one_by_one=(round_ == 0) != one_by_one)
             accepted.update(x for e in taken for x in e.lines)
             await s.committer.commit_once()
         finally:
