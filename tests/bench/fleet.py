@@ -245,7 +245,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             log("every line acknowledged; endpoint released")
         else:
             log(f"every line acknowledged {(time.monotonic_ns() - t0) / 1e9:.2f} s after the first write")
-        complete = wait_complete(endpoint, args, t0)
+        complete = wait_complete(endpoint, daemons, args, t0)
         settled = wait_settled(daemons) if complete else False
         dump = endpoint.dump()
         statuses = [d.status() for d in daemons]
@@ -274,8 +274,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def wait_complete(endpoint: FleetEndpoint, args: argparse.Namespace, t0: int) -> bool:
-    """Until every daemon's every id has been accepted once, or --timeout."""
+def wait_complete(endpoint: FleetEndpoint, daemons: list[DaemonProc], args: argparse.Namespace,
+                  t0: int) -> bool:
+    """Until every daemon's every id has been accepted once, --timeout, or a daemon exits."""
     end = time.monotonic() + args.timeout
     next_progress = time.monotonic() + PROGRESS_SECONDS
     expected = args.daemons * args.lines
@@ -285,6 +286,10 @@ def wait_complete(endpoint: FleetEndpoint, args: argparse.Namespace, t0: int) ->
         distinct = sum(v[0] for v in counts.values())
         if len(counts) == args.daemons and all(v[0] >= args.lines for v in counts.values()):
             return True
+        dead = [i for i, d in enumerate(daemons) if d.proc.poll() is not None]
+        if dead:
+            log(f"daemons {dead} exited (--keep keeps their logs): {distinct:,} of {expected:,} lines arrived")
+            return False
         now = time.monotonic()
         if now > end:
             log(f"timed out after {args.timeout:g} s: {distinct:,} of {expected:,} lines arrived")
@@ -421,7 +426,7 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
            f"{args.shards} shards x {n(args.shard_records)} records/s, {n(args.shard_bytes)} bytes/s, "
            f"start {args.start}; load average {r['loadavg'][0]:.1f}"]
     if not r["complete"]:
-        out.append("  INCOMPLETE: timed out before every line arrived")
+        out.append("  INCOMPLETE: not every line arrived (timeout or a daemon exited)")
     goodput = []
     if "goodput_records_pct" in r:
         goodput.append(f"{n(r['records_per_s'])} records/s = {r['goodput_records_pct']:.1f}% of record capacity")
