@@ -407,8 +407,12 @@ class FleetAWS(BenchAWS):
     def __init__(self, *args: Any, shard_records: float | None = None, shard_bytes: float | None = None,
                  burst: float = 1.0, whole_throttle_share: float | None = None,
                  whole_code: str = "ProvisionedThroughputExceededException", hold: bool = False,
-                 clock: Callable[[], int] = time.monotonic_ns, **kwargs: Any) -> None:
+                 yds_shard_ids: bool = False, clock: Callable[[], int] = time.monotonic_ns,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if yds_shard_ids:
+            # Yandex Data Streams names shards its own way; a sender must not assume AWS's format.
+            self._shard_ids = [f"shard-{i:06d}" for i in range(self.shards)]
         if whole_code not in THROTTLE_CODES:
             raise ValueError(f"whole_code must be one of {THROTTLE_CODES}")
         self.shard_records = shard_records
@@ -605,17 +609,18 @@ def main(argv: list[str] | None = None) -> int:
                        help="refuse a request whole (400) when at least this share of it is over budget")
     fleet.add_argument("--whole-code", default="ProvisionedThroughputExceededException", choices=THROTTLE_CODES)
     fleet.add_argument("--hold", action="store_true", help="hold every request until SIGUSR1")
+    fleet.add_argument("--yds-shard-ids", action="store_true", help='name shards "shard-000001", as YDS does')
     args = parser.parse_args(argv)
 
     common = dict(verify=args.verify, store=False, seed=args.seed, shards=args.shards, port=args.port,
                   reservoir=args.reservoir)
-    if args.shard_records is None and args.shard_bytes is None and not args.hold:
+    if args.shard_records is None and args.shard_bytes is None and not args.hold and not args.yds_shard_ids:
         server: BenchAWS = BenchAWS(args.access_key, args.secret_key, **common)
     else:
         fleet_server = FleetAWS(args.access_key, args.secret_key, shard_records=args.shard_records,
                                 shard_bytes=args.shard_bytes, burst=args.burst,
                                 whole_throttle_share=args.whole_throttle_share, whole_code=args.whole_code,
-                                hold=args.hold, **common)
+                                hold=args.hold, yds_shard_ids=args.yds_shard_ids, **common)
         signal.signal(signal.SIGUSR1, lambda *_: fleet_server.release())
         server = fleet_server
     return serve_until_stopped(server, args)

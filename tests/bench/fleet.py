@@ -65,10 +65,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench.bench import HERE, ROOT, DaemonProc, Endpoint, die_with_parent, family_cpu, log
+from tests.bench.bench import HERE, ROOT, DaemonProc, Endpoint, MiB, die_with_parent, family_cpu, log
 from tests.fakeaws import shard_ranges
 
-MiB = 1024 * 1024
 HOT_KEY = "hot"  # the partition key of the hot lines in --mode hot
 MAX_DAEMONS = 64
 MAX_TOTAL_LINES = 2_000_000
@@ -126,6 +125,8 @@ def send_all(path: Path, payload: bytes) -> dict[str, Any]:
             answer += chunk
     finally:
         s.close()
+    if not answer:
+        raise SystemExit(f"{path}: the daemon closed the connection without an acknowledgement")
     return json.loads(answer)  # type: ignore[no-any-return]
 
 
@@ -148,6 +149,8 @@ class FleetEndpoint(Endpoint):
             cmd += ["--whole-throttle-share", str(args.whole_throttle_share)]
         if args.start == "held":
             cmd.append("--hold")
+        if args.yds_shard_ids:
+            cmd.append("--yds-shard-ids")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      preexec_fn=die_with_parent)
         end = time.monotonic() + 20
@@ -484,6 +487,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                             "ThrottlingException"))
     p.add_argument("--start", choices=("held", "live"), default="held",
                    help="held: the endpoint holds requests until every backlog is queued; live: no hold")
+    p.add_argument("--yds-shard-ids", action="store_true",
+                   help='the endpoint names shards "shard-000001", as Yandex Data Streams does')
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every line")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write the figures (and each daemon's final status) here")
