@@ -17,16 +17,17 @@ everything, samples and buckets included.
 
     python tests/bench/endpoint.py --port 0 --port-file F [--record-fail-rate R] [--latency S]
 
-Fleet mode (tests/bench/fleet.py; any of --shard-records, --shard-bytes, --hold): FleetAWS puts
-a token bucket per shard (records/s and bytes/s, ``--burst`` seconds of capacity, full at start)
-in front of PutRecords and answers over-budget records as Kinesis does: a 200 reply whose entry
-carries ``ProvisionedThroughputExceededException`` and a message naming the shard, while accepted
-entries carry their ShardId. A rejected record takes nothing from the budget. With
+Fleet mode (tests/bench/fleet.py; ``--fleet`` or any fleet option): FleetAWS puts a token bucket
+per shard (records/s and bytes/s, ``--burst`` seconds of capacity, full at start) in front of
+PutRecords and answers over-budget records as Kinesis does: a 200 reply whose entry carries
+``ProvisionedThroughputExceededException`` and a message naming the shard, while accepted entries
+carry their ShardId. A rejected record takes nothing from the budget. With
 ``--whole-throttle-share S``, a request of which at least that share would be throttled is refused
 whole (400 ``--whole-code``) instead. Lines that start ``{"id":"DAEMON-SEQ"`` are counted per
 daemon and per id (KPL aggregates are walked), so the harness can tell lost and duplicated lines.
 ``--hold`` keeps every request waiting until the process gets SIGUSR1 (all daemons then start
-from a full backlog at the same moment); the dump says when that was.
+from a full backlog at the same moment); the dump says when that was. ``--yds-shard-ids`` names
+shards as Yandex Data Streams does (``shard-000001``) in every reply, DescribeStream included.
 
 Listens on 127.0.0.1 only; exits on SIGTERM/SIGINT or when its parent dies.
 """
@@ -602,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--reservoir", type=int, default=50_000, help="latency samples kept per stream")
     fleet = parser.add_argument_group("fleet mode (FleetAWS)")
+    fleet.add_argument("--fleet", action="store_true", help="fleet mode even without budgets")
     fleet.add_argument("--shard-records", type=float, help="records/s each shard accepts")
     fleet.add_argument("--shard-bytes", type=float, help="bytes/s (data + partition key) each shard accepts")
     fleet.add_argument("--burst", type=float, default=1.0, help="seconds of budget a shard's buckets hold")
@@ -614,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common = dict(verify=args.verify, store=False, seed=args.seed, shards=args.shards, port=args.port,
                   reservoir=args.reservoir)
-    if args.shard_records is None and args.shard_bytes is None and not args.hold and not args.yds_shard_ids:
+    if not (args.fleet or args.hold or args.yds_shard_ids) and args.shard_records is None and args.shard_bytes is None:
         server: BenchAWS = BenchAWS(args.access_key, args.secret_key, **common)
     else:
         fleet_server = FleetAWS(args.access_key, args.secret_key, shard_records=args.shard_records,
