@@ -468,6 +468,9 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
     out.append(f"  daemons: {t['requests']:,} requests, {t['retried_records']:,} records retried, failures "
                + (", ".join(f"{k}={v:,}" for k, v in sorted(t["failures"].items())) or "none")
                + f"; CPU daemons {r['cpu']['daemons_s']:.1f} s, endpoint {r['cpu']['endpoint_s']:.1f} s")
+    paced = {k: v for k, v in t.items() if k.startswith("pace") and isinstance(v, int | float)}
+    if paced:  # a daemon that paces says how (summed over the daemons)
+        out.append("  daemons' pacing, summed: " + ", ".join(f"{k} {v:,.1f}" for k, v in sorted(paced.items())))
     return "\n".join(out)
 
 
