@@ -723,7 +723,6 @@ class FakeAWS:
                 "requests": self._count_requests,
                 "accepted": self._count_accepted,
                 "bad_signatures": self._bad_signatures,
-                "assume_role_calls": len(self._assume_calls),
                 "records_by_stream": dict(self._accepted_by_stream),
             }
 
