@@ -83,6 +83,8 @@ def test_example_config_parses() -> None:
     for d in cfg.destinations:
         assert d.endpoint_url.startswith("https://")
         assert d.max_line_bytes < d.max_record_bytes <= d.max_request_bytes
+    roles = [d for d in cfg.destinations if d.role_arn]
+    assert roles and all(d.external_id and d.role_session_name for d in roles)
 
 
 def test_minimal_kinesis_defaults(tmp_path: Path) -> None:
