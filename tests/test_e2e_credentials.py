@@ -122,7 +122,12 @@ def test_three_destinations_sign_as_three_identities(make_daemon, fake_aws, tmp_
                          "method": "shared-credentials-file"}
     assert ids["audit"] == {"profile": None, "role_arn": ROLE, "access_key": "..." + audit_key[-4:],
                             "method": "assume-role"}
-    text = json.dumps(snap)
+    table = subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config)],
+                           capture_output=True, text=True, timeout=60, env=daemon.env).stdout
+    assert f"  app: key ...{TEST_KEYS['AWS_ACCESS_KEY_ID'][-4:]}, from env\n" in table
+    assert f"  yc: key ...{YC_KEY[-4:]}, profile yc, from shared-credentials-file\n" in table
+    assert f"  audit: key ...{audit_key[-4:]}, role {ROLE}, from assume-role\n" in table
+    text = json.dumps(snap) + table
     for secret in (TEST_KEYS["AWS_SECRET_ACCESS_KEY"], YC_SECRET, issued[audit_key].secret_key,
                    issued[audit_key].session_token, YC_KEY, audit_key, EXTERNAL_ID):
         assert secret not in text
