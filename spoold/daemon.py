@@ -404,7 +404,7 @@ class Daemon:
                          lines_in=rt.ingest.stats.lines_in, connections=rt.ingest.stats.connections,
                          rejected=dict(rt.ingest.stats.rejected),
                          lines_in_per_s=round(rate_in, 1), lines_out_per_s=round(rate_out, 1),
-                         identity=rt.flusher.credentials.describe(),
+                         identity=self.credentials.for_destination(rt.dest).describe(),
                          **rt.flusher.snapshot())
             dests[name] = d
         return {
