@@ -385,7 +385,8 @@ def _credentials(t: _Table, kind: str, env: dict[str, str]) -> dict[str, Any]:
 
 def _check_profile(t: _Table, profile: str, env: dict[str, str]) -> None:
     """The profile must be in the shared config or credentials file (read as botocore reads
-    them, systemd credentials included); so must the source_profile it names."""
+    them, systemd credentials included); so must the source_profile it names, and a profile
+    that assumes a role needs a region for STS."""
     import botocore.configloader
     from botocore.exceptions import BotoCoreError
 
@@ -410,6 +411,10 @@ def _check_profile(t: _Table, profile: str, env: dict[str, str]) -> None:
     source = profiles[profile].get("source_profile")
     if isinstance(source, str) and source not in profiles:
         raise t.error("profile", f"profile {profile!r} names source_profile {source!r}, which is not in {where}")
+    if "role_arn" in profiles[profile] and not profiles[profile].get("region") and not env.get("AWS_DEFAULT_REGION"):
+        # botocore asks STS in the profile's region and stops with NoRegionError without one.
+        raise t.error("profile", f"profile {profile!r} assumes a role: give it a region (region = ...) "
+                                 "or set AWS_DEFAULT_REGION")
 
 
 def _default_region(env: dict[str, str]) -> str | None:

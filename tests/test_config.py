@@ -440,7 +440,7 @@ def test_no_credential_keys_is_the_default_chain(tmp_path: Path) -> None:
 
 def test_profile_from_either_shared_file(tmp_path: Path) -> None:
     env = shared_files(tmp_path, "[yc]\naws_access_key_id = A\naws_secret_access_key = B\n",
-                       "[profile ops]\nrole_arn = " + ROLE + "\nsource_profile = yc\n[default]\nregion = eu-west-1\n")
+                       "[profile ops]\nrole_arn = " + ROLE + "\nsource_profile = yc\nregion = eu-west-1\n[default]\nregion = eu-west-1\n")
     for name in ("yc", "ops", "default"):
         assert only(tmp_path, YDS + f'profile = "{name}"\n', env).profile == name
 
@@ -478,6 +478,7 @@ CREDENTIAL_INVALID = [
     ("profile-empty", KINESIS + 'profile = ""\n', ["profile", "''"]),
     ("profile-not-string", KINESIS + "profile = 1\n", ["profile", "must be a string"]),
     ("source-profile-missing", KINESIS + 'profile = "broken"\n', ["profile", "source_profile 'gone'"]),
+    ("role-profile-no-region", KINESIS + 'profile = "noregion"\n', ["profile", "'noregion' assumes a role", "region"]),
     ("arn-kinesis", KINESIS + 'role_arn = "arn:aws:kinesis:us-east-1:123456789012:stream/s"\n', ["role_arn"]),
     ("arn-short-account", KINESIS + 'role_arn = "arn:aws:iam::12345:role/r"\n', ["role_arn"]),
     ("arn-user", KINESIS + 'role_arn = "arn:aws:iam::123456789012:user/r"\n', ["role_arn"]),
@@ -499,7 +500,8 @@ CREDENTIAL_INVALID = [
                          ids=[c[0] for c in CREDENTIAL_INVALID])
 def test_invalid_credential_keys(tmp_path: Path, text: str, wanted: list[str]) -> None:
     env = shared_files(tmp_path, "[yc]\naws_access_key_id = A\naws_secret_access_key = B\n",
-                       "[profile broken]\nrole_arn = " + ROLE + "\nsource_profile = gone\n")
+                       "[profile broken]\nrole_arn = " + ROLE + "\nsource_profile = gone\nregion = us-east-1\n"
+                       "[profile noregion]\nrole_arn = " + ROLE + "\nsource_profile = yc\n")
     with pytest.raises(ConfigError) as exc:
         load(tmp_path, SPOOL + text, env)
     message = str(exc.value)
@@ -514,7 +516,7 @@ def test_cli_check_config_names_a_missing_profile_without_the_network(tmp_path: 
     import socket
 
     files = shared_files(tmp_path, "[base]\naws_access_key_id = A\naws_secret_access_key = B\n",
-                         f"[profile ops]\nrole_arn = {ROLE}\nsource_profile = base\n"
+                         f"[profile ops]\nrole_arn = {ROLE}\nsource_profile = base\nregion = us-east-1\n"
                          "[profile proc]\ncredential_process = /bin/false\n")
     good = tmp_path / "good.toml"
     good.write_text(SPOOL + KINESIS + 'profile = "ops"\nrole_arn = "' + ROLE + '"\n'

@@ -189,3 +189,42 @@ def test_access_denied_shows_in_status_and_lines_wait_until_fixed(make_daemon, f
     wait_until(lambda: len(_firehose_lines(fake_aws)) >= 40, what="the waiting lines, once the role can be assumed")
     assert collections.Counter(_firehose_lines(fake_aws)) == collections.Counter(_lines("audit", 40))
     assert daemon.stop() == 0
+
+
+def test_roles_through_profiles(make_daemon, fake_aws, tmp_path):
+    """A profile that itself assumes a role (role_arn + source_profile in the config file, done by
+    botocore), and a destination's own role_arn on top of a profile's static key."""
+    base_key, base_secret = "AKIDBASEPROFILE0001", "base-profile-secret"
+    other_role = "arn:aws:iam::123456789012:role/team-b-writer"
+    fake_aws.keys[base_key] = base_secret
+    trusted = frozenset({base_key})
+    fake_aws.roles[ROLE] = Role(external_id=EXTERNAL_ID, trusted_keys=trusted)
+    fake_aws.roles[other_role] = Role(trusted_keys=trusted)
+    (tmp_path / "aws-credentials").write_text(
+        f"[base]\naws_access_key_id = {base_key}\naws_secret_access_key = {base_secret}\n")
+    (tmp_path / "aws-config").write_text(
+        f"[profile ops]\nrole_arn = {ROLE}\nsource_profile = base\nexternal_id = {EXTERNAL_ID}\n"
+        "role_session_name = ops-session\nregion = us-east-1\n")
+    daemon = make_daemon(
+        {"name": "viaprofile", "endpoint_url": fake_aws.url, "stream": "ops-events", "profile": "ops", **FAST_RETRY},
+        {"name": "ownrole", "endpoint_url": fake_aws.url, "stream": "team-b-events", "profile": "base",
+         "role_arn": other_role, "role_session_name": "team-b", **FAST_RETRY},
+        env={"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials"),
+             "AWS_CONFIG_FILE": str(tmp_path / "aws-config"), "AWS_ENDPOINT_URL_STS": fake_aws.url},
+    ).start()
+    _send(daemon, 0, _lines("ops", 100))
+    _send(daemon, 1, _lines("teamb", 100))
+    wait_until(lambda: len(fake_aws.records("ops-events")) >= 100 and len(fake_aws.records("team-b-events")) >= 100,
+               what="the lines of both destinations")
+    assert collections.Counter(r.data for r in fake_aws.records("ops-events")) == collections.Counter(_lines("ops", 100))
+    assert collections.Counter(r.data for r in fake_aws.records("team-b-events")) == collections.Counter(
+        _lines("teamb", 100))
+    issued = fake_aws.issued_keys()
+    for stream, role in (("ops-events", ROLE), ("team-b-events", other_role)):
+        keys = {r.access_key for r in _puts(fake_aws, stream)}
+        assert keys and keys <= set(issued) and {issued[k].role_arn for k in keys} == {role}
+    calls = {(c.access_key, c.role_arn, c.external_id, c.role_session_name, c.status)
+             for c in fake_aws.assume_role_calls()}
+    assert calls == {(base_key, ROLE, EXTERNAL_ID, "ops-session", 200), (base_key, other_role, None, "team-b", 200)}
+    assert all(r.status == 200 and r.signature_ok for r in fake_aws.requests)
+    assert daemon.stop() == 0
