@@ -440,7 +440,8 @@ def test_no_credential_keys_is_the_default_chain(tmp_path: Path) -> None:
 
 def test_profile_from_either_shared_file(tmp_path: Path) -> None:
     env = shared_files(tmp_path, "[yc]\naws_access_key_id = A\naws_secret_access_key = B\n",
-                       "[profile ops]\nrole_arn = " + ROLE + "\nsource_profile = yc\nregion = eu-west-1\n[default]\nregion = eu-west-1\n")
+                       "[profile ops]\nrole_arn = " + ROLE + "\nsource_profile = yc\nregion = eu-west-1\n"
+                       "[default]\nregion = eu-west-1\n")
     for name in ("yc", "ops", "default"):
         assert only(tmp_path, YDS + f'profile = "{name}"\n', env).profile == name
 

@@ -216,7 +216,8 @@ def test_roles_through_profiles(make_daemon, fake_aws, tmp_path):
     _send(daemon, 1, _lines("teamb", 100))
     wait_until(lambda: len(fake_aws.records("ops-events")) >= 100 and len(fake_aws.records("team-b-events")) >= 100,
                what="the lines of both destinations")
-    assert collections.Counter(r.data for r in fake_aws.records("ops-events")) == collections.Counter(_lines("ops", 100))
+    assert collections.Counter(r.data for r in fake_aws.records("ops-events")) == collections.Counter(
+        _lines("ops", 100))
     assert collections.Counter(r.data for r in fake_aws.records("team-b-events")) == collections.Counter(
         _lines("teamb", 100))
     issued = fake_aws.issued_keys()

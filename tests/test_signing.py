@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 import trio.testing
 from botocore.credentials import Credentials, RefreshableCredentials
 from botocore.exceptions import ClientError
