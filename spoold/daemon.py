@@ -296,6 +296,7 @@ class Daemon:
             systemd.notify("READY=1")
             return
         logs.configure(new.log_level, new.log_format)
+        self.credentials.reset()  # rotated keys or fixed profiles apply without a restart
         if new.spool != self.cfg.spool:
             logger.warning("reload_spool_ignored", hint="[spool] changes need a restart")
             new = dataclasses.replace(new, spool=self.cfg.spool)

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 logger = structlog.get_logger()
 
-# How long frozen static credentials are reused before asking botocore again. Temporary ones are
+# How long frozen credentials are reused before asking botocore again. Static ones (environment,
+# shared files) are then read afresh, so rotated keys apply within this time; temporary ones are
 # also fetched again as soon as botocore wants to refresh them (see CredentialSource.get).
 CREDENTIALS_REUSE = 60.0
 # While botocore wants to refresh (and a refresh failed, keeping the old credentials), ask it at
@@ -171,12 +172,20 @@ class CredentialSource:
         )
 
     def _resolve(self) -> ReadOnlyCredentials | None:
-        if self._provider is None:
-            self._provider = self._build()
-            if self._provider is None:
+        provider = self._provider
+        # Static credentials are found again (no network: environment and files); refreshable
+        # ones are kept, since botocore renews them itself.
+        if provider is None or not hasattr(provider, "refresh_needed"):
+            provider = self._provider = self._build()
+            if provider is None:
                 return None
-        frozen: ReadOnlyCredentials = self._provider.get_frozen_credentials()
+        frozen: ReadOnlyCredentials = provider.get_frozen_credentials()
         return frozen
+
+    def reset(self) -> None:
+        """Find the credentials afresh at the next request (the shared files may have changed)."""
+        self._provider = None
+        self._fetched = float("-inf")
 
     def _stale(self, now: float) -> bool:
         age = now - self._fetched
@@ -232,6 +241,11 @@ class CredentialSources:
         if source is None:
             source = self._sources[identity] = CredentialSource(identity)
         return source
+
+    def reset(self) -> None:
+        """On reload: every identity finds its credentials afresh at its next request."""
+        for source in self._sources.values():
+            source.reset()
 
 
 def sign(

@@ -4,6 +4,9 @@
 - "yc" (yds) signs with the static key of profile "yc" in the shared credentials file;
 - "audit" (firehose) assumes a role with an external id, the default chain as its base.
 
+Then: roles through profiles, and credential failures (AccessDenied on AssumeRole, an expired
+session token) shown in status while the lines wait, until they are fixed.
+
 The loopback endpoint verifies each request's SigV4 signature against the key it names, answers
 STS AssumeRole (reached through AWS_ENDPOINT_URL_STS, as botocore resolves it) and refuses
 temporary keys without their session token or after they expire. So every check below fails if
@@ -14,11 +17,16 @@ from __future__ import annotations
 
 import collections
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import boto3
+from botocore.config import Config
 
 from spoold.config import default_session_name
 from tests.conftest import TEST_KEYS, send_lines, wait_until
@@ -228,4 +236,44 @@ def test_roles_through_profiles(make_daemon, fake_aws, tmp_path):
              for c in fake_aws.assume_role_calls()}
     assert calls == {(base_key, ROLE, EXTERNAL_ID, "ops-session", 200), (base_key, other_role, None, "team-b", 200)}
     assert all(r.status == 200 and r.signature_ok for r in fake_aws.requests)
+    assert daemon.stop() == 0
+
+
+def test_expired_token_shows_in_status_until_the_keys_are_replaced(make_daemon, fake_aws, tmp_path):
+    """A profile holding temporary keys that have expired: the endpoint refuses them, status
+    says so, the lines wait; new keys in the file and a reload let them through."""
+    fake_aws.roles[ROLE] = Role()
+    fake_aws.sts_lifetime = 1
+    sts = boto3.client("sts", endpoint_url=fake_aws.url, region_name="us-east-1",
+                       config=Config(retries={"total_max_attempts": 1}),
+                       aws_access_key_id=TEST_KEYS["AWS_ACCESS_KEY_ID"],
+                       aws_secret_access_key=TEST_KEYS["AWS_SECRET_ACCESS_KEY"])
+    stale = sts.assume_role(RoleArn=ROLE, RoleSessionName="handed-out")["Credentials"]
+    sts.close()
+    files = tmp_path / "aws-credentials"
+    files.write_text(f"[stale]\naws_access_key_id = {stale['AccessKeyId']}\n"
+                     f"aws_secret_access_key = {stale['SecretAccessKey']}\n"
+                     f"aws_session_token = {stale['SessionToken']}\n")
+    end = fake_aws.issued_keys()[stale["AccessKeyId"]].expiration
+    wait_until(lambda: time.time() >= end, what="the handed-out key's end")
+    daemon = make_daemon({"name": "app", "endpoint_url": fake_aws.url, "stream": "app-events", "profile": "stale",
+                          **FAST_RETRY},
+                         env={"AWS_SHARED_CREDENTIALS_FILE": str(files),
+                              "AWS_CONFIG_FILE": str(tmp_path / "no-config")}).start()
+    _send(daemon, 0, _lines("app", 30))
+    snap = wait_until(lambda: (s := _status(daemon))["destinations"]["app"]["last_error"] and s,
+                      what="the expired token as app's last error")
+    app = snap["destinations"]["app"]
+    assert "ExpiredTokenException" in app["last_error"]
+    assert app["spooled_lines"] == 30 and app["lines_sent"] == 0
+    assert app["identity"]["access_key"] == "..." + stale["AccessKeyId"][-4:]
+    assert fake_aws.records("app-events") == []
+
+    fake_aws.keys["AKIDREPLACEMENT0001"] = "replacement-secret"
+    files.write_text("[stale]\naws_access_key_id = AKIDREPLACEMENT0001\naws_secret_access_key = replacement-secret\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(fake_aws.records("app-events")) >= 30, what="the waiting lines, with the new keys")
+    assert collections.Counter(r.data for r in fake_aws.records("app-events")) == collections.Counter(
+        _lines("app", 30))
+    assert {r.access_key for r in _puts(fake_aws, "app-events") if r.status == 200} == {"AKIDREPLACEMENT0001"}
     assert daemon.stop() == 0

@@ -138,8 +138,24 @@ async def test_static_credentials_are_asked_again_after_the_reuse_period(mock_cl
     assert creds.frozen_calls == 1
     mock_clock.jump(2)
     await source.get()
-    assert (creds.frozen_calls, session.calls) == (2, 1)  # the botocore object is kept
+    assert (creds.frozen_calls, session.calls) == (2, 2)  # found again: the files may have changed
     assert source.describe() == {"profile": None, "role_arn": None, "access_key": "...ATIC", "method": "explicit"}
+
+
+async def test_reset_finds_credentials_afresh_at_the_next_request() -> None:
+    wall = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    temporary = RefreshableCredentials("ASIAKEPT", "secret", "token", wall + timedelta(hours=1), dict,
+                                       "assume-role", time_fetcher=lambda: wall)
+    session = FakeSession(temporary)
+    sources = CredentialSources()
+    source = sources.for_destination(dest("a"))
+    source._session = session
+    await source.get()
+    await source.get()
+    assert session.calls == 1  # refreshable credentials are kept: botocore renews them
+    session.credentials = Credentials("AKIDROTATED", "secret")
+    sources.reset()
+    assert (await source.get()).access_key == "AKIDROTATED"
 
 
 async def test_credential_failures_name_the_cause_and_no_secret() -> None:
