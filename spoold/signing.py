@@ -128,6 +128,7 @@ class CredentialSource:
         self._provider: Any = None
         self._frozen: ReadOnlyCredentials | None = None
         self._fetched = float("-inf")
+        self._checked = float("-inf")  # when botocore was last asked whether a refresh is due
         self._lock = trio.Lock()
 
     def _new_session(self) -> Any:
@@ -188,12 +189,16 @@ class CredentialSource:
         self._fetched = float("-inf")
 
     def _stale(self, now: float) -> bool:
-        age = now - self._fetched
-        if self._frozen is None or age > CREDENTIALS_REUSE:
+        if self._frozen is None or now - self._fetched > CREDENTIALS_REUSE:
             return True
-        # refresh_needed() only compares the expiry with the clock: cheap enough for the loop.
+        # refresh_needed() only compares the expiry with the wall clock, on the loop, but costs
+        # more than the rest of get(): once per REFRESH_RETRY is soon enough (the advisory window
+        # is at least half the lifetime).
+        if now - self._checked <= REFRESH_RETRY:
+            return False
+        self._checked = now
         refresh_needed = getattr(self._provider, "refresh_needed", None)
-        return age > REFRESH_RETRY and refresh_needed is not None and bool(refresh_needed())
+        return refresh_needed is not None and bool(refresh_needed())
 
     async def get(self) -> ReadOnlyCredentials:
         """Current credentials; raises RetryableSendError when none can be found or refreshed."""
@@ -214,7 +219,7 @@ class CredentialSource:
                         "container or instance metadata)",
                         code="NoCredentials",
                     )
-                self._frozen, self._fetched = frozen, now
+                self._frozen, self._fetched, self._checked = frozen, now, now
             assert self._frozen is not None
             return self._frozen
 
