@@ -101,7 +101,8 @@ MAX_PENDING_BYTES = (
 REQUEST_LOG_SIZE = 10_000  # RequestLog entries kept (and AssumeRole calls, and issued keys)
 STS_DEFAULT_LIFETIME = 3600  # what STS grants without DurationSeconds
 STS_NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
-STS_TARGET = "STS.AssumeRole"  # RequestLog.target of an AssumeRole call (STS has no X-Amz-Target)
+STS_TARGET = "STS.AssumeRole"
+JSON_TYPE = "application/x-amz-json-1.1"  # the Content-Type of every answer but STS's (XML)  # RequestLog.target of an AssumeRole call (STS has no X-Amz-Target)
 HANG_POLL_SECONDS = 0.01  # how often a hung request looks at faults.hang
 START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 10.0
@@ -305,6 +306,7 @@ class _Request:
     body: bytes = b""
     keep_alive: bool = True
     content_length: int = 0
+    reply_type: str = JSON_TYPE  # Content-Type of the answer
 
 
 class _HttpError(Exception):
@@ -353,8 +355,9 @@ def _parse_head(head: bytes) -> _Request:
     return request
 
 
-def _http_response(status: int, body: bytes, request_id: str, close: bool = False) -> bytes:
-    content_type = "text/xml" if body[:1] == b"<" else "application/x-amz-json-1.1"  # STS: XML
+def _http_response(
+    status: int, body: bytes, request_id: str, close: bool = False, content_type: str = JSON_TYPE
+) -> bytes:
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
         f"Content-Type: {content_type}\r\n"
@@ -497,7 +500,9 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, request: _Request, status: int, body: bytes) -> None:
         close = not request.keep_alive
-        self._write(_http_response(status, body, self.server._request_id(), close))
+        self._write(
+            _http_response(status, body, self.server._request_id(), close, request.reply_type)
+        )
         if close:
             self._close()
 
@@ -809,6 +814,7 @@ class FakeAWS:
         if _is_sts(request, ctx.target):
             ctx.sts = True
             ctx.target = STS_TARGET
+            request.reply_type = "text/xml"
             return self._assume_role(request, auth, ctx)
         operation = _OPERATIONS.get(ctx.target) if request.method == "POST" else None
         self._authenticate(request, auth, operation, ctx)
