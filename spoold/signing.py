@@ -192,8 +192,8 @@ class CredentialSource:
         if self._frozen is None or now - self._fetched > CREDENTIALS_REUSE:
             return True
         # refresh_needed() only compares the expiry with the wall clock, on the loop, but costs
-        # more than the rest of get(): once per REFRESH_RETRY is soon enough (the advisory window
-        # is at least half the lifetime).
+        # more than the rest of get(): once per REFRESH_RETRY is soon enough, as refresh windows
+        # are minutes long (half the lifetime for a short assumed-role session).
         if now - self._checked <= REFRESH_RETRY:
             return False
         self._checked = now
