@@ -44,7 +44,8 @@ FAST_RETRY = {"retry_base": "50ms", "retry_cap": "500ms", "retry_cap_throttle": 
 SHORT_LIFETIME = 16
 
 
-def _daemon(make_daemon: Any, tmp_path: Path, fake: FakeAWS, *, audit: dict[str, Any] | None = None) -> Any:
+def _daemon(make_daemon: Any, tmp_path: Path, fake: FakeAWS, *, audit: dict[str, Any] | None = None,
+            more: tuple[dict[str, Any], ...] = ()) -> Any:
     (tmp_path / "aws-credentials").write_text(
         f"[yc]\naws_access_key_id = {YC_KEY}\naws_secret_access_key = {YC_SECRET}\n"
     )
@@ -58,6 +59,7 @@ def _daemon(make_daemon: Any, tmp_path: Path, fake: FakeAWS, *, audit: dict[str,
          "endpoint_url": fake.url, **FAST_RETRY},
         {"name": "audit", "kind": "firehose", "stream": "audit-to-s3", "endpoint_url": fake.url,
          "role_arn": ROLE, "external_id": EXTERNAL_ID, **FAST_RETRY, **(audit or {})},
+        *more,
         env=env,
     )
     drop = " = " + json.dumps(DROP)
@@ -93,13 +95,17 @@ def _puts(fake: FakeAWS, stream: str) -> list[Any]:
 def test_three_destinations_sign_as_three_identities(make_daemon, fake_aws, tmp_path):
     fake_aws.keys[YC_KEY] = YC_SECRET
     fake_aws.roles[ROLE] = Role(external_id=EXTERNAL_ID, trusted_keys=frozenset({TEST_KEYS["AWS_ACCESS_KEY_ID"]}))
-    daemon = _daemon(make_daemon, tmp_path, fake_aws).start()
-    sent = {"app": _lines("app", 300), "yc": _lines("yc", 300), "audit": _lines("audit", 300)}
-    for index, name in enumerate(("app", "yc", "audit")):
+    # A fourth destination with audit's identity: it shares audit's credentials (one AssumeRole).
+    same_role = {"name": "audit-copy", "endpoint_url": fake_aws.url, "stream": "audit-copy", "role_arn": ROLE,
+                 "external_id": EXTERNAL_ID, **FAST_RETRY}
+    daemon = _daemon(make_daemon, tmp_path, fake_aws, more=(same_role,)).start()
+    sent = {"app": _lines("app", 300), "yc": _lines("yc", 300), "audit": _lines("audit", 300),
+            "audit-copy": _lines("copy", 100)}
+    for index, name in enumerate(("app", "yc", "audit", "audit-copy")):
         _send(daemon, index, sent[name])
     wait_until(lambda: (len(fake_aws.records("app-events")) >= 300 and len(fake_aws.records(YDS_STREAM)) >= 300
-                        and len(_firehose_lines(fake_aws)) >= 300),
-               what="every line of the three destinations")
+                        and len(_firehose_lines(fake_aws)) >= 300 and len(fake_aws.records("audit-copy")) >= 100),
+               what="every line of the four destinations")
     assert collections.Counter(r.data for r in fake_aws.records("app-events")) == collections.Counter(sent["app"])
     assert collections.Counter(r.data for r in fake_aws.records(YDS_STREAM)) == collections.Counter(sent["yc"])
     assert collections.Counter(_firehose_lines(fake_aws)) == collections.Counter(sent["audit"])
@@ -112,6 +118,7 @@ def test_three_destinations_sign_as_three_identities(make_daemon, fake_aws, tmp_
     audit_keys = {r.access_key for r in _puts(fake_aws, "audit-to-s3")}
     assert audit_keys and audit_keys <= set(issued), "the role's requests are signed with its temporary key"
     assert {issued[k].role_arn for k in audit_keys} == {ROLE}
+    assert {r.access_key for r in _puts(fake_aws, "audit-copy")} == audit_keys
     assert all(r.status == 200 and r.signature_ok for r in fake_aws.requests), fake_aws.requests[-5:]
     assert fake_aws.bad_signatures == 0
 
