@@ -217,6 +217,7 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
     kind = t.choice("kind", KINDS, None)
     if kind is None:
         raise t.error("kind", f"required, one of {', '.join(KINDS)}")
+    credentials = _credentials(t, kind, env)
     socket = Path(t.string("socket", required=True))
     socket_type = t.choice("socket_type", ("stream", "datagram"), "stream")
     mode_s = t.string("socket_mode", default="0660")
@@ -267,7 +268,7 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
             stream = m.group(2)
         if stream is None:
             raise t.error("stream", "required" + (" (or stream_arn)" if kind == "kinesis" else ""))
-        region = region or _default_region(env)
+        region = region or _default_region(env, credentials["profile"])
         if region is None:
             raise t.error("region", "required: set it here or in AWS_REGION / AWS_DEFAULT_REGION / the AWS config")
         if endpoint_url is None:
@@ -343,7 +344,7 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
         retry_base=t.duration("retry_base", 0.1, minimum=0.001, maximum=60.0),
         retry_cap_throttle=t.duration("retry_cap_throttle", 5.0, minimum=0.001, maximum=3600.0),
         retry_cap=t.duration("retry_cap", 60.0, minimum=0.001, maximum=3600.0),
-        **_credentials(t, kind, env),
+        **credentials,
     )
     t.done()
     return dest
@@ -417,14 +418,14 @@ def _check_profile(t: _Table, profile: str, env: dict[str, str]) -> None:
                                  "or set AWS_DEFAULT_REGION")
 
 
-def _default_region(env: dict[str, str]) -> str | None:
+def _default_region(env: dict[str, str], profile: str | None = None) -> str | None:
     for key in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         if env.get(key):
             return env[key]
-    try:  # the shared config file and profiles, as the AWS CLI reads them
+    try:  # the shared config file and profiles (the destination's own, if any), as the AWS CLI reads them
         import botocore.session
 
-        region = botocore.session.Session().get_config_variable("region")
+        region = botocore.session.Session(profile=profile).get_config_variable("region")
     except Exception:  # a broken ~/.aws/config must not hide the real message
         return None
     return str(region) if region else None

@@ -538,3 +538,16 @@ def test_cli_check_config_names_a_missing_profile_without_the_network(tmp_path: 
         assert "profile" in proc.stderr and "'opps'" in proc.stderr and "Traceback" not in proc.stderr
         with pytest.raises(BlockingIOError):
             trap.accept()
+
+
+def test_region_from_the_destinations_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = shared_files(tmp_path, "[team-b]\naws_access_key_id = A\naws_secret_access_key = B\n",
+                       "[default]\nregion = us-east-1\n[profile team-b]\nregion = eu-north-1\n")
+    # botocore reads the files named in os.environ, as the daemon's process has them.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    text = SPOOL + KINESIS_NO_REGION + 'stream = "s"\nprofile = "team-b"\n' + FIREHOSE.replace('"f"', '"g"', 1)
+    by_name = {d.name: d for d in load(tmp_path, text.replace('region = "us-east-1"\n', ""), env).destinations}
+    assert (by_name["a"].region, by_name["a"].endpoint_url) == (
+        "eu-north-1", "https://kinesis.eu-north-1.amazonaws.com")
+    assert by_name["g"].region == "us-east-1"  # no profile: the default one's region
