@@ -37,7 +37,7 @@ from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
 from spoold.sender import InlineSender, ProcessSender, Sender, client_limits, many_records_per_request
 from spoold.signing import CredentialSource, use_systemd_credentials
-from spoold.spool import Spool, Worker, dead_letter_json
+from spoold.spool import Spool, Worker, dead_letter_json, disk_bytes
 from spoold.status import render_prometheus
 
 logger = structlog.get_logger()
@@ -412,6 +412,7 @@ class Daemon:
             "pid": os.getpid(),
             "uptime": round(now - self.started, 1),
             "spool": {"path": str(self.cfg.spool.path), "bytes": c.total_bytes, "max_bytes": self.cfg.spool.max_bytes,
+                      "disk_bytes": await self.reader.run(disk_bytes, self.cfg.spool.path),
                       "when_full": self.cfg.spool.when_full, "page_size": self.spool.page_size,
                       "write_errors": c.write_errors,
                       "last_error": c.last_error},
@@ -443,7 +444,8 @@ class Daemon:
     async def _serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         path = self.cfg.control_socket
         assert path is not None
-        sock = trio.socket.from_stdlib_socket(bind_unix(Path(path), stdsocket.SOCK_STREAM, 0o600))
+        sock = trio.socket.from_stdlib_socket(
+            bind_unix(Path(path), stdsocket.SOCK_STREAM, 0o600, key="[control] socket"))
         listener = trio.SocketListener(sock)
         try:
             async with trio.open_nursery() as nursery:
