@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import grp
+import json
 import os
 import select
 import signal
@@ -19,6 +20,8 @@ import socket
 import sqlite3
 import stat
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,3 +237,30 @@ def test_stale_socket_is_replaced(make_daemon, fake_aws, socket_type):
 
 def _readies(daemon: Daemon) -> int:
     return sum(e.get("event") == "ready" for e in daemon.log_events())
+
+
+def test_status_shows_the_spool_size_on_disk(make_daemon, fake_aws, tmp_path):
+    """``max_bytes`` counts bytes of lines; one-line connections make a file many times that, and
+    status shows it as ``spool.disk_bytes`` (db + WAL, allocated blocks), running or not."""
+    fake_aws.faults.down = True
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "50ms", "retry_cap": "100ms"},
+                         extra='[daemon]\nshutdown_grace = "100ms"\n').start()
+    for i in range(300):
+        assert send_lines(daemon.sockets()[0], b"x\n")["accepted"] == 1
+    running = _status(daemon)["spool"]
+    assert running["bytes"] == 600
+    assert running["disk_bytes"] >= 10 * running["bytes"]
+    assert daemon.stop() == 0
+    offline = _status(daemon)
+    assert offline["running"] is False
+    on_disk = sum(os.stat(tmp_path / name).st_blocks * 512 for name in ("spool.db", "spool.db-wal")
+                  if (tmp_path / name).exists())
+    assert offline["spool"]["disk_bytes"] == on_disk > 0
+    print(f"300 one-line connections: {running['bytes']} bytes of lines, {running['disk_bytes']} bytes on disk")
+
+
+def _status(daemon: Daemon) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "spoold", "status", "--json", "--config", str(daemon.config)],
+                          env=daemon.env, capture_output=True, text=True, timeout=DEADLINE)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
