@@ -14,6 +14,7 @@ at commit) the same check finds acknowledgements that no sync precedes: the chec
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -124,8 +125,6 @@ def _event(trace: Trace, name: str, args: str, ret: int, start: int, end: int) -
 def violations(trace: Trace) -> tuple[list[str], int]:
     """Acknowledgements not preceded by the WAL sync that made their lines durable; and how
     many of the acknowledged tokens were seen in the WAL (the rest fell across a page edge)."""
-    import bisect
-
     problems: list[str] = []
     found = 0
     for start, conn, answer in trace.acks:
