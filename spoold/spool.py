@@ -13,6 +13,7 @@ reads rows for the flushers, which WAL allows at any time. No SQLite call runs o
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import queue
@@ -30,7 +31,7 @@ import sqlite_utils
 import structlog
 import trio
 
-from spoold.errors import SpoolCorrupt, SpoolError
+from spoold.errors import SpoolCorrupt, SpoolError, SpoolLocked
 
 T = TypeVar("T")
 
@@ -526,7 +527,10 @@ def dead_letter_json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def offline_status(path: Path) -> dict[str, Any]:
-    """What the spool file holds, read-only, for `spoold status` when the daemon is down."""
+    """What the spool file holds, read-only, for `spoold status` when the daemon is down (the
+    caller holds the spool's lock)."""
+    from spoold.status import build_snapshot
+
     if not path.exists():
         raise SpoolError(f"{path}: no spool file")
     try:
@@ -539,16 +543,76 @@ def offline_status(path: Path) -> dict[str, Any]:
             conn.close()
     except sqlite3.Error as exc:
         raise _translate(exc, path, "reading the spool") from exc
-    now = time.time()
-    dests: dict[str, Any] = {}
-    for name in sorted(set(stats) | set(summary)):
-        s = stats.get(name, DestStats())
-        oldest, dead = summary.get(name, (None, 0))
-        dests[name] = {"spooled_lines": s.lines, "spooled_bytes": s.bytes, "dead_letters": dead,
-                       "oldest_age": max(0.0, now - oldest) if oldest is not None else None}
-    return {"running": False, "spool": {"path": str(path), "bytes": sum(s.bytes for s in stats.values()),
-                                        "disk_bytes": disk_bytes(path), "page_size": page_size},
-            "destinations": dests}
+    snap = build_snapshot(now=time.time(), path=str(path), page_size=page_size,
+                          held={n: (s.lines, s.bytes) for n, s in stats.items()}, summary=summary)
+    snap["spool"]["disk_bytes"] = disk_bytes(path)
+    return snap
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file beside the spool file."""
+    return path.with_name(path.name + ".lock")
+
+
+class SpoolLock:
+    """One writer, always: an exclusive ``flock`` on ``spool.db.lock`` (mode 0600) beside the
+    spool, held by the running daemon for its whole life and by an offline command for the time
+    it works on the file. The holder writes its pid into the file so that others can name it.
+
+    flock and not fcntl's record locks: those are released when *any* fd of the file is closed
+    by the process, and belong to the process rather than to the open file. The kernel releases
+    the lock when the holder dies, even by SIGKILL; a lock file left behind is harmless.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = lock_path(path)
+        self._fd: int | None = None
+
+    def acquire(self, make_folder: bool = False) -> None:
+        """Take the lock without waiting; raise SpoolLocked naming the holder's pid if taken."""
+        assert self._fd is None
+        spool = self.path.with_name(self.path.name[: -len(".lock")])
+        try:
+            if make_folder:
+                make_private_dirs(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        except OSError as exc:
+            raise SpoolError(f"{self.path}: cannot open the spool's lock file: {exc.strerror or exc}") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                who = f"process {pid}" if pid else "another process"
+                raise SpoolLocked(f"{spool} is in use by {who} (it holds {self.path})", pid) from None
+            if os.geteuid() == 0:
+                # root (an operator's offline command) must not leave the daemon a lock file
+                # it cannot open: give it to the spool file's owner.
+                try:
+                    st = os.stat(spool)
+                    os.fchown(fd, st.st_uid, st.st_gid)
+                except OSError:
+                    pass
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            # The pid is left in the file: unlinking a lock file races with the next taker.
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _split(lines: list[bytes], nbytes: int | None = None) -> list[tuple[list[bytes], int]]:

@@ -1,4 +1,4 @@
-"""The fault suite (issue 4): the real daemon against loopback endpoints that break on purpose.
+"""The fault suite: the real daemon against loopback endpoints that break on purpose.
 
 Each test runs `spoold run` as a subprocess, writes through its Unix socket, injects one kind of
 fault, and checks what arrived at the endpoint (tests/fakeaws.py, directly or through
