@@ -192,20 +192,36 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
     dests = tuple(_destination(_Table(i, f"{path}:", f"destination[{n}]."), env) for n, i in enumerate(items))
 
     seen_names: set[str] = set()
-    seen_sockets: set[Path] = set()
     for n, d in enumerate(dests):
         if d.name in seen_names:
             raise ConfigError(f'{path}: destination[{n}].name: "{d.name}" is used by another destination')
         seen_names.add(d.name)
-        sock = Path(os.path.abspath(d.socket))
-        if sock in seen_sockets:
-            raise ConfigError(f'{path}: destination "{d.name}": socket: {d.socket} is used by another destination')
-        seen_sockets.add(sock)
-        if sock == Path(os.path.abspath(spool.path)):
-            raise ConfigError(f'{path}: destination "{d.name}": socket: same path as [spool].path')
+    _check_socket_paths(path, spool.path, control, dests)
     return Config(path=path, spool=spool, destinations=dests, shutdown_grace=grace,
                   sender=sender, log_level=level,
                   log_format=fmt, control_socket=control, metrics_listen=metrics)
+
+
+def _check_socket_paths(path: Path, spool: Path, control: Path, dests: tuple[Destination, ...]) -> None:
+    """A socket path must name nothing else the daemon owns: replacing a stale socket there, or
+    unlinking it at shutdown, would destroy the spool (acknowledged lines) or another socket."""
+    def beside(suffix: str) -> str:
+        return os.path.realpath(spool.with_name(spool.name + suffix))
+
+    taken = {
+        os.path.realpath(spool): "the spool file ([spool].path)",
+        beside("-wal"): 'the spool\'s WAL ([spool].path + "-wal")',
+        beside("-shm"): 'the spool\'s shared-memory file ([spool].path + "-shm")',
+        beside(".lock"): 'the spool\'s lock file ([spool].path + ".lock")',
+    }
+    sockets = [("[control].socket", "the control socket ([control].socket)", control)]
+    sockets += [(f'destination "{d.name}": socket', f'the socket of destination "{d.name}"', d.socket)
+                for d in dests]
+    for key, description, sock in sockets:
+        where = os.path.realpath(sock)
+        if where in taken:
+            raise ConfigError(f"{path}: {key}: {sock} is also {taken[where]}; choose another path")
+        taken[where] = description
 
 
 def _destination(t: _Table, env: dict[str, str]) -> Destination:

@@ -37,7 +37,7 @@ from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
 from spoold.sender import InlineSender, ProcessSender, Sender, client_limits, many_records_per_request
 from spoold.signing import CredentialSources, use_systemd_credentials
-from spoold.spool import Spool, SpoolLock, Worker, dead_letter_json
+from spoold.spool import Spool, SpoolLock, Worker, dead_letter_json, disk_bytes
 from spoold.status import render_prometheus
 
 logger = structlog.get_logger()
@@ -432,6 +432,7 @@ class Daemon:
         live = status.Live(
             version=__version__, pid=os.getpid(), uptime=time.time() - self.started,
             spool={"bytes": c.total_bytes, "max_bytes": self.cfg.spool.max_bytes,
+                   "disk_bytes": await self.reader.run(disk_bytes, self.cfg.spool.path),
                    "when_full": self.cfg.spool.when_full, "write_errors": c.write_errors,
                    "last_error": c.last_error},
             dropped=c.dropped, expired=c.expired, configured=configured,
@@ -466,7 +467,8 @@ class Daemon:
     async def _serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         path = self.cfg.control_socket
         assert path is not None
-        sock = trio.socket.from_stdlib_socket(bind_unix(Path(path), stdsocket.SOCK_STREAM, 0o600))
+        sock = trio.socket.from_stdlib_socket(
+            bind_unix(Path(path), stdsocket.SOCK_STREAM, 0o600, key="[control] socket"))
         try:
             await self.control.server.serve(trio.SocketListener(sock), task_status=task_status)
         finally:

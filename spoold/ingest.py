@@ -5,14 +5,17 @@ answer one JSON line, ``{"accepted": N, "rejected": M}``, once every accepted li
 and close. Datagram sockets: each datagram is one line, with no acknowledgement.
 
 The socket file appears only when it accepts connections: we bind and listen under a temporary
-name, set its mode and group, then rename it over the final path (replacing a stale file).
+name, set its mode and group, then link it in at the final path. Only a stale socket (one no
+process answers) is replaced; anything else at the path is kept and the bind fails.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket as stdsocket
+import stat
 from collections import deque
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import trio
 from spoold.committer import Committer, Ticket
 from spoold.config import Destination, group_id
 from spoold.framing import LineBuffer
+from spoold.spool import make_private_dirs
 
 logger = structlog.get_logger()
 
@@ -57,15 +61,18 @@ class IngestStats:
 def bind_socket(dest: Destination) -> stdsocket.socket:
     """A listening (or, for datagrams, bound) Unix socket at dest.socket, created atomically."""
     kind = stdsocket.SOCK_DGRAM if dest.socket_type == "datagram" else stdsocket.SOCK_STREAM
-    return bind_unix(Path(dest.socket), kind, dest.socket_mode, dest.socket_group)
+    return bind_unix(Path(dest.socket), kind, dest.socket_mode, dest.socket_group,
+                     key=f'destination "{dest.name}": socket')
 
 
-def bind_unix(path: Path, kind: int, mode: int, group: str | None = None) -> stdsocket.socket:
-    """Bind under a temporary name, set mode and group, listen, then rename over ``path``: the
-    path never names a socket that does not accept yet, and a stale file is replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and _is_live(path, kind):
-        raise OSError(f"{path}: another process is listening on this socket")
+def bind_unix(path: Path, kind: int, mode: int, group: str | None = None,
+              key: str = "socket") -> stdsocket.socket:
+    """Bind under a temporary name, set mode and group, listen, then link it in at ``path``:
+    the path never names a socket that does not accept yet. Whatever is at ``path`` is kept
+    unless ``lstat`` shows a socket that no live process answers (stream or datagram): a
+    regular file, a folder or a live daemon's socket is an OSError naming ``key``."""
+    _make_socket_dirs(path.parent, group)
+    _remove_stale(path, key)
     sock = stdsocket.socket(stdsocket.AF_UNIX, kind)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -76,26 +83,73 @@ def bind_unix(path: Path, kind: int, mode: int, group: str | None = None) -> std
             os.chown(tmp, -1, group_id(group))
         if kind == stdsocket.SOCK_STREAM:
             sock.listen(BACKLOG)
-        os.rename(tmp, path)
+        _link_no_replace(tmp, path, key)
     except BaseException:
         sock.close()
-        tmp.unlink(missing_ok=True)
         raise
+    finally:
+        tmp.unlink(missing_ok=True)
     return sock
 
 
-def _is_live(path: Path, kind: int) -> bool:
-    if kind != stdsocket.SOCK_STREAM or not path.is_socket():
-        return False
-    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+def _make_socket_dirs(folder: Path, group: str | None) -> None:
+    # Missing folders are made 0750 whatever the umask: writers may pass through (by the
+    # socket's group, when one is set) but never unlink or replace a socket.
+    for made in make_private_dirs(folder):
+        if group:
+            os.chown(made, -1, group_id(group))
+
+
+def _remove_stale(path: Path, key: str) -> None:
     try:
-        probe.settimeout(0.5)
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{key}: {path} exists and is not a socket; it was left as it is "
+                                    "(move it away or choose another path)")
+    if _is_live(path):
+        raise OSError(errno.EADDRINUSE, f"{key}: {path}: another process is listening on this socket")
+    path.unlink(missing_ok=True)
+
+
+def _link_no_replace(tmp: Path, path: Path, key: str) -> None:
+    # link() never replaces what appeared at the path since it was checked (rename would).
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise OSError(errno.EEXIST, f"{key}: {path} appeared while the socket was being created; "
+                                    "it was left as it is") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    if os.path.lexists(path):  # a file system without hard links: rename, checked once more
+        raise OSError(errno.EEXIST, f"{key}: {path} appeared while the socket was being created; "
+                                    "it was left as it is")
+    os.rename(tmp, path)
+
+
+def _is_live(path: Path) -> bool:
+    """A process answers at the socket ``path``, whichever its type. A socket we may not
+    connect to, or whose listener's backlog is full, counts as live."""
+    for kind in (stdsocket.SOCK_STREAM, stdsocket.SOCK_DGRAM):
+        probe = stdsocket.socket(stdsocket.AF_UNIX, kind)
+        try:
+            probe.setblocking(False)
+            probe.connect(str(path))
+            return True
+        except (BlockingIOError, InterruptedError, PermissionError):
+            return True
+        except OSError as exc:
+            if exc.errno == errno.EPROTOTYPE:
+                continue  # the other type of socket: ask it that way
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            return True
+        finally:
+            probe.close()
+    return False
 
 
 class Ingest:
