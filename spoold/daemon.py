@@ -403,6 +403,7 @@ class Daemon:
                 d.update(kind=rt.dest.kind, stream=rt.dest.stream_arn or rt.dest.stream, socket=str(rt.dest.socket),
                          lines_in=rt.ingest.stats.lines_in, connections=rt.ingest.stats.connections,
                          rejected=dict(rt.ingest.stats.rejected),
+                         connections_closed=dict(rt.ingest.stats.closed),
                          lines_in_per_s=round(rate_in, 1), lines_out_per_s=round(rate_out, 1),
                          **rt.flusher.snapshot())
             dests[name] = d
