@@ -4,8 +4,8 @@ Stream sockets: the client writes "\\n"-terminated lines, then shuts down its wr
 answer one JSON line, ``{"accepted": N, "rejected": M}``, once every accepted line is committed,
 and close. Datagram sockets: each datagram is one line, with no acknowledgement.
 
-What a writer can take is bounded per destination: MAX_CONNECTIONS slots, and MAX_PARTIAL_BYTES
-of unfinished lines. When every slot is taken, a new connection from a user (peer UID) already
+What writers can take is bounded per destination: MAX_CONNECTIONS slots, and MAX_HELD_BYTES
+of lines read and not yet handed to the committer. When every slot is taken, a new connection from a user (peer UID) already
 holding USER_SHARE of them is refused, and otherwise the longest-idle connection is closed to make
 room (those of a user holding more than its share first). A refused or closed writer gets an
 answer with an ``"error"`` saying why; its complete lines were made durable as they came.
@@ -51,9 +51,12 @@ SLOT_RECHECK = 1.0
 ANSWER_TIMEOUT = 10.0
 # Longest wait to tell a refused or closed writer why (the answer fits an empty socket buffer).
 REFUSE_TIMEOUT = 1.0
-# Bytes of unfinished lines all connections of a destination hold at most: past it, the largest
-# unfinished lines are given up (rejected, "memory limit") until the rest fits.
-MAX_PARTIAL_BYTES = 64 * 1024 * 1024
+# Bytes of lines read from a destination's connections and not yet taken by the committer
+# (unfinished lines, and complete ones waiting for room in the commit queue): past it, the
+# largest unfinished lines are given up (rejected, "memory limit") until the rest fits. A
+# connection with complete lines waiting reads no more, so this can be passed by at most one
+# read (READ_SIZE) per connection, and only while no unfinished line is left to give up.
+MAX_HELD_BYTES = 64 * 1024 * 1024
 # At shutdown, how long a connection may wait for a full spool to take its last lines.
 STOP_SUBMIT_WAIT = 5.0
 
@@ -89,7 +92,7 @@ class Conn:
     def __init__(self, uid: int, buf: LineBuffer, now: float) -> None:
         self.uid = uid
         self.buf = buf
-        self.held = 0  # bytes of its unfinished line counted in the budget
+        self.held = 0  # bytes of its lines counted in the budget (see MAX_HELD_BYTES)
         self.last_active = now  # when it last sent something
         self.reading = False  # waiting for the client (not for the spool, not answering)
         self.read_scope: trio.CancelScope | None = None
@@ -154,8 +157,8 @@ class Slots:
         if conn.read_scope is not None:
             conn.read_scope.cancel()
 
-    def largest_holder(self) -> Conn:
-        return max(self.conns, key=lambda c: c.held)
+    def largest_unfinished(self) -> Conn:
+        return max(self.conns, key=lambda c: c.buf.buffered)
 
 
 def bind_socket(dest: Destination) -> stdsocket.socket:
@@ -211,7 +214,7 @@ class Ingest:
         self.stats = IngestStats()
         self.log = logger.bind(dest=dest.name)
         self.slots = Slots()
-        self.partial_bytes = 0
+        self.held_bytes = 0
         self._slot_freed = trio.Event()
         self._readers: set[trio.CancelScope] = set()
         self._finishing: set[trio.CancelScope] = set()
@@ -354,8 +357,11 @@ class Ingest:
                         eof = True
                         break
                     lines = buf.feed(data)
-                    self._hold(conn)
-                    await self._submit(lines, buf, tickets)
+                    # Not kept while waiting for the client: a read buffer per idle connection
+                    # would hold connections x READ_SIZE outside the budget.
+                    del data
+                    await self._submit(lines, conn, tickets)
+                    del lines
                     while tickets and tickets[0].done.is_set():
                         accepted, rejected = self._tally(tickets.popleft(), accepted, rejected, reasons)
                     if conn.closing:  # closed for room while this data was on its way
@@ -363,7 +369,6 @@ class Ingest:
             if conn.closing and buf.abandon():
                 self.stats.reject(CONNECTION_CLOSED, 1)
                 tickets.append(_rejected_ticket(1, CONNECTION_CLOSED))
-            self._hold(conn)
             # Shielded: lines already read are made durable even during shutdown (with a
             # deadline then, since a full spool under when_full = "block" may never free up).
             finishing = trio.CancelScope(shield=True, deadline=self._stop_deadline)
@@ -371,9 +376,9 @@ class Ingest:
             try:
                 with finishing:
                     if eof:
-                        await self._submit(buf.close(), buf, tickets)
+                        await self._submit(buf.close(), conn, tickets)
                     else:
-                        await self._submit([], buf, tickets)
+                        await self._submit([], conn, tickets)
                     while tickets:
                         ticket = tickets.popleft()
                         await ticket.done.wait()
@@ -388,7 +393,7 @@ class Ingest:
                     answer = {"error": conn.closing, **answer}
                 await self._answer(stream, answer, REFUSE_TIMEOUT if conn.closing else ANSWER_TIMEOUT)
         finally:
-            self.partial_bytes -= conn.held
+            self.held_bytes -= conn.held
             conn.held = 0
             self._readers.discard(scope)
             self.slots.remove(conn)
@@ -397,24 +402,25 @@ class Ingest:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    def _hold(self, conn: Conn) -> None:
-        # Unfinished lines of all connections share one hard budget: past it, the largest ones
+    def _hold(self, conn: Conn, waiting: int = 0) -> None:
+        # One hard budget for what all connections hold: past it, the largest unfinished lines
         # are given up (rejected once they end, counted now), so that many slow clients cannot
         # make the daemon hold connections x max_line_bytes.
-        now = conn.buf.buffered
-        self.partial_bytes += now - conn.held
+        now = conn.buf.buffered + waiting
+        self.held_bytes += now - conn.held
         conn.held = now
-        while self.partial_bytes > MAX_PARTIAL_BYTES:
-            victim = self.slots.largest_holder()
+        while self.held_bytes > MAX_HELD_BYTES:
+            victim = self.slots.largest_unfinished()
             freed = victim.buf.discard_partial()
             if not freed:
-                break
-            self.partial_bytes -= freed
+                break  # only complete lines waiting for the committer: they go on their own
+            self.held_bytes -= freed
             victim.held -= freed
             self.stats.reject(MEMORY_LIMIT, 1)
-            self._ratelimited("partial_line_dropped", 1, held=freed, budget=MAX_PARTIAL_BYTES)
+            self._ratelimited("partial_line_dropped", 1, held=freed, budget=MAX_HELD_BYTES)
 
-    async def _submit(self, lines: list[bytes], buf: LineBuffer, tickets: deque[Ticket]) -> None:
+    async def _submit(self, lines: list[bytes], conn: Conn, tickets: deque[Ticket]) -> None:
+        buf = conn.buf
         oversized = buf.take_oversized()
         if oversized:
             self._oversized(oversized)
@@ -422,11 +428,17 @@ class Ingest:
         discarded = buf.take_discarded()
         if discarded:
             tickets.append(_rejected_ticket(len(discarded), MEMORY_LIMIT))
-        if lines:
-            nbytes = sum(map(len, lines)) + len(lines)
-            self.stats.lines_in += len(lines)
-            self.stats.bytes_in += nbytes
+        if not lines:
+            self._hold(conn)
+            return
+        nbytes = sum(map(len, lines)) + len(lines)
+        self.stats.lines_in += len(lines)
+        self.stats.bytes_in += nbytes
+        self._hold(conn, nbytes)
+        try:
             tickets.append(await self.committer.submit(self.dest.name, lines, nbytes))
+        finally:
+            self._hold(conn)
 
     def _tally(self, ticket: Ticket, accepted: int, rejected: int, reasons: dict[str, int]) -> tuple[int, int]:
         if ticket.rejected:

@@ -41,7 +41,7 @@ DEST = Destination(name="d", kind="kinesis", socket=Path("/unused"), stream="s",
 
 
 async def test_unfinished_lines_share_a_hard_budget(monkeypatch) -> None:
-    monkeypatch.setattr(ingest, "MAX_PARTIAL_BYTES", 300_000)
+    monkeypatch.setattr(ingest, "MAX_HELD_BYTES", 310_000)
     committer = FakeCommitter()
     ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
     clients = []
@@ -51,10 +51,10 @@ async def test_unfinished_lines_share_a_hard_budget(monkeypatch) -> None:
                 client, server = trio.testing.memory_stream_pair()
                 nursery.start_soon(ing._connection, server, ing.open(1000))
                 clients.append(client)
-            for client in clients:  # five unfinished 150 KB lines: 750 KB against a 300 KB budget
+            for client in clients:  # five unfinished 150 KB lines: 750 KB against a 310 KB budget
                 await client.send_all(b"good line\n" + b"u" * 150_000)
                 await trio.testing.wait_all_tasks_blocked()
-                assert ing.partial_bytes <= 300_000
+                assert ing.held_bytes <= 310_000
             answers = []
             for client in clients:
                 await client.send_all(b"\nafter\n")
@@ -65,7 +65,7 @@ async def test_unfinished_lines_share_a_hard_budget(monkeypatch) -> None:
     assert kept + dropped == 5 and kept == 2, answers
     assert [bytes(line) for line in committer.lines if line.startswith(b"uuu")] == [b"u" * 150_000] * kept
     assert committer.lines.count(b"good line") == 5 and committer.lines.count(b"after") == 5
-    assert ing.partial_bytes == 0
+    assert ing.held_bytes == 0
     assert ing.stats.rejected == {"memory limit": dropped}
 
 
@@ -120,11 +120,50 @@ async def test_connection_closed_for_room_is_told_why_and_keeps_its_complete_lin
             nursery.start_soon(ing._connection, server, c)
             await client.send_all(b"one\ntwo\nunfini")
             await trio.testing.wait_all_tasks_blocked()
-            assert c.reading and ing.partial_bytes == 6
+            assert c.reading and ing.held_bytes == 6
             ing.slots.mark_closing(c, ingest.CLOSED_IDLE)
             answer = json.loads(await client.receive_some(1000))
     assert answer == {"error": ingest.CLOSED_IDLE, "accepted": 2, "rejected": 1,
                       "reasons": {"connection closed": 1}}
     assert committer.lines == [b"one", b"two"]
-    assert ing.stats.rejected == {"connection closed": 1} and ing.partial_bytes == 0
+    assert ing.stats.rejected == {"connection closed": 1} and ing.held_bytes == 0
     assert not ing.slots.conns and ing.slots.closing == 0
+
+
+class BlockedCommitter(FakeCommitter):
+    """Takes nothing until ``open`` is set, as a full commit queue or spool would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = trio.Event()
+
+    async def submit(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket:
+        await self.open.wait()
+        return await super().submit(dest, lines, nbytes)
+
+
+async def test_complete_lines_waiting_for_the_committer_count_in_the_budget(monkeypatch) -> None:
+    monkeypatch.setattr(ingest, "MAX_HELD_BYTES", 300_000)
+    committer = BlockedCommitter()
+    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            waiting, server = trio.testing.memory_stream_pair()
+            nursery.start_soon(ing._connection, server, ing.open(1))
+            unfinished, server = trio.testing.memory_stream_pair()
+            nursery.start_soon(ing._connection, server, ing.open(2))
+            await waiting.send_all(b"w" * 200_000 + b"\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert ing.held_bytes == 200_001
+            await unfinished.send_all(b"u" * 150_000)  # over the budget: the unfinished line goes
+            await trio.testing.wait_all_tasks_blocked()
+            assert ing.held_bytes == 200_001 and ing.stats.rejected == {"memory limit": 1}
+            committer.open.set()
+            answers = []
+            for client in (waiting, unfinished):
+                await client.send_all(b"\nlast\n")
+                await client.send_eof()
+                answers.append(json.loads(await client.receive_some(1000)))
+    assert answers == [{"accepted": 2, "rejected": 0},
+                       {"accepted": 1, "rejected": 1, "reasons": {"memory limit": 1}}]
+    assert committer.lines == [b"w" * 200_000, b"last", b"last"] and ing.held_bytes == 0
