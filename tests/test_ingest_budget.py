@@ -167,3 +167,37 @@ async def test_complete_lines_waiting_for_the_committer_count_in_the_budget(monk
     assert answers == [{"accepted": 2, "rejected": 0},
                        {"accepted": 1, "rejected": 1, "reasons": {"memory limit": 1}}]
     assert committer.lines == [b"w" * 200_000, b"last", b"last"] and ing.held_bytes == 0
+
+
+def test_spoold_send_fails_on_an_error_answer(tmp_path: Path, capsys) -> None:
+    import io
+    import socket
+    import threading
+
+    from spoold import cli
+
+    path = tmp_path / "s.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    answer = json.dumps({"error": ingest.REFUSED_USER_SHARE}).encode() + b"\n"
+
+    def refuse() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while conn.recv(4096):
+                pass
+            conn.sendall(answer)
+
+    t = threading.Thread(target=refuse)
+    t.start()
+    lines = tmp_path / "lines"
+    lines.write_bytes(b"a\nb\n")
+    out = io.BytesIO()
+    try:
+        assert cli.send(str(path), [str(lines)], out=out) == cli.EXIT_FAILED
+    finally:
+        t.join(timeout=10)
+        server.close()
+    assert out.getvalue() == answer
+    assert ingest.REFUSED_USER_SHARE in capsys.readouterr().err
