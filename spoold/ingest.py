@@ -212,7 +212,6 @@ class Ingest:
         self.dest = dest
         self.committer = committer
         self.stats = IngestStats()
-        self.log = logger.bind(dest=dest.name)
         self.slots = Slots()
         self.held_bytes = 0
         self._slot_freed = trio.Event()
@@ -220,7 +219,7 @@ class Ingest:
         self._finishing: set[trio.CancelScope] = set()
         self._stop_deadline = float("inf")
         self._accepting = trio.CancelScope()
-        self._ratelimited = RateLimitedLog()
+        self._ratelimited_log = RateLimitedLog()
 
     def stop_reading(self) -> None:
         """Shutdown: accept no more, stop reading; what was read is still made durable, unless
@@ -320,6 +319,11 @@ class Ingest:
                 ticket = await self.committer.submit(self.dest.name, good, nbytes)
                 if ticket.done.is_set() and ticket.rejected:  # spool full under "reject"
                     self.stats.reject(ticket.reason, ticket.rejected)
+
+    def _ratelimited(self, event: str, n: int, **fields: object) -> None:
+        # At most one warning per event and period, with the count (its "lines" field) of
+        # what it summarises: one client must not be able to flood the log.
+        self._ratelimited_log(event, n, dest=self.dest.name, **fields)
 
     def _oversized(self, sizes: list[int]) -> None:
         self.stats.reject("line too long", len(sizes))

@@ -418,6 +418,6 @@ def test_a_flood_of_oversized_lines_is_counted_not_logged_line_by_line(make_daem
     logged = events(daemon, "line_rejected_too_long")
     periods = 1 + int(elapsed / 10.0)  # committer.LOG_EVERY
     assert 1 <= len(logged) <= periods + 1, f"{len(logged)} log lines for {n} oversized lines"
-    assert logged[0]["max_line_bytes"] == 100 and logged[0]["size"] == 200
+    assert logged[0]["max_line_bytes"] == 100 and logged[0]["size"] == 200 and logged[0]["dest"] == "d0"
     wait_until(lambda: records(fake_aws) == {b"fits": 1}, what="the line that fits")
     assert daemon.stop() == 0
