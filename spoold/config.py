@@ -26,7 +26,7 @@ PARTITION_KEY_ROOM = 256
 YDS_ENDPOINT = "https://yds.serverless.yandexcloud.net"
 YDS_REGION = "ru-central1"
 
-# Service limits per kind (seeds and ../shared/TESTING.md): records per request, bytes per
+# Service limits per kind (the services' API references): records per request, bytes per
 # request, bytes per record. Kinesis' current API allows 10 MiB requests, but 5 MiB is what
 # streams and tools have long assumed and still works everywhere, so it is the default.
 LIMITS = {

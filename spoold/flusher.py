@@ -486,6 +486,7 @@ class Flusher:
                 chunk.remaining -= n
                 if chunk.remaining == 0:
                     done.append(chunk)
+        self.committer.accepted(batch)  # lines of rows not finished: a restart skips them
         self.lines_sent += nlines
         self.records_sent += len(batch)
         for chunk in done:
@@ -502,6 +503,7 @@ class Flusher:
             if chunk.remaining == 0 and self.leased.pop(chunk.id, None) is not None:
                 self.leased_bytes -= chunk.nbytes
                 self.committer.delete(chunk.id, self.dest.name, len(chunk.lines), chunk.nbytes)
+        self.committer.accepted_one(entry)
 
     # -- the shard map, for aggregating keyed lines ----------------------------------------
     async def _shard_map_loop(self) -> None:
