@@ -345,13 +345,15 @@ def test_accept_waits_out_fd_exhaustion_and_acknowledges_every_client(make_daemo
     clients: list[socket.socket] = []
     answers: dict[int, bytes] = {}
     try:
-        for i in range(CLIENTS):  # all at once: they wait in the listen backlog for a descriptor
+        for _ in range(CLIENTS):  # all at once: those the daemon has no descriptor for wait in its backlog
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(DEADLINE)
             s.connect(sock)
+            clients.append(s)
+        wait_until(lambda: events(daemon, "accept_failed_out_of_resources"), what="the daemon out of descriptors")
+        for i, s in enumerate(clients):
             s.sendall(f"client-{i:03d}\n".encode())
             s.shutdown(socket.SHUT_WR)
-            clients.append(s)
         poller = select.poll()
         for s in clients:
             poller.register(s, select.POLLIN)
@@ -365,7 +367,6 @@ def test_accept_waits_out_fd_exhaustion_and_acknowledges_every_client(make_daemo
         for s in clients:
             s.close()
     assert daemon.proc.poll() is None, f"the daemon died:\n{daemon.log()[-2000:]}"
-    assert events(daemon, "accept_failed_out_of_resources"), "the test never ran the daemon out of descriptors"
     assert len(answers) == CLIENTS, f"{CLIENTS - len(answers)} clients got no answer in time"
     assert all(json.loads(a) == {"accepted": 1, "rejected": 0} for a in answers.values())
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (4096, hard))
