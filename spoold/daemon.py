@@ -36,7 +36,7 @@ from spoold.errors import ConfigError, SpoolError, SpoolLocked
 from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
 from spoold.sender import InlineSender, ProcessSender, Sender, client_limits, many_records_per_request
-from spoold.signing import CredentialSource, use_systemd_credentials
+from spoold.signing import CredentialSources, use_systemd_credentials
 from spoold.spool import Spool, SpoolLock, Worker, dead_letter_json
 from spoold.status import render_prometheus
 
@@ -102,7 +102,7 @@ class Daemon:
         self.committer: Committer | None = None
         self.client: httpx.AsyncClient | None = None
         self.process_sender: ProcessSender | None = None  # started for the first destination that uses it
-        self.credentials = CredentialSource()
+        self.credentials = CredentialSources()  # one source per identity, shared
         self.rng = random.Random()
         self.started = time.time()
         self._activated: dict[str, stdsocket.socket] = {}
@@ -236,7 +236,7 @@ class Daemon:
         if sock is None:
             sock, activated = self._socket_for(dest)
         flusher = Flusher(dest, self.cfg.spool, self.spool, self.reader, self.committer, self.client,
-                          self.credentials, self.rng, await self._sender_for(dest))
+                          self.credentials.for_destination(dest), self.rng, await self._sender_for(dest))
         rt = DestRuntime(dest, sock, activated, Ingest(dest, self.committer), flusher)
         self.dests[dest.name] = rt
         await self._services.start(self._run_dest, rt)
@@ -325,6 +325,7 @@ class Daemon:
             return
         self.reload_refused = None
         logs.configure(new.log_level, new.log_format)
+        self.credentials.reset()  # rotated keys or fixed profiles apply without a restart
         if new.spool != self.cfg.spool:
             logger.warning("reload_spool_ignored", hint="[spool] changes need a restart")
             new = dataclasses.replace(new, spool=self.cfg.spool)
@@ -423,6 +424,7 @@ class Daemon:
                 lines_in=rt.ingest.stats.lines_in, connections=rt.ingest.stats.connections,
                 rejected=dict(rt.ingest.stats.rejected), connections_closed=dict(rt.ingest.stats.closed),
                 lines_in_per_s=round(rate_in, 1), lines_out_per_s=round(rate_out, 1),
+                identity=self.credentials.for_destination(rt.dest).describe(),
                 **rt.flusher.snapshot())
         listeners = {"control": self.control.server.stats()}
         if self.cfg.metrics_listen:

@@ -110,6 +110,10 @@ def render_table(snap: dict[str, Any]) -> str:
                 for n, d in sorted(snap.get("destinations", {}).items()) if d.get("failures")]
     if failures:
         footer += "\nfailures by error code:\n" + "\n".join(failures)
+    identities = [f"  {n}: {_identity(d['identity'])}"
+                  for n, d in sorted(snap.get("destinations", {}).items()) if d.get("identity")]
+    if identities:
+        footer += "\nsigning as:\n" + "\n".join(identities)
     return "\n".join(line.rstrip() for line in lines) + "\n" + footer + "\n"
 
 
@@ -137,6 +141,13 @@ def _last_error(d: dict[str, Any]) -> str:
         return "-"
     at = d.get("last_error_at")
     return f"{err[:80]} ({_age(time.time() - at)} ago)" if at else err[:80]
+
+
+def _identity(identity: dict[str, Any]) -> str:
+    parts = [f"key {identity['access_key']}" if identity.get("access_key") else "key not known yet"]
+    parts += [f"{label} {identity[field]}" for field, label in
+              (("profile", "profile"), ("role_arn", "role"), ("method", "from")) if identity.get(field)]
+    return ", ".join(parts)
 
 
 def _escape(value: str) -> str:

@@ -908,9 +908,12 @@ def test_malformed_service_answers_never_mark_lines_sent(kind, sender, make_daem
     batch = 10
     replies = _malformed_replies(kind, batch)
     fake_aws.faults.scripted.extend(replies)
-    dest = {"endpoint_url": fake_aws.url, "kind": kind, "max_records_per_request": batch, **FAST_RETRY}
+    # A long linger: on a busy machine the 50 lines can reach the flusher in two reads, and a
+    # request of fewer than 10 records would meet a reply written for 10.
+    dest = {"endpoint_url": fake_aws.url, "kind": kind, "max_records_per_request": batch, "linger": "2s",
+            **FAST_RETRY}
     daemon = make_daemon(dest, extra=f'[daemon]\nsender = "{sender}"\n').start()
-    lines = make_lines(f"mal-{kind}", 50)  # one connection, one row: every request is exactly 10 records
+    lines = make_lines(f"mal-{kind}", 50)  # one connection: every request is exactly 10 records
     assert send_lines(daemon.sockets()[0], b"\n".join(lines)) == {"accepted": 50, "rejected": 0}
     strip = b"\n" if kind == "firehose" else b""
     wait_delivered(fake_aws, lines, strip)

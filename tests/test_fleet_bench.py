@@ -163,6 +163,17 @@ def test_botocore_reads_the_throttled_reply(clock: Clock) -> None:
         assert "shardId-000000000002" in resp["Records"][2]["ErrorMessage"]
 
 
+def test_yds_shard_ids_name_shards_in_every_reply(clock: Clock) -> None:
+    with fleet_server(clock, shards=2, shard_records=1, yds_shard_ids=True) as srv:
+        doc = put(srv, [rec(b"a", explicit=SHARD1_KEY), rec(b"b", explicit=SHARD1_KEY)]).json()
+        assert doc["Records"][0]["ShardId"] == "shard-000001"
+        assert doc["Records"][1]["ErrorMessage"] == message("shard-000001")
+        shards = httpx.post(srv.url + "/", content=b'{"StreamName": "S"}', timeout=DEADLINE,
+                            headers={"X-Amz-Target": "Kinesis_20131202.DescribeStream",
+                                     "Content-Type": "application/x-amz-json-1.1"}).json()
+        assert [s["ShardId"] for s in shards["StreamDescription"]["Shards"]] == ["shard-000000", "shard-000001"]
+
+
 # ---- line ids ----------------------------------------------------------------------------------
 
 def test_subrecords_walks_every_line_of_an_aggregate() -> None:

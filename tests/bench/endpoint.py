@@ -17,16 +17,17 @@ everything, samples and buckets included.
 
     python tests/bench/endpoint.py --port 0 --port-file F [--record-fail-rate R] [--latency S]
 
-Fleet mode (tests/bench/fleet.py; any of --shard-records, --shard-bytes, --hold): FleetAWS puts
-a token bucket per shard (records/s and bytes/s, ``--burst`` seconds of capacity, full at start)
-in front of PutRecords and answers over-budget records as Kinesis does: a 200 reply whose entry
-carries ``ProvisionedThroughputExceededException`` and a message naming the shard, while accepted
-entries carry their ShardId. A rejected record takes nothing from the budget. With
+Fleet mode (tests/bench/fleet.py; ``--fleet`` or any fleet option): FleetAWS puts a token bucket
+per shard (records/s and bytes/s, ``--burst`` seconds of capacity, full at start) in front of
+PutRecords and answers over-budget records as Kinesis does: a 200 reply whose entry carries
+``ProvisionedThroughputExceededException`` and a message naming the shard, while accepted entries
+carry their ShardId. A rejected record takes nothing from the budget. With
 ``--whole-throttle-share S``, a request of which at least that share would be throttled is refused
 whole (400 ``--whole-code``) instead. Lines that start ``{"id":"DAEMON-SEQ"`` are counted per
 daemon and per id (KPL aggregates are walked), so the harness can tell lost and duplicated lines.
 ``--hold`` keeps every request waiting until the process gets SIGUSR1 (all daemons then start
-from a full backlog at the same moment); the dump says when that was.
+from a full backlog at the same moment); the dump says when that was. ``--yds-shard-ids`` names
+shards as Yandex Data Streams does (``shard-000001``) in every reply, DescribeStream included.
 
 Listens on 127.0.0.1 only; exits on SIGTERM/SIGINT or when its parent dies.
 """
@@ -407,8 +408,12 @@ class FleetAWS(BenchAWS):
     def __init__(self, *args: Any, shard_records: float | None = None, shard_bytes: float | None = None,
                  burst: float = 1.0, whole_throttle_share: float | None = None,
                  whole_code: str = "ProvisionedThroughputExceededException", hold: bool = False,
-                 clock: Callable[[], int] = time.monotonic_ns, **kwargs: Any) -> None:
+                 yds_shard_ids: bool = False, clock: Callable[[], int] = time.monotonic_ns,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if yds_shard_ids:
+            # Yandex Data Streams names shards its own way; a sender must not assume AWS's format.
+            self._shard_ids = [f"shard-{i:06d}" for i in range(self.shards)]
         if whole_code not in THROTTLE_CODES:
             raise ValueError(f"whole_code must be one of {THROTTLE_CODES}")
         self.shard_records = shard_records
@@ -598,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--reservoir", type=int, default=50_000, help="latency samples kept per stream")
     fleet = parser.add_argument_group("fleet mode (FleetAWS)")
+    fleet.add_argument("--fleet", action="store_true", help="fleet mode even without budgets")
     fleet.add_argument("--shard-records", type=float, help="records/s each shard accepts")
     fleet.add_argument("--shard-bytes", type=float, help="bytes/s (data + partition key) each shard accepts")
     fleet.add_argument("--burst", type=float, default=1.0, help="seconds of budget a shard's buckets hold")
@@ -605,17 +611,18 @@ def main(argv: list[str] | None = None) -> int:
                        help="refuse a request whole (400) when at least this share of it is over budget")
     fleet.add_argument("--whole-code", default="ProvisionedThroughputExceededException", choices=THROTTLE_CODES)
     fleet.add_argument("--hold", action="store_true", help="hold every request until SIGUSR1")
+    fleet.add_argument("--yds-shard-ids", action="store_true", help='name shards "shard-000001", as YDS does')
     args = parser.parse_args(argv)
 
     common = dict(verify=args.verify, store=False, seed=args.seed, shards=args.shards, port=args.port,
                   reservoir=args.reservoir)
-    if args.shard_records is None and args.shard_bytes is None and not args.hold:
+    if not (args.fleet or args.hold or args.yds_shard_ids) and args.shard_records is None and args.shard_bytes is None:
         server: BenchAWS = BenchAWS(args.access_key, args.secret_key, **common)
     else:
         fleet_server = FleetAWS(args.access_key, args.secret_key, shard_records=args.shard_records,
                                 shard_bytes=args.shard_bytes, burst=args.burst,
                                 whole_throttle_share=args.whole_throttle_share, whole_code=args.whole_code,
-                                hold=args.hold, **common)
+                                hold=args.hold, yds_shard_ids=args.yds_shard_ids, **common)
         signal.signal(signal.SIGUSR1, lambda *_: fleet_server.release())
         server = fleet_server
     return serve_until_stopped(server, args)

@@ -65,10 +65,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench.bench import HERE, ROOT, DaemonProc, Endpoint, die_with_parent, family_cpu, log
+from tests.bench.bench import HERE, ROOT, DaemonProc, Endpoint, MiB, die_with_parent, family_cpu, log
 from tests.fakeaws import shard_ranges
 
-MiB = 1024 * 1024
 HOT_KEY = "hot"  # the partition key of the hot lines in --mode hot
 MAX_DAEMONS = 64
 MAX_TOTAL_LINES = 2_000_000
@@ -126,6 +125,8 @@ def send_all(path: Path, payload: bytes) -> dict[str, Any]:
             answer += chunk
     finally:
         s.close()
+    if not answer:
+        raise SystemExit(f"{path}: the daemon closed the connection without an acknowledgement")
     return json.loads(answer)  # type: ignore[no-any-return]
 
 
@@ -139,7 +140,7 @@ class FleetEndpoint(Endpoint):
         self.log = open(tmp / "endpoint.log", "wb")
         cmd = [sys.executable, str(HERE / "endpoint.py"), "--port", "0", "--port-file", str(self.port_file),
                "--shards", str(args.shards), "--burst", str(args.burst), "--reservoir", "1000",
-               "--whole-code", args.whole_code]
+               "--whole-code", args.whole_code, "--fleet"]
         if args.shard_records > 0:
             cmd += ["--shard-records", str(args.shard_records)]
         if args.shard_bytes > 0:
@@ -148,6 +149,8 @@ class FleetEndpoint(Endpoint):
             cmd += ["--whole-throttle-share", str(args.whole_throttle_share)]
         if args.start == "held":
             cmd.append("--hold")
+        if args.yds_shard_ids:
+            cmd.append("--yds-shard-ids")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      preexec_fn=die_with_parent)
         end = time.monotonic() + 20
@@ -245,7 +248,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             log("every line acknowledged; endpoint released")
         else:
             log(f"every line acknowledged {(time.monotonic_ns() - t0) / 1e9:.2f} s after the first write")
-        complete = wait_complete(endpoint, args, t0)
+        complete = wait_complete(endpoint, daemons, args, t0)
         settled = wait_settled(daemons) if complete else False
         dump = endpoint.dump()
         statuses = [d.status() for d in daemons]
@@ -274,8 +277,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def wait_complete(endpoint: FleetEndpoint, args: argparse.Namespace, t0: int) -> bool:
-    """Until every daemon's every id has been accepted once, or --timeout."""
+def wait_complete(endpoint: FleetEndpoint, daemons: list[DaemonProc], args: argparse.Namespace,
+                  t0: int) -> bool:
+    """Until every daemon's every id has been accepted once, --timeout, or a daemon exits."""
     end = time.monotonic() + args.timeout
     next_progress = time.monotonic() + PROGRESS_SECONDS
     expected = args.daemons * args.lines
@@ -285,6 +289,10 @@ def wait_complete(endpoint: FleetEndpoint, args: argparse.Namespace, t0: int) ->
         distinct = sum(v[0] for v in counts.values())
         if len(counts) == args.daemons and all(v[0] >= args.lines for v in counts.values()):
             return True
+        dead = [i for i, d in enumerate(daemons) if d.proc.poll() is not None]
+        if dead:
+            log(f"daemons {dead} exited (--keep keeps their logs): {distinct:,} of {expected:,} lines arrived")
+            return False
         now = time.monotonic()
         if now > end:
             log(f"timed out after {args.timeout:g} s: {distinct:,} of {expected:,} lines arrived")
@@ -421,15 +429,20 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
            f"{args.shards} shards x {n(args.shard_records)} records/s, {n(args.shard_bytes)} bytes/s, "
            f"start {args.start}; load average {r['loadavg'][0]:.1f}"]
     if not r["complete"]:
-        out.append("  INCOMPLETE: timed out before every line arrived")
+        out.append("  INCOMPLETE: not every line arrived (timeout or a daemon exited)")
     goodput = []
     if "goodput_records_pct" in r:
         goodput.append(f"{n(r['records_per_s'])} records/s = {r['goodput_records_pct']:.1f}% of record capacity")
     if "goodput_bytes_pct" in r:
         goodput.append(f"{n(r['bytes_per_s'] / 1024)} KiB/s = {r['goodput_bytes_pct']:.1f}% of byte capacity")
+    if not goodput:
+        goodput.append(f"{n(r['records_per_s'])} records/s, {n(r['bytes_per_s'] / 1024)} KiB/s (shards unlimited)")
+    elif args.mode == "kpl":
+        goodput.reverse()  # the byte budget is the one that binds
+    needs = (f" (the busiest shard alone needs {r['busiest_shard_needs_s']:.2f} s at its budget)"
+             if r["busiest_shard_needs_s"] else "")
     out += [
-        f"  all lines delivered in {r['elapsed_s']:.2f} s (the busiest shard alone needs"
-        f" {r['busiest_shard_needs_s']:.2f} s at its budget); goodput " + "; ".join(goodput),
+        f"  all lines delivered in {r['elapsed_s']:.2f} s{needs}; goodput " + "; ".join(goodput),
         f"  {kind} sent per {kind[:-1]} accepted: {n(r['sent_per_accepted'], '.2f')} "
         f"({r['records_offered']:,} sent, {r['records_accepted']:,} accepted, {r['put_requests']:,} requests, "
         f"{r['refused_requests']:,} refused whole)",
@@ -455,6 +468,9 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
     out.append(f"  daemons: {t['requests']:,} requests, {t['retried_records']:,} records retried, failures "
                + (", ".join(f"{k}={v:,}" for k, v in sorted(t["failures"].items())) or "none")
                + f"; CPU daemons {r['cpu']['daemons_s']:.1f} s, endpoint {r['cpu']['endpoint_s']:.1f} s")
+    paced = {k: v for k, v in t.items() if k.startswith("pace") and isinstance(v, int | float)}
+    if paced:  # a daemon that paces says how (summed over the daemons)
+        out.append("  daemons' pacing, summed: " + ", ".join(f"{k} {v:,.1f}" for k, v in sorted(paced.items())))
     return "\n".join(out)
 
 
@@ -479,6 +495,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                             "ThrottlingException"))
     p.add_argument("--start", choices=("held", "live"), default="held",
                    help="held: the endpoint holds requests until every backlog is queued; live: no hold")
+    p.add_argument("--yds-shard-ids", action="store_true",
+                   help='the endpoint names shards "shard-000001", as Yandex Data Streams does')
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every line")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write the figures (and each daemon's final status) here")
