@@ -422,7 +422,7 @@ class Daemon:
             configured[name] = dict(
                 kind=rt.dest.kind, stream=rt.dest.stream_arn or rt.dest.stream, socket=str(rt.dest.socket),
                 lines_in=rt.ingest.stats.lines_in, connections=rt.ingest.stats.connections,
-                rejected=dict(rt.ingest.stats.rejected),
+                rejected=dict(rt.ingest.stats.rejected), connections_closed=dict(rt.ingest.stats.closed),
                 lines_in_per_s=round(rate_in, 1), lines_out_per_s=round(rate_out, 1),
                 identity=self.credentials.for_destination(rt.dest).describe(),
                 **rt.flusher.snapshot())
