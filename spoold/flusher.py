@@ -1,16 +1,11 @@
-"""One destination's sender: the trio loop around its state machine (spoold.machine.Outbox).
-
-The machine decides; this loop does the I/O it asks for: read rows from the spool, sign and
-post batches, fetch the shard map, delete rows and write dead letters through the committer,
-and feed every result back with the time. Rows reach it two ways: fresh commits are handed
-over in memory by the committer while the flusher is caught up (the hot path never re-reads
-SQLite); otherwise the machine asks for rows above its cursor, at most LEASE_BYTES of lines.
-"""
+"""One destination's sender: the trio loop around its state machine (spoold.machine.Outbox),
+which decides. This does the I/O it asks for (read rows, sign and post batches, fetch the shard
+map, delete rows and write dead letters through the committer) and feeds results back with the
+time. Fresh commits come in memory from the committer (offer) while the machine is caught up."""
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from typing import Any
@@ -19,12 +14,11 @@ import httpx
 import structlog
 import trio
 
-from spoold.aggregation import ShardMap
-from spoold.batching import Encoder
+from spoold.aggregation import ShardMap, next_shard_page, shard_map_request
 from spoold.committer import Committer
 from spoold.config import Destination, SpoolConfig
 from spoold.errors import RetryableSendError, SendError, SpoolCorrupt, SpoolError
-from spoold.machine import Effects, Limits, Outbox, Read, RetryPolicy, Send
+from spoold.machine import Effects, Outbox, Read, Send
 from spoold.protocol import KINESIS_PREFIX, Api, reply_document
 from spoold.sender import InlineSender, Sender, post
 from spoold.signing import CredentialSource, sign
@@ -43,35 +37,21 @@ class Flusher:
     def __init__(self, dest: Destination, spool_cfg: SpoolConfig, spool: Spool, reader: Worker,
                  committer: Committer, client: httpx.AsyncClient, credentials: CredentialSource,
                  rng: random.Random | None = None, sender: Sender | None = None) -> None:
-        self.dest = dest
-        self.spool = spool
-        self.reader = reader
-        self.committer = committer
-        self.client = client
+        self.dest, self.spool, self.reader, self.committer = dest, spool, reader, committer
+        self.client, self.credentials = client, credentials
         self.sender: Sender = sender or InlineSender(client)
-        self.credentials = credentials
         self.api = Api.for_destination(dest.kind, dest.stream, dest.stream_arn)
         self.url = dest.endpoint_url + "/"
-        rng = rng or random.Random()
-        self.encoder = Encoder(dest.kind, delimiter=dest.delimiter, pack_lines=dest.pack_lines,
-                               max_record_bytes=dest.max_record_bytes, partition_key_field=dest.partition_key_field,
-                               explicit_hash_key=dest.explicit_hash_key, aggregation=dest.aggregation, rng=rng)
-        limits = Limits(max_records=dest.max_records_per_request, max_bytes=dest.max_request_bytes,
-                        max_in_flight=dest.max_in_flight, linger=dest.linger, ordered=dest.ordered,
-                        max_age=spool_cfg.max_age, aggregation=dest.aggregation,
-                        max_record_bytes=dest.max_record_bytes)
-        policy = RetryPolicy(dest.retry_base, dest.retry_cap, dest.retry_cap_throttle)
-        self.machine = Outbox(limits, self.encoder, policy, trio.current_time(), rng)
+        self.machine = Outbox.for_destination(dest, spool_cfg.max_age, trio.current_time(), rng)
         self.log = logger.bind(dest=dest.name)
         self._wake = trio.Event()
-        self.requests = 0
+        self.requests = 0  # signed, including shard map calls
 
     # -- what the daemon and the committer use ----------------------------------------------
     def offer(self, row_id: int, lines: list[bytes], nbytes: int, created: float) -> None:
         """A row was just committed; take it from memory if we are caught up and have room."""
         self.machine.offer(row_id, lines, nbytes, created, trio.current_time(), time.time())
-        self._apply(self.machine.take_effects())
-        self._wake.set()
+        self._wake.set()  # the loop applies its effects (an expired row's delete)
 
     async def release(self) -> bool:
         """Give every leased row back to the spool (when_full = "drop_oldest" needs to drop the
@@ -100,30 +80,6 @@ class Flusher:
         self.machine.drain()
         self._wake.set()
 
-    @property
-    def idle(self) -> bool:
-        return self.machine.idle
-
-    @property
-    def cursor(self) -> int:
-        return self.machine.cursor
-
-    @property
-    def leased(self) -> dict[int, Any]:
-        return self.machine.leased
-
-    @property
-    def leased_bytes(self) -> int:
-        return self.machine.leased_bytes
-
-    @property
-    def lines_sent(self) -> int:
-        return self.machine.lines_sent
-
-    @property
-    def blocked_until(self) -> float:
-        return self.machine.blocked_until
-
     # -- the loop ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -142,8 +98,7 @@ class Flusher:
                 elif isinstance(decision, Read):
                     await self._read(decision)
                 else:
-                    until = decision.until
-                    with trio.move_on_at(until if until < math.inf else math.inf):
+                    with trio.move_on_at(decision.until):
                         await self._wake.wait()
 
     async def _read(self, read: Read) -> None:
@@ -154,15 +109,11 @@ class Flusher:
             raise  # exit non-zero: the restart recovers the file, rather than a daemon that forwards nothing
         except SpoolError as exc:
             m.note_error("SpoolReadError", str(exc), trio.current_time(), time.time(), fatal=True)
-            self._apply(m.take_effects())
             await trio.sleep(1.0)
             return
         m.rows_read(read, [(r.id, r.created, r.lines, r.nbytes) for r in rows], trio.current_time(), time.time())
-        self._apply(m.take_effects())
 
     def _apply(self, effects: Effects) -> None:
-        if not effects:
-            return
         name = self.dest.name
         if effects.expired:
             self.committer.count_expired(name, effects.expired)
@@ -176,13 +127,12 @@ class Flusher:
         m = self.machine
         try:
             if send.ordered:
-                entry = send.batch[0]
-                body = self.api.single_body(entry, send.sequence)
-                response = await self._post(body, target="Kinesis_20131202.PutRecord")
-                seq = self.api.parse_single(response.status_code, response.content)
-                m.on_single(send, seq, trio.current_time(), time.time())
+                body = self.api.single_body(send.batch[0], send.sequence)
+                response = await self._post(body, target=KINESIS_PREFIX + "PutRecord")
+                m.on_single(send, self.api.parse_single(response.status_code, response.content),
+                            trio.current_time(), time.time())
             else:
-                body = self.api.body(send.batch, self.encoder.hex_keys)
+                body = self.api.body(send.batch, self.machine.encoder.hex_keys)
                 signed = await self._signed(body)
                 outcomes = await self.sender.put(self.url, signed, body, self.dest.request_timeout,
                                                  self.api.firehose, len(send.batch))
@@ -213,9 +163,7 @@ class Flusher:
                 creds = await self.credentials.get()
         except trio.TooSlowError:
             raise RetryableSendError("getting AWS credentials timed out", code="NoCredentials") from None
-        headers = self.api.headers()
-        if target:
-            headers["X-Amz-Target"] = target
+        headers = {**self.api.headers(), **({"X-Amz-Target": target} if target else {})}
         self.requests += 1
         return sign(creds, url=self.url, body=body, headers=headers,
                     region=self.dest.region, service=self.dest.signing_service)
@@ -229,8 +177,8 @@ class Flusher:
     async def _shard_map_loop(self) -> None:
         while True:
             try:
-                self.encoder.shard_map = await self._fetch_shard_map()
-                self.log.debug("shard_map_refreshed", shards=len(self.encoder.shard_map))
+                self.machine.encoder.shard_map = await self._fetch_shard_map()
+                self.log.debug("shard_map_refreshed", shards=len(self.machine.encoder.shard_map))
                 delay = SHARD_MAP_REFRESH
             except (SendError, ValueError) as exc:
                 self.log.warning("shard_map_failed", error=str(exc),
@@ -239,44 +187,13 @@ class Flusher:
             await trio.sleep(delay)
 
     async def _fetch_shard_map(self) -> ShardMap:
-        # Yandex Data Streams has no ListShards: DescribeStream pages there.
-        stream = {self.api.stream_field: self.api.stream}
+        operation, body = shard_map_request(self.dest.kind, self.api.stream_field, self.api.stream)
         pages: list[dict[str, Any]] = []
-        operation, body = ("DescribeStream" if self.dest.kind == "yds" else "ListShards"), dict(stream)
-        while True:
-            page = await self._call(operation, body)
-            pages.append(page)
-            if operation == "ListShards":
-                if not page.get("NextToken"):
-                    return ShardMap.from_list_shards(pages)
-                body = {"NextToken": page["NextToken"]}
-                continue
-            desc = page.get("StreamDescription") or {}
-            shards = desc.get("Shards") or []
-            if not desc.get("HasMoreShards") or not shards:
-                return ShardMap.from_describe_stream(pages)
-            body = {**stream, "ExclusiveStartShardId": shards[-1]["ShardId"]}
+        while body is not None:
+            response = await self._post(json.dumps(body).encode(), target=KINESIS_PREFIX + operation)
+            pages.append(reply_document(response.status_code, response.content))
+            body = next_shard_page(operation, self.api.stream_field, self.api.stream, pages[-1])
+        return ShardMap.from_pages(operation, pages)
 
-    async def _call(self, operation: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self._post(json.dumps(body).encode(), target=KINESIS_PREFIX + operation)
-        return reply_document(response.status_code, response.content)
-
-    # -- figures ----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        m = self.machine
-        now = trio.current_time()
-        return {
-            "lines_sent": m.lines_sent,
-            "records_sent": m.records_sent,
-            "requests": self.requests,
-            "retried_records": m.retried_records,
-            "dead_lettered": m.dead_letters,
-            "failures": dict(m.failures),
-            "in_flight": m.in_flight,
-            "leased_bytes": m.leased_bytes,
-            "last_error": m.last_error,
-            "last_error_at": m.last_error_at or None,
-            "last_success_at": m.last_success_at or None,
-            "backing_off": max(0.0, m.blocked_until - now),
-            **m.pace_figures(now),
-        }
+        return {"requests": self.requests, **self.machine.figures(trio.current_time())}

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spoold.batching import Chunk, Encoder, Entry, take_batch
+from spoold.config import Destination
 from spoold.errors import FatalSendError, SendError
 from spoold.pacing import BURST, SHARD_BYTES, SHARD_RECORDS, Pace, cost
 
@@ -232,6 +233,19 @@ class Outbox:
         self.last_error = ""
         self.last_error_at = 0.0
         self.last_success_at = 0.0
+
+    @classmethod
+    def for_destination(cls, dest: Destination, max_age: float, now: float,
+                        rng: random.Random | None = None) -> Outbox:
+        rng = rng or random.Random()
+        encoder = Encoder(dest.kind, delimiter=dest.delimiter, pack_lines=dest.pack_lines,
+                          max_record_bytes=dest.max_record_bytes, partition_key_field=dest.partition_key_field,
+                          explicit_hash_key=dest.explicit_hash_key, aggregation=dest.aggregation, rng=rng)
+        limits = Limits(max_records=dest.max_records_per_request, max_bytes=dest.max_request_bytes,
+                        max_in_flight=dest.max_in_flight, linger=dest.linger, ordered=dest.ordered,
+                        max_age=max_age, aggregation=dest.aggregation, max_record_bytes=dest.max_record_bytes)
+        policy = RetryPolicy(dest.retry_base, dest.retry_cap, dest.retry_cap_throttle)
+        return cls(limits, encoder, policy, now, rng)
 
     # -- rows in ------------------------------------------------------------------------------
     def offer(self, row_id: int, lines: list[bytes], nbytes: int, created: float, now: float,
@@ -587,10 +601,22 @@ class Outbox:
                 self._effects.deleted.append(chunk)
 
     # -- figures ------------------------------------------------------------------------------
-    def pace_figures(self, now: float) -> dict[str, Any]:
+    def figures(self, now: float) -> dict[str, Any]:
+        """This destination's part of the status snapshot."""
         pace = self.pace
         waited = pace.waited + (now - pace.wait_from if pace.wait_from is not None else 0.0)
         return {
+            "lines_sent": self.lines_sent,
+            "records_sent": self.records_sent,
+            "retried_records": self.retried_records,
+            "dead_lettered": self.dead_letters,
+            "failures": dict(self.failures),
+            "in_flight": self.in_flight,
+            "leased_bytes": self.leased_bytes,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at or None,
+            "last_success_at": self.last_success_at or None,
+            "backing_off": max(0.0, self.blocked_until - now),
             "pace_records_per_s": round(pace.records_per_s(self._unit_cost), 1),
             "pace_slow_start": pace.slow_start,
             "throttled_records": pace.throttled,

@@ -300,7 +300,7 @@ def test_pace_binds_batch_size_and_throttling_slows_it() -> None:
     again = send(m, m.next(0.02, WALL).until)  # type: ignore[union-attr]
     got = [e.data for e in again.batch]
     assert got == lines(1000)[:len(got)], "throttled records go first, within the pace"
-    figures = m.pace_figures(1.0)
+    figures = m.figures(1.0)
     assert figures["throttled_records"] == 10 and figures["pace_wait_seconds"] > 0
 
 
