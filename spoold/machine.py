@@ -51,7 +51,7 @@ ORDERED_KEYS_MAX = 10_000
 # Exponent cap for the backoff, so that hours of outage neither overflow nor stall.
 MAX_BACKOFF_EXPONENT = 30
 # Share of a bucket's burst a batch waits for, so a slow pace sends fewer, fuller requests.
-MIN_BATCH_SHARE = 0.25
+MIN_BATCH_SHARE = 1.0
 # KPL aggregates under byte throttling: at most this many seconds of the pace each, never
 # below the floor (an aggregate larger than a shard's remaining budget is throttled forever).
 AGGREGATE_PACE_SECONDS = 0.25
@@ -465,6 +465,8 @@ class Outbox:
             self._due.extendleft(reversed(throttled))
             self._shrink_aggregates()
         self.retried_records += failed
+        if failed:
+            self._log("debug", "records_retried", failed=failed, throttled=len(throttled), batch=len(batch))
         self.pace.on_reply(now, send.units, len(batch), len(accepted), len(throttled), rtt)
         group.ok = group.ok or bool(accepted)
         self._finish(group, now, wall)
