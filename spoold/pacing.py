@@ -148,8 +148,11 @@ class Pace:
             elif now - self.bound_at <= CUT_INTERVAL:
                 # By the clock, not per reply: hosts that start together grow together, whatever
                 # their round trips, and leave slow start at about the same rate.
+                # And never faster than the replies confirm (TCP's cwnd += acked: at most
+                # doubling per round trip), however slow they come.
                 dt = min(now - self._grown_at, CUT_INTERVAL)
-                self.rate = min(MAX_RATE, self.rate * 2.0 ** (dt / SLOW_START_DOUBLING))
+                grown = min(self.rate * 2.0 ** (dt / SLOW_START_DOUBLING), self.rate + units / max(rtt, 1e-3))
+                self.rate = min(MAX_RATE, max(self.rate, grown))
             self._grown_at = now
         if now - self._epoch_start >= CUT_INTERVAL:
             self._end_epoch(now)

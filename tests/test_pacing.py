@@ -50,11 +50,19 @@ def test_slow_start_doubles_by_the_clock_only_while_binding() -> None:
     for i in range(1, 11):
         t = i * SLOW_START_DOUBLING / 2
         p.ready_at(t)
-        p.on_reply(t, 0.01, 10, 10, 0, 0.01)
+        p.on_reply(t, 0.1, 100, 100, 0, 0.01)
     assert p.rate == pytest.approx(INITIAL_RATE * 2 ** 5)
     idle = p.rate
     p.on_reply(10.0, 0.01, 10, 10, 0, 0.01)  # nothing waited for pace lately
     assert p.rate == idle
+
+
+def test_slow_start_grows_no_faster_than_replies_confirm() -> None:
+    # Replies a second late (a busy host): the clock alone would allow 2**10 at once.
+    p = Pace(0.0)
+    p.ready_at(1.0)
+    p.on_reply(1.0, INITIAL_RATE * 1.0, 200, 200, 0, 1.0)
+    assert p.rate == pytest.approx(2 * INITIAL_RATE)
 
 
 def test_throttle_leaves_slow_start_by_halving_then_cuts_per_epoch_by_the_share() -> None:
