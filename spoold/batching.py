@@ -12,7 +12,7 @@ import json
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import repeat
+from itertools import count, repeat
 from typing import Any
 
 from spoold.aggregation import AggregateBuilder, ShardMap, hash_key
@@ -37,9 +37,16 @@ class Chunk:
 
 
 class Entry:
-    """One record to send: its exact Data, its partition key, and the lines it carries."""
+    """One record to send: its exact Data, its partition key, and the lines it carries.
 
-    __slots__ = ("data", "key", "hash_key", "refs", "nlines", "attempts", "created", "_lines", "size")
+    ``at`` says which lines of its chunks those are (positions in ``Chunk.lines``), so that the
+    spool can record lines accepted from a row that still has unsent ones: an int when they are
+    contiguous (the first ref's lines from ``at`` on, every later ref's from 0: an aggregate that
+    went on into the next row), or the list of positions when they are not (one ref only: keyed
+    KPL aggregates group a row's lines by shard).
+    """
+
+    __slots__ = ("data", "key", "hash_key", "refs", "nlines", "attempts", "created", "_lines", "size", "at")
 
     def __init__(
         self,
@@ -50,8 +57,10 @@ class Entry:
         created: float,
         hash_key: str | None = None,
         lines: list[bytes] | None = None,
+        at: int | list[int] = 0,
     ) -> None:
         self.data = data
+        self.at = at
         self.key = key
         self.hash_key = hash_key
         self.refs = refs
@@ -135,11 +144,11 @@ class Encoder:
             if self.pack_lines:
                 yield from self._packed(chunk)
                 return
-            for line in chunk.lines:
+            for i, line in enumerate(chunk.lines):
                 if delim:
-                    yield Entry(line + delim, "", [(chunk, 1)], 1, created, lines=[line])
+                    yield Entry(line + delim, "", [(chunk, 1)], 1, created, lines=[line], at=i)
                 else:
-                    yield Entry(line, "", [(chunk, 1)], 1, created)
+                    yield Entry(line, "", [(chunk, 1)], 1, created, at=i)
             return
         if self.aggregation == "kpl":
             yield from self._aggregated(chunk, now)
@@ -152,11 +161,12 @@ class Encoder:
         one = [(chunk, 1)]  # shared: refs are only read
         if not field:  # the hot path: map() calls Entry with no Python step of its own per line
             cut = [keys[i:i + width] for i in range(0, len(keys), width)]
-            yield from map(Entry, chunk.lines, cut, repeat(one), repeat(1), repeat(created), repeat(ehk))
+            yield from map(Entry, chunk.lines, cut, repeat(one), repeat(1), repeat(created), repeat(ehk),
+                           repeat(None), count())
             return
         for i, line in enumerate(chunk.lines):
             key = (field and partition_key_from_json(line, field)) or keys[i * width:(i + 1) * width]
-            yield Entry(line, key, one, 1, created, ehk)
+            yield Entry(line, key, one, 1, created, ehk, at=i)
 
     def _aggregated(self, chunk: Chunk, now: float) -> Iterator[Entry]:
         # KPL aggregation. Every sub-record of one aggregate must hash into the shard that
@@ -169,8 +179,8 @@ class Encoder:
         if not field:
             yield from self._aggregated_unkeyed(chunk, now)
             return
-        open_: dict[object, tuple[AggregateBuilder, list[bytes]]] = {}
-        for line in chunk.lines:
+        open_: dict[object, tuple[AggregateBuilder, list[bytes], list[int]]] = {}
+        for i, line in enumerate(chunk.lines):
             key = field and partition_key_from_json(line, field)
             if not key:
                 group: object = None
@@ -185,19 +195,20 @@ class Encoder:
             pair = open_.get(group)
             if pair is not None and pair[0].try_add(line, sub_key):
                 pair[1].append(line)
+                pair[2].append(i)
                 continue
             if pair is not None:
                 yield self._aggregate_entry(chunk, *pair)
             outer_key = outer_key or self.random_key()
             builder = AggregateBuilder(limit, outer_key, outer_ehk)
             if builder.try_add(line, sub_key):
-                open_[group] = (builder, [line])
+                open_[group] = (builder, [line], [i])
             else:
                 # Too big to aggregate (the framing costs ~30 bytes): send it plain.
                 open_.pop(group, None)
-                yield Entry(line, outer_key, [(chunk, 1)], 1, chunk.created, outer_ehk)
-        for builder, lines in open_.values():
-            yield self._aggregate_entry(chunk, builder, lines)
+                yield Entry(line, outer_key, [(chunk, 1)], 1, chunk.created, outer_ehk, at=i)
+        for builder, lines, at in open_.values():
+            yield self._aggregate_entry(chunk, builder, lines, at)
 
     def _aggregated_unkeyed(self, chunk: Chunk, now: float) -> Iterator[Entry]:
         # Every line shares the aggregate's own random key (or the configured hash key). The
@@ -210,7 +221,9 @@ class Encoder:
             agg = self._open
             if agg is None:
                 builder = AggregateBuilder(self.max_record_bytes, self.random_key(), self.explicit_hash_key)
-                agg = self._open = _OpenAggregate(builder, chunk.created, now)
+                agg = self._open = _OpenAggregate(builder, chunk.created, i, now)
+            if not agg.refs:  # still empty (a line too big for it went plain): it starts here
+                agg.at = i
             n = agg.builder.extend(lines, i)
             if n:
                 agg.lines.extend(lines[i:i + n])
@@ -221,7 +234,7 @@ class Encoder:
                     yield self._close_open()  # full
                 else:  # too big to aggregate (the framing costs ~30 bytes): send it plain
                     yield Entry(lines[i], agg.builder.partition_key, [(chunk, 1)], 1, chunk.created,
-                                self.explicit_hash_key)
+                                self.explicit_hash_key, at=i)
                     i += 1
 
     @property
@@ -244,12 +257,13 @@ class Encoder:
         assert agg is not None
         self._open = None
         b = agg.builder
-        return Entry(b.build(), b.partition_key, agg.refs, len(agg.lines), agg.created, b.explicit_hash_key, agg.lines)
+        return Entry(b.build(), b.partition_key, agg.refs, len(agg.lines), agg.created, b.explicit_hash_key, agg.lines,
+                     agg.at)
 
     @staticmethod
-    def _aggregate_entry(chunk: Chunk, builder: AggregateBuilder, lines: list[bytes]) -> Entry:
+    def _aggregate_entry(chunk: Chunk, builder: AggregateBuilder, lines: list[bytes], at: list[int]) -> Entry:
         return Entry(builder.build(), builder.partition_key, [(chunk, len(lines))], len(lines), chunk.created,
-                     builder.explicit_hash_key, lines)
+                     builder.explicit_hash_key, lines, at)
 
     def _packed(self, chunk: Chunk) -> Iterator[Entry]:
         # Lines of one chunk are packed into records of at most max_record_bytes; a line is
@@ -258,26 +272,28 @@ class Encoder:
         limit = self.max_record_bytes
         parts: list[bytes] = []
         size = 0
-        for line in chunk.lines:
+        start = 0
+        for i, line in enumerate(chunk.lines):
             n = len(line) + len(delim)
             if parts and size + n > limit:
                 yield Entry(delim.join(parts) + delim, "", [(chunk, len(parts))], len(parts), chunk.created,
-                            lines=parts)
-                parts, size = [], 0
+                            lines=parts, at=start)
+                parts, size, start = [], 0, i
             parts.append(line)
             size += n
         if parts:
             yield Entry(delim.join(parts) + delim, "", [(chunk, len(parts))], len(parts), chunk.created,
-                        lines=parts)
+                        lines=parts, at=start)
 
 
 class _OpenAggregate:
     """An aggregate still filling, possibly from several rows."""
 
-    __slots__ = ("builder", "lines", "refs", "created", "opened")
+    __slots__ = ("builder", "lines", "refs", "created", "opened", "at")
 
-    def __init__(self, builder: AggregateBuilder, created: float, opened: float) -> None:
+    def __init__(self, builder: AggregateBuilder, created: float, at: int, opened: float) -> None:
         self.builder = builder
+        self.at = at  # the first line's position in the first row; later rows' lines start at 0
         self.lines: list[bytes] = []
         self.refs: list[tuple[Chunk, int]] = []
         self.created = created

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show spool depth, rates, retries and errors per destination")
     status.add_argument("--config", required=True)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for the running daemon's answer (default 30)")
 
     dead = sub.add_parser("dead-letters", help="list, re-queue or delete records the service refused for good")
     dead.add_argument("action", choices=["list", "replay", "purge"])
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--dest", help="only this destination")
     dead.add_argument("--limit", type=int, default=100, help="list at most this many (default 100)")
     dead.add_argument("--json", action="store_true")
+    dead.add_argument("--timeout", type=float, default=30.0,
+                      help="seconds to wait for the running daemon's answer (default 30)")
 
     sub.add_parser("demo", help="run a local end-to-end demo against moto on 127.0.0.1")
     return parser
@@ -70,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "send":
             return send(args.socket, args.files)
         if args.command == "status":
-            return _status(args.config, args.json)
+            return _status(args)
         if args.command == "dead-letters":
             return _dead_letters(args)
         if args.command == "demo":
@@ -95,88 +99,17 @@ def _check_config(path: str) -> int:
     return EXIT_OK
 
 
-def _ask_daemon(control: object, command: str) -> dict[str, object] | None:
-    """One request over the control socket; None when no daemon answers there."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(30)
-        sock.connect(str(control))
-        sock.sendall(command.encode() + b"\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-        reply = json.loads(data)
-        return reply if isinstance(reply, dict) else None
-    except (OSError, ValueError):
-        return None
-    finally:
-        sock.close()
+def _status(args: argparse.Namespace) -> int:
+    from spoold import config, control
+
+    return control.status_command(config.load(args.config), args.json, args.timeout)
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from spoold import config
-    from spoold.spool import Spool
+    from spoold import config, control
 
     cfg = config.load(args.config)
-    command = f"dead-letters {args.action} {args.limit}" + (f" {args.dest}" if args.dest else "")
-    reply = _ask_daemon(cfg.control_socket, command)
-    if reply is None:
-        # No daemon: we are the only writer, so the spool may be opened here.
-        if not Path(cfg.spool.path).exists():
-            print(f"spoold dead-letters: no spool at {cfg.spool.path}", file=sys.stderr)
-            return EXIT_FAILED
-        spool = Spool(Path(cfg.spool.path), cfg.spool.synchronous, cfg.spool.page_size)
-        try:
-            spool.open_writer()
-            if args.action == "list":
-                from spoold.spool import dead_letter_json
-
-                reply = {"dead_letters": [dead_letter_json(r) for r in spool.dead_letters(args.dest, args.limit)]}
-            elif args.action == "replay":
-                import time
-
-                reply = {"replayed": sum(len(m[2]) for m in spool.replay_dead_letters(args.dest, time.time()))}
-            else:
-                reply = {"purged": spool.purge_dead_letters(args.dest)}
-        except SpooldError as exc:
-            print(f"spoold dead-letters: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        finally:
-            spool.close()
-    if "error" in reply:
-        print(f"spoold dead-letters: {reply['error']}", file=sys.stderr)
-        return EXIT_FAILED
-    if args.json or args.action != "list":
-        print(json.dumps(reply, indent=2))
-        return EXIT_OK
-    rows = reply["dead_letters"]
-    assert isinstance(rows, list)
-    for r in rows:
-        preview = r["data"][:60] + ("..." if len(r["data"]) > 60 else "")
-        print(f"{r['id']:>8}  {r['dest']:<16} {r['size']:>8}B  {r['error'][:60]:<60}  {preview}")
-    print(f"{len(rows)} dead letter(s) shown" + (f" (limit {args.limit})" if len(rows) >= args.limit else ""))
-    return EXIT_OK
-
-
-def _status(path: str, as_json: bool) -> int:
-    from pathlib import Path
-
-    from spoold import config, status
-    from spoold.spool import offline_status
-
-    cfg = config.load(path)
-    snap = _ask_daemon(cfg.control_socket, "status")
-    if snap is None:  # not running (or not answering): read the spool file instead
-        try:
-            snap = offline_status(Path(cfg.spool.path))
-        except SpooldError as exc:
-            print(f"spoold status: daemon not running and {exc}", file=sys.stderr)
-            return EXIT_FAILED
-    text = json.dumps(snap, indent=2, sort_keys=True) if as_json else status.render_table(snap)
-    print(text, end="\n" if as_json else "")
-    return EXIT_OK
+    return control.dead_letters_command(cfg, args.action, args.dest, args.limit, args.json, args.timeout)
 
 
 def _run(path: str) -> int:

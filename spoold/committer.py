@@ -1,9 +1,10 @@
 """Group commit: many connections' lines become durable in one SQLite transaction.
 
 Connections ``submit`` their complete lines and wait on the returned Ticket; the commit loop takes
-everything pending, writes it (plus the deletes of rows the service has accepted) in one
-transaction on the spool's writer thread, then wakes every waiter at once. A ticket is answered
-only after COMMIT returned, so an acknowledgement always means "on disk".
+everything pending, writes it (plus the deletes of rows the service has accepted, and which lines
+it accepted of rows that still have unsent ones) in one transaction on the spool's writer thread,
+then wakes every waiter at once. A ticket is answered only after COMMIT returned, so an
+acknowledgement always means "on disk".
 
 It also owns the spool's size accounting and the ``when_full`` policy.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 import trio
@@ -20,6 +21,9 @@ import trio
 from spoold.config import SpoolConfig
 from spoold.errors import SpoolError
 from spoold.spool import DestStats, Spool, Worker
+
+if TYPE_CHECKING:
+    from spoold.batching import Entry
 
 logger = structlog.get_logger()
 
@@ -99,6 +103,10 @@ class Committer:
         self._committing_bytes = 0
         self._rows_lock = trio.Lock()
         self._deletes: list[tuple[int, str, int, int]] = []
+        # Per row id, lines accepted since the last commit, as flat ranges of positions in the row.
+        self._progress: dict[int, list[int]] = {}
+        self._last: tuple[object, list[int], list[int] | None] = (None, [], None)
+        self._last_for: dict[int, list[int]] | None = None
         self._wake = trio.Event()
         self._lines_waiting = trio.Event()
         self._space = trio.Event()
@@ -164,6 +172,97 @@ class Committer:
         self._deletes.append((row_id, dest, lines, nbytes))
         self._wake.set()
 
+    def accepted(self, entries: Iterable[Entry]) -> None:
+        """The service accepted these entries (or they were dead-lettered or expired): record,
+        with the next commit, which lines they took from rows that still have unsent lines, so
+        that a restart does not send those again. Call it after the entries' chunks' ``remaining``
+        counts were lowered: a chunk at 0 is finished, and its delete() is what counts."""
+        pending = self._progress
+        wake = not pending
+        positions_of = self.spool.line_positions
+        # The chunk of the last call, kept while its spans are still pending: entries are often
+        # acknowledged one call each (a batch with failures).
+        last, spans, index = self._last if self._last_for is pending else (None, [], None)
+        same = None  # the refs of one-line entries of one chunk are one shared list
+        for entry in entries:
+            at = entry.at
+            refs = entry.refs
+            if refs is same:  # the hot path: the next line of the same chunk
+                if spans[-1] == at:
+                    spans[-1] = at + 1
+                else:
+                    spans += (at, at + 1)
+                continue
+            same = None
+            for chunk, n in refs:
+                if not chunk.remaining:
+                    at = 0
+                    continue
+                if chunk is not last:
+                    last = chunk
+                    got = pending.get(chunk.id)
+                    spans = pending[chunk.id] = [] if got is None else got
+                    index = positions_of(chunk.id)
+                if type(at) is int:
+                    if index is None:
+                        if spans and spans[-1] == at:
+                            spans[-1] = at + n
+                        else:
+                            spans += (at, at + n)
+                        if n == 1 and len(refs) == 1:
+                            same = refs
+                    else:
+                        _add_positions(spans, [index[p] for p in range(at, at + n)])
+                    at = 0
+                else:  # a list: the entry has one ref
+                    _add_positions(spans, at if index is None else [index[p] for p in at])
+        self._last = (last, spans, index)
+        self._last_for = pending
+        if wake and pending:
+            self._wake.set()
+
+    def accepted_one(self, entry: Entry) -> None:
+        """accepted() for one entry, the common kind (one chunk, contiguous lines) kept short."""
+        refs = entry.refs
+        at = entry.at
+        if len(refs) != 1 or type(at) is not int:
+            self.accepted((entry,))
+            return
+        chunk, n = refs[0]
+        if not chunk.remaining:
+            return
+        pending = self._progress
+        last, spans, index = self._last
+        if chunk is not last or self._last_for is not pending:
+            self.accepted((entry,))
+            return
+        if index is not None:
+            _add_positions(spans, [index[p] for p in range(at, at + n)])
+        elif spans and spans[-1] == at:
+            spans[-1] = at + n
+        else:
+            spans += (at, at + n)
+
+    def progress(self, row_id: int, positions: Iterable[int]) -> None:
+        """Lines of a row (positions in it as the spool last returned it) were accepted while
+        others are still unsent; recorded with the next commit."""
+        index = self.spool.line_positions(row_id)
+        spans = self._progress.setdefault(row_id, [])
+        _add_positions(spans, positions if index is None else [index[p] for p in positions])
+        self._wake.set()
+
+    def _restore_progress(self, progress: dict[int, list[int]]) -> None:
+        for row_id, spans in progress.items():
+            self._progress.setdefault(row_id, []).extend(spans)
+
+    def _account_progress(self) -> None:
+        for _row_id, dest, newly, finished in self.spool.last_progress:
+            if finished is None:
+                self._account(dest, 0, -newly, 0)
+            else:  # every line recorded: the row was deleted
+                self._account(dest, -1, -newly, -finished)
+                self._space.set()
+
     # -- the loop -------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -180,8 +279,9 @@ class Committer:
     async def commit_once(self) -> None:
         pending, self._pending = self._pending, []
         deletes, self._deletes = self._deletes, []
+        progress, self._progress = self._progress, {}
         committing, self._pending_bytes = self._pending_bytes, 0
-        if not pending and not deletes:
+        if not pending and not deletes and not progress:
             return
         self._committing_bytes += committing
         grouped: dict[str, list[bytes]] = {}
@@ -195,16 +295,19 @@ class Committer:
         # that do not know of them yet, and delete rows that a flusher is about to lease.
         async with self._rows_lock:
             try:
-                made = await self.worker.run(self.spool.commit, appends, [d[0] for d in deletes], now)
+                made = await self.worker.run(self.spool.commit, appends, [d[0] for d in deletes], now, progress)
             except SpoolError as exc:
                 failed: SpoolError | None = exc
             else:
                 failed = None
                 self._committing_bytes -= committing
-                gone = self.spool.last_deleted
-                for row_id, dest, lines, nbytes in deletes:
+                # The spool's own figures: a row partly sent before counts only its unsent lines.
+                gone = self.spool.last_deleted_rows
+                for row_id, dest, _lines, _nbytes in deletes:
                     if row_id in gone:  # not already dropped or expired
+                        lines, nbytes = gone[row_id]
                         self._account(dest, -1, -lines, -nbytes)
+                self._account_progress()
                 for _row_id, dest, lines_, nbytes in made:
                     self._account(dest, 1, len(lines_), nbytes)
                 for _, ticket in pending:
@@ -218,12 +321,13 @@ class Committer:
             self.write_errors += 1
             self.last_error = str(failed)
             self._deletes[:0] = deletes  # those rows are still there; try again next time
+            self._restore_progress(progress)
             n = sum(len(t.lines) for _, t in pending)
             self._log("spool_write_failed", n, level="error", error=str(failed))
             for _, ticket in pending:
                 self._reject(ticket, f"spool write failed: {failed}")
             self._space.set()
-            if deletes and not pending:
+            if (deletes or progress) and not pending:
                 await trio.sleep(1.0)  # a failing disk: do not spin on the deletes
                 self._wake.set()
 
@@ -271,7 +375,16 @@ class Committer:
         # The cursor is read under the lock, once every committed row has been offered.
         async with self._rows_lock:
             spare = frozenset(d[0] for d in self._deletes if d[1] == dest)
-            return await self.worker.run(self.spool.drop, dest, self.cursor_of(dest), older_than, limit_rows, spare)
+            # Progress goes first, in the same transaction: lines accepted are not counted dropped.
+            progress, self._progress = self._progress, {}
+            try:
+                rows = await self.worker.run(self.spool.drop, dest, self.cursor_of(dest), older_than, limit_rows,
+                                             spare, progress)
+            except BaseException:
+                self._restore_progress(progress)
+                raise
+            self._account_progress()
+            return rows
 
     async def expire(self, dest: str, cutoff: float) -> int:
         """Drop rows of ``dest`` older than ``cutoff`` that no flusher holds; returns lines."""
@@ -297,3 +410,12 @@ class Committer:
         """No new submissions; waiters are released and rejected."""
         self._closed = True
         self._space.set()
+
+
+def _add_positions(spans: list[int], positions: Iterable[int]) -> None:
+    """Append positions to flat ranges [start, stop, ...], growing the last range when they follow it."""
+    for pos in positions:
+        if spans and spans[-1] == pos:
+            spans[-1] = pos + 1
+        else:
+            spans += (pos, pos + 1)

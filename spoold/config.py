@@ -11,6 +11,7 @@ from __future__ import annotations
 import grp
 import os
 import re
+import socket as stdsocket
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,8 +26,14 @@ MiB = 1024 * 1024
 PARTITION_KEY_ROOM = 256
 YDS_ENDPOINT = "https://yds.serverless.yandexcloud.net"
 YDS_REGION = "ru-central1"
+# STS's rules (AssumeRole API reference): what a role ARN, an external id and a session name
+# may hold. \w is ASCII there.
+ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}")
+EXTERNAL_ID_RE = re.compile(r"[A-Za-z0-9_+=,.@:/-]{2,1224}")
+SESSION_NAME_RE = re.compile(r"[A-Za-z0-9_+=,.@-]{2,64}")
+SESSION_NAME_MAX = 64
 
-# Service limits per kind (seeds and ../shared/TESTING.md): records per request, bytes per
+# Service limits per kind (the services' API references): records per request, bytes per
 # request, bytes per record. Kinesis' current API allows 10 MiB requests, but 5 MiB is what
 # streams and tools have long assumed and still works everywhere, so it is the default.
 LIMITS = {
@@ -80,6 +87,10 @@ class Destination:
     retry_base: float = 0.1
     retry_cap_throttle: float = 5.0
     retry_cap: float = 60.0
+    profile: str | None = None
+    role_arn: str | None = None
+    external_id: str | None = None
+    role_session_name: str | None = None
 
     @property
     def signing_service(self) -> str:
@@ -206,6 +217,7 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
     kind = t.choice("kind", KINDS, None)
     if kind is None:
         raise t.error("kind", f"required, one of {', '.join(KINDS)}")
+    credentials = _credentials(t, kind, env)
     socket = Path(t.string("socket", required=True))
     socket_type = t.choice("socket_type", ("stream", "datagram"), "stream")
     mode_s = t.string("socket_mode", default="0660")
@@ -256,7 +268,7 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
             stream = m.group(2)
         if stream is None:
             raise t.error("stream", "required" + (" (or stream_arn)" if kind == "kinesis" else ""))
-        region = region or _default_region(env)
+        region = region or _default_region(env, credentials["profile"])
         if region is None:
             raise t.error("region", "required: set it here or in AWS_REGION / AWS_DEFAULT_REGION / the AWS config")
         if endpoint_url is None:
@@ -332,19 +344,88 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
         retry_base=t.duration("retry_base", 0.1, minimum=0.001, maximum=60.0),
         retry_cap_throttle=t.duration("retry_cap_throttle", 5.0, minimum=0.001, maximum=3600.0),
         retry_cap=t.duration("retry_cap", 60.0, minimum=0.001, maximum=3600.0),
+        **credentials,
     )
     t.done()
     return dest
 
 
-def _default_region(env: dict[str, str]) -> str | None:
+def default_session_name(hostname: str) -> str:
+    """``spoold-<hostname>`` within STS's rules for RoleSessionName."""
+    name = "spoold-" + re.sub(r"[^A-Za-z0-9_+=,.@-]", "-", hostname)
+    return name[:SESSION_NAME_MAX]
+
+
+def _credentials(t: _Table, kind: str, env: dict[str, str]) -> dict[str, Any]:
+    """profile, role_arn, external_id, role_session_name: checked without the network."""
+    profile = t.string("profile", default=None)
+    if profile is not None:
+        _check_profile(t, profile, env)
+    if kind == "yds":  # Yandex Data Streams takes static keys only: there is no STS to ask
+        for key in ("role_arn", "external_id", "role_session_name"):
+            t.forbid(key, "kinesis or firehose")
+    role_arn = t.string("role_arn", default=None)
+    external_id = t.string("external_id", default=None)
+    session_name = t.string("role_session_name", default=None)
+    if role_arn is None:
+        for key, value in (("external_id", external_id), ("role_session_name", session_name)):
+            if value is not None:
+                raise t.error(key, "only valid with role_arn")
+        return {"profile": profile}
+    if not ROLE_ARN_RE.fullmatch(role_arn):
+        raise t.error("role_arn", "must look like arn:aws:iam::123456789012:role/NAME")
+    if external_id is not None and not EXTERNAL_ID_RE.fullmatch(external_id):
+        raise t.error("external_id", "must be 2 to 1224 characters of A-Z a-z 0-9 _+=,.@:/-")
+    if session_name is None:
+        session_name = default_session_name(stdsocket.gethostname())
+    elif not SESSION_NAME_RE.fullmatch(session_name):
+        raise t.error("role_session_name", "must be 2 to 64 characters of A-Z a-z 0-9 _+=,.@-")
+    return {"profile": profile, "role_arn": role_arn, "external_id": external_id,
+            "role_session_name": session_name}
+
+
+def _check_profile(t: _Table, profile: str, env: dict[str, str]) -> None:
+    """The profile must be in the shared config or credentials file (read as botocore reads
+    them, systemd credentials included); so must the source_profile it names, and a profile
+    that assumes a role needs a region for STS."""
+    import botocore.configloader
+    from botocore.exceptions import BotoCoreError
+
+    from spoold.signing import shared_files
+
+    config_file, credentials_file = shared_files(env)
+    profiles: dict[str, dict[str, Any]] = {}
+    try:
+        found = []
+        if config_file.is_file():
+            found.append(botocore.configloader.load_config(str(config_file)).get("profiles", {}))
+        if credentials_file.is_file():
+            found.append(botocore.configloader.raw_config_parse(str(credentials_file)))
+    except (BotoCoreError, OSError) as exc:
+        raise t.error("profile", f"cannot read the AWS shared files: {exc}") from None
+    for doc in found:
+        for name, values in doc.items():
+            profiles.setdefault(name, {}).update(values if isinstance(values, dict) else {})
+    where = f"{config_file} or {credentials_file}"
+    if profile not in profiles:
+        raise t.error("profile", f"no profile {profile!r} in {where}")
+    source = profiles[profile].get("source_profile")
+    if isinstance(source, str) and source not in profiles:
+        raise t.error("profile", f"profile {profile!r} names source_profile {source!r}, which is not in {where}")
+    if "role_arn" in profiles[profile] and not profiles[profile].get("region") and not env.get("AWS_DEFAULT_REGION"):
+        # botocore asks STS in the profile's region and stops with NoRegionError without one.
+        raise t.error("profile", f"profile {profile!r} assumes a role: give it a region (region = ...) "
+                                 "or set AWS_DEFAULT_REGION")
+
+
+def _default_region(env: dict[str, str], profile: str | None = None) -> str | None:
     for key in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         if env.get(key):
             return env[key]
-    try:  # the shared config file and profiles, as the AWS CLI reads them
+    try:  # the shared config file and profiles (the destination's own, if any), as the AWS CLI reads them
         import botocore.session
 
-        region = botocore.session.Session().get_config_variable("region")
+        region = botocore.session.Session(profile=profile).get_config_variable("region")
     except Exception:  # a broken ~/.aws/config must not hide the real message
         return None
     return str(region) if region else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import random
 import signal
@@ -29,15 +28,16 @@ import httpx
 import structlog
 import trio
 
-from spoold import __version__, config, logs, systemd
+from spoold import __version__, config, logs, status, systemd
 from spoold.committer import Committer
 from spoold.config import Config, Destination
-from spoold.errors import ConfigError, SpoolError
+from spoold.control import ControlServer, DeadLetters, MetricsServer
+from spoold.errors import ConfigError, SpoolError, SpoolLocked
 from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
 from spoold.sender import InlineSender, ProcessSender, Sender, client_limits, many_records_per_request
-from spoold.signing import CredentialSource, use_systemd_credentials
-from spoold.spool import Spool, Worker, dead_letter_json
+from spoold.signing import CredentialSources, use_systemd_credentials
+from spoold.spool import Spool, SpoolLock, Worker, dead_letter_json
 from spoold.status import render_prometheus
 
 logger = structlog.get_logger()
@@ -54,9 +54,11 @@ DRAIN_POLL = 0.05
 HEARTBEAT = 5.0
 # Samples kept for "lines per second over the last minute".
 RATE_WINDOW = 60.0
-# Limits of the control and metrics servers: request head size and time to answer.
-CONTROL_MAX_REQUEST = 8192
-CONTROL_TIMEOUT = 5.0
+# How long a starting daemon waits for the spool's lock (an offline command may hold it briefly).
+LOCK_WAIT = 10.0
+LOCK_POLL = 0.1
+# Characters of a refused reload's reason kept in STATUS= (one line for `systemctl status`).
+RELOAD_REASON_MAX = 300
 
 
 class DestRuntime:
@@ -100,11 +102,16 @@ class Daemon:
         self.committer: Committer | None = None
         self.client: httpx.AsyncClient | None = None
         self.process_sender: ProcessSender | None = None  # started for the first destination that uses it
-        self.credentials = CredentialSource()
+        self.credentials = CredentialSources()  # one source per identity, shared
         self.rng = random.Random()
         self.started = time.time()
         self._activated: dict[str, stdsocket.socket] = {}
         self._services: trio.Nursery | None = None
+        self.lock = SpoolLock(cfg.spool.path)
+        self.control = ControlServer(self.snapshot, self.dead_letters, render_prometheus)
+        self.metrics = MetricsServer(self.snapshot, render_prometheus)
+        # Why the last SIGHUP's config was refused, until a reload succeeds.
+        self.reload_refused: str | None = None
 
     # -- wiring for the committer -------------------------------------------------------
     def _on_rows(self, rows: list[tuple[int, str, list[bytes], int]], created: float) -> None:
@@ -125,6 +132,7 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             use_systemd_credentials()
+            await self._lock_spool()
             try:
                 stats = await self.writer.run(self.spool.open_writer)
                 await self.reader.run(self.spool.open_reader)
@@ -149,6 +157,23 @@ class Daemon:
                     await self.writer.run(self.spool.close)
                 self.reader.stop()
                 self.writer.stop()
+                self.lock.release()
+
+    async def _lock_spool(self) -> None:
+        """One writer, always: hold the spool's lock for the daemon's whole life."""
+        deadline = trio.current_time() + LOCK_WAIT
+        logged = False
+        while True:
+            try:
+                await trio.to_thread.run_sync(self.lock.acquire, True)
+                return
+            except SpoolLocked as exc:
+                if trio.current_time() >= deadline:
+                    raise SpoolError(f"{exc}; not starting a second writer") from None
+                if not logged:
+                    logged = True
+                    logger.warning("spool_locked_waiting", holder_pid=exc.pid, wait=LOCK_WAIT)
+            await trio.sleep(LOCK_POLL)
 
     def _take_activated_sockets(self) -> None:
         # systemd socket activation: fds named after destinations (FileDescriptorName=).
@@ -211,7 +236,7 @@ class Daemon:
         if sock is None:
             sock, activated = self._socket_for(dest)
         flusher = Flusher(dest, self.cfg.spool, self.spool, self.reader, self.committer, self.client,
-                          self.credentials, self.rng, await self._sender_for(dest))
+                          self.credentials.for_destination(dest), self.rng, await self._sender_for(dest))
         rt = DestRuntime(dest, sock, activated, Ingest(dest, self.committer), flusher)
         self.dests[dest.name] = rt
         await self._services.start(self._run_dest, rt)
@@ -293,9 +318,14 @@ class Daemon:
             new = await trio.to_thread.run_sync(config.load, self.cfg.path)
         except ConfigError as exc:
             logger.error("reload_failed", error=str(exc), hint="the running configuration is kept")
-            systemd.notify("READY=1")
+            # Kept in every STATUS= until a reload succeeds: the heartbeat would otherwise
+            # overwrite it within seconds, before anyone looks at `systemctl status`.
+            self.reload_refused = " ".join(str(exc).split())[:RELOAD_REASON_MAX]
+            systemd.notify("READY=1", f"STATUS={self.status_line()}")
             return
+        self.reload_refused = None
         logs.configure(new.log_level, new.log_format)
+        self.credentials.reset()  # rotated keys or fixed profiles apply without a restart
         if new.spool != self.cfg.spool:
             logger.warning("reload_spool_ignored", hint="[spool] changes need a restart")
             new = dataclasses.replace(new, spool=self.cfg.spool)
@@ -376,53 +406,46 @@ class Daemon:
             s = self.committer.stats.get(name)
             err = " (failing)" if rt.flusher.machine.blocked_until > trio.current_time() else ""
             parts.append(f"{name}: {s.lines if s else 0} spooled, {rt.flusher.machine.lines_sent} sent{err}")
-        return "; ".join(parts) or "no destinations"
+        line = "; ".join(parts) or "no destinations"
+        if self.reload_refused:
+            line = f"reload refused: {self.reload_refused} (running the previous config); {line}"
+        return line
 
     async def snapshot(self) -> dict[str, Any]:
         """Everything `spoold status` shows, as JSON-ready data."""
         assert self.committer is not None
         c = self.committer
         summary = await self.reader.run(self.spool.summary)
-        now = time.time()
-        dests: dict[str, Any] = {}
-        for name in sorted(set(self.dests) | set(c.stats)):
-            s = c.stats.get(name)
-            oldest, dead = summary.get(name, (None, 0))
-            d: dict[str, Any] = {
-                "spooled_lines": s.lines if s else 0,
-                "spooled_bytes": s.bytes if s else 0,
-                "oldest_age": max(0.0, now - oldest) if oldest is not None else None,
-                "dead_letters": dead,
-                "dropped": c.dropped.get(name, 0),
-                "expired": c.expired.get(name, 0),
-                "configured": name in self.dests,
-            }
-            rt = self.dests.get(name)
-            if rt is not None:
-                rate_in, rate_out = rt.rates()
-                d.update(kind=rt.dest.kind, stream=rt.dest.stream_arn or rt.dest.stream, socket=str(rt.dest.socket),
-                         lines_in=rt.ingest.stats.lines_in, connections=rt.ingest.stats.connections,
-                         rejected=dict(rt.ingest.stats.rejected),
-                         lines_in_per_s=round(rate_in, 1), lines_out_per_s=round(rate_out, 1),
-                         **rt.flusher.snapshot())
-            dests[name] = d
-        return {
-            "running": True,
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime": round(now - self.started, 1),
-            "spool": {"path": str(self.cfg.spool.path), "bytes": c.total_bytes, "max_bytes": self.cfg.spool.max_bytes,
-                      "when_full": self.cfg.spool.when_full, "page_size": self.spool.page_size,
-                      "write_errors": c.write_errors,
-                      "last_error": c.last_error},
-            "destinations": dests,
-            "sender": ({"pid": self.process_sender.pid, "starts": self.process_sender.starts}
-                       if self.process_sender is not None else None),
-        }
+        configured: dict[str, dict[str, Any]] = {}
+        for name, rt in self.dests.items():
+            rate_in, rate_out = rt.rates()
+            configured[name] = dict(
+                kind=rt.dest.kind, stream=rt.dest.stream_arn or rt.dest.stream, socket=str(rt.dest.socket),
+                lines_in=rt.ingest.stats.lines_in, connections=rt.ingest.stats.connections,
+                rejected=dict(rt.ingest.stats.rejected),
+                lines_in_per_s=round(rate_in, 1), lines_out_per_s=round(rate_out, 1),
+                identity=self.credentials.for_destination(rt.dest).describe(),
+                **rt.flusher.snapshot())
+        listeners = {"control": self.control.server.stats()}
+        if self.cfg.metrics_listen:
+            listeners["metrics"] = self.metrics.server.stats()
+        live = status.Live(
+            version=__version__, pid=os.getpid(), uptime=time.time() - self.started,
+            spool={"bytes": c.total_bytes, "max_bytes": self.cfg.spool.max_bytes,
+                   "when_full": self.cfg.spool.when_full, "write_errors": c.write_errors,
+                   "last_error": c.last_error},
+            dropped=c.dropped, expired=c.expired, configured=configured,
+            sender=({"pid": self.process_sender.pid, "starts": self.process_sender.starts}
+                    if self.process_sender is not None else None),
+            listeners=listeners)
+        return status.build_snapshot(now=time.time(), path=str(self.cfg.spool.path), page_size=self.spool.page_size,
+                                     held={n: (st.lines, st.bytes) for n, st in c.stats.items()},
+                                     summary=summary, live=live)
 
-    async def dead_letters(self, action: str, limit: int, dest: str | None) -> dict[str, Any]:
+    async def dead_letters(self, request: DeadLetters) -> dict[str, Any]:
         """list / replay / purge the dead-letter table through the one writer connection."""
         assert self.committer is not None
+        action, limit, dest = request.action, request.limit, request.dest
         if action == "list":
             rows = await self.writer.run(self.spool.dead_letters, dest, limit)
             return {"dead_letters": [dead_letter_json(r) for r in rows]}
@@ -438,78 +461,31 @@ class Daemon:
             n = await self.writer.run(self.spool.purge_dead_letters, dest)
             logger.warning("dead_letters_purged", lines=n, dest=dest)
             return {"purged": n}
-        return {"error": f"unknown dead-letters action {action!r}"}
+        raise AssertionError(action)  # DeadLetters allows no other action
 
     async def _serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         path = self.cfg.control_socket
         assert path is not None
         sock = trio.socket.from_stdlib_socket(bind_unix(Path(path), stdsocket.SOCK_STREAM, 0o600))
-        listener = trio.SocketListener(sock)
         try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                while True:
-                    stream = await listener.accept()
-                    nursery.start_soon(self._control_connection, stream)
+            await self.control.server.serve(trio.SocketListener(sock), task_status=task_status)
         finally:
             sock.close()
             Path(path).unlink(missing_ok=True)  # noqa: ASYNC240 (one unlink at shutdown)
 
-    async def _control_connection(self, stream: trio.SocketStream) -> None:
-        try:
-            with trio.move_on_after(CONTROL_TIMEOUT):
-                request = await _read_head(stream, b"\n")
-                command = request.strip().decode("utf-8", "replace")
-                words = command.split()
-                if words[:1] == ["dead-letters"] and len(words) in (3, 4):
-                    reply = json.dumps(await self.dead_letters(words[1], int(words[2]),
-                                                               words[3] if len(words) == 4 else None)).encode()
-                elif command == "status":
-                    reply = json.dumps(await self.snapshot()).encode()
-                elif command == "metrics":
-                    reply = render_prometheus(await self.snapshot()).encode()
-                else:
-                    reply = json.dumps({"error": f"unknown command {command[:40]!r}"}).encode()
-                await stream.send_all(reply + b"\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await stream.aclose()
-
     async def _serve_metrics(self, listen: tuple[str, int], *,
-                             task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = listen
         listeners = await trio.open_tcp_listeners(port, host=host)
         logger.info("metrics_listening", host=host, port=port)
-        await trio.serve_listeners(self._metrics_connection, listeners, task_status=task_status)
-
-    async def _metrics_connection(self, stream: trio.SocketStream) -> None:
         try:
-            with trio.move_on_after(CONTROL_TIMEOUT):
-                head = await _read_head(stream, b"\r\n\r\n")
-                parts = head.split(b" ", 2)
-                if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
-                    body = render_prometheus(await self.snapshot()).encode()
-                    status, ctype = b"200 OK", b"text/plain; version=0.0.4; charset=utf-8"
-                else:
-                    body, status, ctype = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
-                await stream.send_all(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
-                                      + b"\r\nContent-Length: " + str(len(body)).encode()
-                                      + b"\r\nConnection: close\r\n\r\n" + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    await nursery.start(self.metrics.server.serve, listener)
+                task_status.started()
         finally:
-            await stream.aclose()
-
-
-async def _read_head(stream: trio.SocketStream, end: bytes) -> bytes:
-    data = b""
-    while end not in data and len(data) < CONTROL_MAX_REQUEST:
-        chunk = await stream.receive_some(CONTROL_MAX_REQUEST)
-        if not chunk:
-            break
-        data += chunk
-    return data
+            for listener in listeners:
+                await listener.aclose()
 
 
 def _set_socket_access(dest: Destination) -> None:

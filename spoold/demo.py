@@ -27,7 +27,7 @@ DEMO_DEADLINE = 30.0
 
 class LockedApp:
     """moto's Kinesis store is not thread-safe (concurrent PutRecords can lose records after a
-    200 answer: ../shared/TESTING.md), so requests are served one at a time."""
+    200 answer), so requests are served one at a time."""
 
     def __init__(self, app: Any) -> None:
         self.app = app

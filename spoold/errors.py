@@ -3,7 +3,8 @@
     SpooldError
     ├── ConfigError          fix the config file; the CLI exits 2 with the message
     ├── SpoolError           the SQLite spool could not be opened or written
-    │   └── SpoolCorrupt     the file is not a usable spool; operator action needed
+    │   ├── SpoolCorrupt     the file is not a usable spool; operator action needed
+    │   └── SpoolLocked      another process (a running daemon) holds the spool: ask it instead
     └── SendError            one request to the service did not succeed
         ├── RetryableSendError   try the same records again after a backoff
         └── FatalSendError       retrying cannot fix it until someone acts (ResourceNotFound,
@@ -27,6 +28,14 @@ class SpoolError(SpooldError):
 
 class SpoolCorrupt(SpoolError):
     """The spool file is damaged or is not a spoold spool."""
+
+
+class SpoolLocked(SpoolError):
+    """Another process holds the spool's lock; ``pid`` is its pid when it could be read."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class SendError(SpooldError):

@@ -47,7 +47,6 @@ class Flusher:
         self._wake = trio.Event()
         self.requests = 0  # signed, including shard map calls
 
-    # -- what the daemon and the committer use ----------------------------------------------
     def offer(self, row_id: int, lines: list[bytes], nbytes: int, created: float) -> None:
         """A row was just committed; take it from memory if we are caught up and have room."""
         self.machine.offer(row_id, lines, nbytes, created, trio.current_time(), time.time())
@@ -115,6 +114,8 @@ class Flusher:
 
     def _apply(self, effects: Effects) -> None:
         name = self.dest.name
+        if effects.accepted:  # lines of rows not finished: a restart skips them
+            self.committer.accepted(effects.accepted)
         if effects.expired:
             self.committer.count_expired(name, effects.expired)
         for chunk in effects.deleted:
@@ -173,7 +174,6 @@ class Flusher:
         signed = await self._signed(body, target)
         return await post(self.client, self.url, signed, body, self.dest.request_timeout)
 
-    # -- the shard map ----------------------------------------------------------------------
     async def _shard_map_loop(self) -> None:
         while True:
             try:

@@ -164,13 +164,14 @@ class Send:
 class Effects:
     """What the caller must write after a call: rows to delete, expired lines, dead letters, logs."""
 
+    accepted: list[Entry] = field(default_factory=list)  # done: accepted, expired or dead-lettered
     deleted: list[Chunk] = field(default_factory=list)
     expired: int = 0
     dead: list[tuple[Entry, str]] = field(default_factory=list)
     logs: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.deleted or self.expired or self.dead or self.logs)
+        return bool(self.accepted or self.deleted or self.expired or self.dead or self.logs)
 
 
 @dataclass(frozen=True)
@@ -593,9 +594,11 @@ class Outbox:
                     deleted.append(chunk)
         self.lines_sent += nlines
         self.records_sent += len(batch)
+        self._effects.accepted += batch
 
     def _settle(self, entry: Entry) -> None:
         """``entry`` is done without being sent (expired, dead-lettered)."""
+        self._effects.accepted.append(entry)
         for chunk, n in entry.refs:
             chunk.remaining -= n
             if chunk.remaining == 0 and self.leased.pop(chunk.id, None) is not None:

@@ -1,16 +1,25 @@
-"""AWS credentials (botocore's default chain) and SigV4 signatures of exact body bytes.
+"""AWS credentials per destination (botocore) and SigV4 signatures of exact body bytes.
 
-botocore may block while it finds or refreshes credentials (instance metadata, STS assume-role,
-a credential_process), so every call that can refresh runs in a worker thread. Signing itself is
+A destination signs as one identity: botocore's default chain, a named profile of the shared
+files (whatever the profile says: keys, role_arn + source_profile, credential_process, SSO), and
+optionally a role assumed on top of either with botocore's AssumeRoleCredentialFetcher. The STS
+client comes from the same botocore session, so its endpoint follows botocore's resolution
+(AWS_ENDPOINT_URL_STS, AWS_ENDPOINT_URL, the profile's services section).
+
+botocore may block while it finds or refreshes credentials (instance metadata, STS, a
+credential_process), so every call that can refresh runs in a worker thread. Signing itself is
 pure CPU on frozen credentials and runs on the event loop.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -20,11 +29,31 @@ from botocore.credentials import ReadOnlyCredentials
 
 from spoold.errors import RetryableSendError
 
+if TYPE_CHECKING:
+    from spoold.config import Destination
+
 logger = structlog.get_logger()
 
-# How long frozen credentials are reused before asking botocore again. botocore refreshes
-# temporary credentials 10-15 minutes before they expire, so a minute is always safe.
+# How long frozen credentials are reused before asking botocore again. Static ones (environment,
+# shared files) are then read afresh, so rotated keys apply within this time; temporary ones are
+# also fetched again as soon as botocore wants to refresh them (see CredentialSource.get).
 CREDENTIALS_REUSE = 60.0
+# While botocore wants to refresh (and a refresh failed, keeping the old credentials), ask it at
+# most this often per identity: a failing STS or metadata service is not called on every request.
+REFRESH_RETRY = 1.0
+# botocore's refresh windows (seconds before expiry) for temporary credentials. They assume an
+# hour-long session: with STS's 15-minute minimum they would refresh on every request, so an
+# assumed role's windows are also capped at a share of the lifetime STS actually granted.
+ROLE_ADVISORY_REFRESH = 15 * 60.0
+ROLE_MANDATORY_REFRESH = 10 * 60.0
+ROLE_ADVISORY_SHARE = 0.5
+ROLE_MANDATORY_SHARE = 0.25
+# The STS client: a hung STS must not hold a destination's credentials for long.
+STS_CONNECT_TIMEOUT = 5.0
+STS_READ_TIMEOUT = 10.0
+STS_MAX_ATTEMPTS = 3
+# Longest credential error message kept (it becomes the destination's last error).
+ERROR_MESSAGE_MAX = 300
 
 
 def quiet_botocore() -> None:
@@ -33,49 +62,156 @@ def quiet_botocore() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# systemd's LoadCredential= names -> the botocore variables pointed at them.
+SYSTEMD_CREDENTIALS = (("aws", "AWS_SHARED_CREDENTIALS_FILE"), ("aws-config", "AWS_CONFIG_FILE"))
+
+
 def use_systemd_credentials(environ: Any = os.environ) -> None:
-    """Point botocore at a credentials file passed by systemd's LoadCredential=aws:..."""
+    """Point botocore at the shared files passed by systemd's LoadCredential=aws:... (the
+    credentials file) and LoadCredential=aws-config:... (the config file), unless set."""
     directory = environ.get("CREDENTIALS_DIRECTORY")
-    if directory and "AWS_SHARED_CREDENTIALS_FILE" not in environ:
-        path = Path(directory) / "aws"
-        if path.is_file():
-            environ["AWS_SHARED_CREDENTIALS_FILE"] = str(path)
+    if not directory:
+        return
+    for name, variable in SYSTEMD_CREDENTIALS:
+        path = Path(directory) / name
+        if variable not in environ and path.is_file():
+            environ[variable] = str(path)
+
+
+def shared_files(environ: Any = os.environ) -> tuple[Path, Path]:
+    """The shared config and credentials files botocore reads in ``environ`` (systemd
+    credentials included, as use_systemd_credentials would set them)."""
+    env = dict(environ)
+    use_systemd_credentials(env)
+    config = env.get("AWS_CONFIG_FILE") or "~/.aws/config"
+    credentials = env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials"
+    return Path(config).expanduser(), Path(credentials).expanduser()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a destination signs as. Destinations with equal identities share one source."""
+
+    profile: str | None = None
+    role_arn: str | None = None
+    external_id: str | None = None
+    role_session_name: str | None = None
+    sts_region: str | None = None  # the assumed role's STS region (the destination's)
+
+    @classmethod
+    def of(cls, dest: Destination) -> Identity:
+        if dest.role_arn is None:
+            return cls(profile=dest.profile)
+        return cls(dest.profile, dest.role_arn, dest.external_id, dest.role_session_name, dest.region)
+
+
+def _refresh_windows(lifetime: float) -> tuple[float, float]:
+    """(advisory, mandatory) seconds before expiry for credentials granted for ``lifetime``."""
+    lifetime = max(lifetime, 0.0)
+    return (min(ROLE_ADVISORY_REFRESH, lifetime * ROLE_ADVISORY_SHARE),
+            min(ROLE_MANDATORY_REFRESH, lifetime * ROLE_MANDATORY_SHARE))
+
+
+def _describe_failure(exc: BaseException) -> str:
+    # botocore's messages name the operation, the code and the service's reason (AccessDenied on
+    # AssumeRole, ExpiredToken, ProfileNotFound); they never carry keys.
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text[:ERROR_MESSAGE_MAX]
 
 
 class CredentialSource:
-    """botocore's credential chain, resolved and refreshed off the event loop."""
+    """One identity's credentials, resolved and refreshed by botocore off the event loop."""
 
-    def __init__(self, session: Any = None) -> None:
-        self._session = session
+    def __init__(self, identity: Identity | None = None, session: Any = None) -> None:
+        self.identity = identity or Identity()
+        self._session = session  # a botocore Session to use instead of a new one (tests)
         self._provider: Any = None
         self._frozen: ReadOnlyCredentials | None = None
         self._fetched = float("-inf")
+        self._checked = float("-inf")  # when botocore was last asked whether a refresh is due
         self._lock = trio.Lock()
 
-    def _resolve(self) -> ReadOnlyCredentials | None:
-        if self._provider is None:
-            if self._session is None:
-                import botocore.session
+    def _new_session(self) -> Any:
+        if self._session is not None:
+            return self._session
+        import botocore.session
 
-                self._session = botocore.session.Session()
-            self._provider = self._session.get_credentials()
-            if self._provider is None:
+        # profile= also takes the environment's keys out of the chain, as botocore does for an
+        # explicit profile: a destination with a profile never signs with AWS_ACCESS_KEY_ID.
+        return botocore.session.Session(profile=self.identity.profile)
+
+    def _build(self) -> Any:
+        """The botocore credentials object of this identity (may call STS)."""
+        session = self._new_session()
+        base = session.get_credentials()
+        if base is None:
+            return None
+        role_arn = self.identity.role_arn
+        if role_arn is None:
+            return base
+        from botocore.config import Config
+        from botocore.credentials import AssumeRoleCredentialFetcher, RefreshableCredentials
+
+        client_config = Config(connect_timeout=STS_CONNECT_TIMEOUT, read_timeout=STS_READ_TIMEOUT,
+                               retries={"mode": "standard", "max_attempts": STS_MAX_ATTEMPTS})
+        extra: dict[str, Any] = {"RoleSessionName": self.identity.role_session_name}
+        if self.identity.external_id is not None:
+            extra["ExternalId"] = self.identity.external_id
+        fetcher = AssumeRoleCredentialFetcher(
+            client_creator=functools.partial(session.create_client, region_name=self.identity.sts_region,
+                                             config=client_config),
+            source_credentials=base,
+            role_arn=role_arn,
+            extra_args=extra,
+        )
+        metadata = fetcher.fetch_credentials()
+        lifetime = (datetime.fromisoformat(metadata["expiry_time"]) - datetime.now(timezone.utc)).total_seconds()
+        advisory, mandatory = _refresh_windows(lifetime)
+        return RefreshableCredentials.create_from_metadata(
+            metadata, refresh_using=fetcher.fetch_credentials, method="assume-role",
+            advisory_timeout=advisory, mandatory_timeout=mandatory,
+        )
+
+    def _resolve(self) -> ReadOnlyCredentials | None:
+        provider = self._provider
+        # Static credentials are found again (no network: environment and files); refreshable
+        # ones are kept, since botocore renews them itself.
+        if provider is None or not hasattr(provider, "refresh_needed"):
+            provider = self._provider = self._build()
+            if provider is None:
                 return None
-        frozen: ReadOnlyCredentials = self._provider.get_frozen_credentials()
+        frozen: ReadOnlyCredentials = provider.get_frozen_credentials()
         return frozen
 
+    def reset(self) -> None:
+        """Find the credentials afresh at the next request (the shared files may have changed)."""
+        self._provider = None
+        self._fetched = float("-inf")
+
+    def _stale(self, now: float) -> bool:
+        if self._frozen is None or now - self._fetched > CREDENTIALS_REUSE:
+            return True
+        # refresh_needed() only compares the expiry with the wall clock, on the loop, but costs
+        # more than the rest of get(): once per REFRESH_RETRY is soon enough, as refresh windows
+        # are minutes long (half the lifetime for a short assumed-role session).
+        if now - self._checked <= REFRESH_RETRY:
+            return False
+        self._checked = now
+        refresh_needed = getattr(self._provider, "refresh_needed", None)
+        return refresh_needed is not None and bool(refresh_needed())
+
     async def get(self) -> ReadOnlyCredentials:
-        """Current credentials; raises RetryableSendError when none can be found."""
+        """Current credentials; raises RetryableSendError when none can be found or refreshed."""
         async with self._lock:
             now = trio.current_time()
-            if self._frozen is None or now - self._fetched > CREDENTIALS_REUSE:
+            if self._stale(now):
                 try:
                     # A hung credential_process or metadata call must not hold the daemon:
                     # the caller's deadline abandons the thread (it only reads credentials).
                     frozen = await trio.to_thread.run_sync(self._resolve, abandon_on_cancel=True)
                 except Exception as exc:
                     raise RetryableSendError(
-                        f"cannot get AWS credentials: {type(exc).__name__}", code="NoCredentials"
+                        f"cannot get AWS credentials: {_describe_failure(exc)}", code="CredentialError"
                     ) from exc
                 if frozen is None or not frozen.access_key:
                     raise RetryableSendError(
@@ -83,8 +219,38 @@ class CredentialSource:
                         "container or instance metadata)",
                         code="NoCredentials",
                     )
-                self._frozen, self._fetched = frozen, now
+                self._frozen, self._fetched, self._checked = frozen, now, now
+            assert self._frozen is not None
             return self._frozen
+
+    def describe(self) -> dict[str, Any]:
+        """The identity for status: never a secret, only the access key id's last 4 characters."""
+        key = self._frozen.access_key if self._frozen is not None else None
+        return {
+            "profile": self.identity.profile,
+            "role_arn": self.identity.role_arn,
+            "access_key": f"...{key[-4:]}" if key else None,
+            "method": getattr(self._provider, "method", None),
+        }
+
+
+class CredentialSources:
+    """One CredentialSource per identity, shared by the destinations that sign as it."""
+
+    def __init__(self) -> None:
+        self._sources: dict[Identity, CredentialSource] = {}
+
+    def for_destination(self, dest: Destination) -> CredentialSource:
+        identity = Identity.of(dest)
+        source = self._sources.get(identity)
+        if source is None:
+            source = self._sources[identity] = CredentialSource(identity)
+        return source
+
+    def reset(self) -> None:
+        """On reload: every identity finds its credentials afresh at its next request."""
+        for source in self._sources.values():
+            source.reset()
 
 
 def sign(

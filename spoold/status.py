@@ -1,10 +1,67 @@
-"""Pure rendering of the daemon's status snapshot: a table for people, Prometheus text for
-scrapers. The snapshot is the JSON the control socket answers (``spoold status --json``)."""
+"""The daemon's status snapshot, built in one place, and its pure renderings: a table for people,
+Prometheus text for scrapers. The snapshot is the JSON the control socket answers (``spoold
+status --json``); without a running daemon, ``spoold status`` builds it from the spool file alone
+(``running`` false, and only the fields the file can tell)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Live:
+    """What only a running daemon knows, for :func:`build_snapshot`."""
+
+    version: str
+    pid: int
+    uptime: float
+    spool: Mapping[str, Any]  # max_bytes, when_full, write_errors, last_error, bytes
+    dropped: Mapping[str, int]
+    expired: Mapping[str, int]
+    # Per configured destination: kind, stream, socket, ingest and flusher counters, rates.
+    configured: Mapping[str, Mapping[str, Any]]
+    sender: Mapping[str, Any] | None = None
+    # Per listening surface ("control", "metrics"): accepted, refused, bad_requests, ...
+    listeners: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+
+def build_snapshot(*, now: float, path: str, page_size: int, held: Mapping[str, tuple[int, int]],
+                   summary: Mapping[str, tuple[float | None, int]], live: Live | None = None) -> dict[str, Any]:
+    """The status snapshot. ``held``: destination -> (lines, bytes) in the spool; ``summary``:
+    destination -> (oldest row's creation time, dead letters); ``live`` is None offline."""
+    names = set(held) | set(summary) | (set(live.configured) if live else set())
+    dests: dict[str, Any] = {}
+    for name in sorted(names):
+        lines, nbytes = held.get(name, (0, 0))
+        oldest, dead = summary.get(name, (None, 0))
+        d: dict[str, Any] = {
+            "spooled_lines": lines,
+            "spooled_bytes": nbytes,
+            "oldest_age": max(0.0, now - oldest) if oldest is not None else None,
+            "dead_letters": dead,
+        }
+        if live is not None:
+            d.update(dropped=live.dropped.get(name, 0), expired=live.expired.get(name, 0),
+                     configured=name in live.configured)
+            d.update(live.configured.get(name, {}))
+        dests[name] = d
+    spool: dict[str, Any] = {"path": path, "bytes": sum(b for _, b in held.values()), "page_size": page_size}
+    if live is None:
+        return {"running": False, "spool": spool, "destinations": dests}
+    spool.update(live.spool)
+    return {
+        "running": True,
+        "version": live.version,
+        "pid": live.pid,
+        "uptime": round(live.uptime, 1),
+        "spool": spool,
+        "destinations": dests,
+        "sender": dict(live.sender) if live.sender is not None else None,
+        "listeners": {k: dict(v) for k, v in live.listeners.items()},
+    }
 
 # Gauges and counters exported per destination: (snapshot field, metric name, type, help).
 _METRICS = [
@@ -26,6 +83,15 @@ _METRICS = [
      "Records the service throttled (ProvisionedThroughputExceeded and whole-request throttles)."),
     ("pace_wait_seconds", "spoold_pace_wait_seconds_total", "counter",
      "Seconds records waited for the pace before being sent."),
+]
+
+# Counters of the control socket and the metrics port: (field, metric name, help).
+_LISTENER_METRICS = [
+    ("accepted", "spoold_listener_connections_total", "Connections accepted, by listener."),
+    ("refused", "spoold_listener_refused_total",
+     "Connections closed at once because the listener had its maximum open."),
+    ("bad_requests", "spoold_listener_bad_requests_total", "Requests answered with an error."),
+    ("timeouts", "spoold_listener_timeouts_total", "Connections closed for sending no request in time."),
 ]
 
 
@@ -50,6 +116,10 @@ def render_table(snap: dict[str, Any]) -> str:
                 for n, d in sorted(snap.get("destinations", {}).items()) if d.get("failures")]
     if failures:
         footer += "\nfailures by error code:\n" + "\n".join(failures)
+    identities = [f"  {n}: {_identity(d['identity'])}"
+                  for n, d in sorted(snap.get("destinations", {}).items()) if d.get("identity")]
+    if identities:
+        footer += "\nsigning as:\n" + "\n".join(identities)
     return "\n".join(line.rstrip() for line in lines) + "\n" + footer + "\n"
 
 
@@ -86,6 +156,13 @@ def _last_error(d: dict[str, Any]) -> str:
     return f"{err[:80]} ({_age(time.time() - at)} ago)" if at else err[:80]
 
 
+def _identity(identity: dict[str, Any]) -> str:
+    parts = [f"key {identity['access_key']}" if identity.get("access_key") else "key not known yet"]
+    parts += [f"{label} {identity[field]}" for field, label in
+              (("profile", "profile"), ("role_arn", "role"), ("method", "from")) if identity.get(field)]
+    return ", ".join(parts)
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -117,4 +194,10 @@ def render_prometheus(snap: dict[str, Any]) -> str:
     out.append("# HELP spoold_spool_write_errors_total Failed spool commits (disk full, I/O errors).")
     out.append("# TYPE spoold_spool_write_errors_total counter")
     out.append(f"spoold_spool_write_errors_total {spool.get('write_errors', 0)}")
+    listeners = snap.get("listeners") or {}
+    for field_, metric, help_ in _LISTENER_METRICS:
+        out.append(f"# HELP {metric} {help_}")
+        out.append(f"# TYPE {metric} counter")
+        for name, counts in sorted(listeners.items()):
+            out.append(f'{metric}{{listener="{_escape(name)}"}} {counts.get(field_, 0)}')
     return "\n".join(out) + "\n"

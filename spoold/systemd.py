@@ -12,14 +12,17 @@ Messages the daemon sends (one datagram per notify() call, states joined by "\\n
                             `systemctl start` returns only then.
     STATUS=<one line>       whenever the human-readable state changes ("shipping; 120 spooled",
                             "kinesis unreachable, retrying"); shown by `systemctl status`.
-    WATCHDOG=1              every watchdog_interval() / 2 seconds, sent from the loop that proves
-                            progress (the flusher's, not a free-running timer), so a wedged
-                            flusher gets the service restarted.
+    WATCHDOG=1              every min(5 s, watchdog_interval() / 2), and only after a round trip
+                            through the spool's writer thread completes within that period (not
+                            a free-running timer), so a wedged disk or a stuck event loop stops
+                            the pings and gets the service restarted.
     RELOADING=1             on SIGHUP, before re-reading the config, in the same datagram as
     MONOTONIC_USEC=<us>     the CLOCK_MONOTONIC time (reloading() sends both); the Type=notify-
                             reload convention, which older systemd accepts with Type=notify too.
-                            Followed by READY=1 when the reload is done, whether it worked or not
-                            (a failed reload keeps the old config and says so in STATUS=).
+                            Followed by READY=1 when the reload is done, whether it worked or not.
+                            A refused reload keeps the old config and sends, with that READY=1,
+                            STATUS=reload refused: <reason>; every STATUS= after it keeps saying
+                            so (`systemctl status` shows it) until a reload succeeds.
     STOPPING=1              as soon as shutdown starts, so systemd shows "deactivating" while
                             the grace period drains connections.
 

@@ -30,6 +30,13 @@ GET /_stats is exempt from every fault and is not counted as a request.
 Beyond the per-record limits, a request's total of decoded data (+ partition keys) is capped at
 KINESIS_MAX_REQUEST_BYTES (5 MiB) / FIREHOSE_MAX_REQUEST_BYTES (4 MiB): ValidationException.
 stop() then start() binds the same port again, for "the endpoint went away and came back".
+
+Several identities: ``keys`` maps access key ids to secrets (static keys). STS AssumeRole
+(the query protocol: a form-encoded POST, an XML answer) issues temporary keys for the roles in
+``roles`` (each with the external id its trust policy demands); requests signed with a temporary
+key must carry its session token and are refused with ExpiredTokenException once it expires.
+``sts_lifetime`` sets how long the issued credentials live (default: DurationSeconds, or 3600).
+Every AssumeRole call is kept (``assume_role_calls()``) with what it asked for.
 """
 
 from __future__ import annotations
@@ -59,7 +66,9 @@ import signal
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
+from xml.sax.saxutils import escape as xml_escape
 from collections.abc import Callable
 from typing import Any
 
@@ -89,7 +98,11 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # larger than any valid request (10 MiB of da
 MAX_PENDING_BYTES = (
     64 * 1024 * 1024
 )  # unread pipelined input per connection before we stop reading
-REQUEST_LOG_SIZE = 10_000  # RequestLog entries kept
+REQUEST_LOG_SIZE = 10_000  # RequestLog entries kept (and AssumeRole calls, and issued keys)
+STS_DEFAULT_LIFETIME = 3600  # what STS grants without DurationSeconds
+STS_NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
+STS_TARGET = "STS.AssumeRole"
+JSON_TYPE = "application/x-amz-json-1.1"  # the Content-Type of every answer but STS's (XML)  # RequestLog.target of an AssumeRole call (STS has no X-Amz-Target)
 HANG_POLL_SECONDS = 0.01  # how often a hung request looks at faults.hang
 START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 10.0
@@ -111,6 +124,7 @@ _REASONS = {
     100: "Continue",
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     413: "Payload Too Large",
     431: "Request Header Fields Too Large",
@@ -168,6 +182,43 @@ class RequestLog:
     error: str | None = None  # the __type answered, "scripted", or None
 
 
+@dataclasses.dataclass
+class Role:
+    """A role AssumeRole may grant: its trust policy's sts:ExternalId condition (None: none) and
+    the access keys it trusts (None: any key this endpoint knows)."""
+
+    external_id: str | None = None
+    trusted_keys: frozenset[str] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AssumeRoleCall:
+    """One AssumeRole request as received; issued_key is None when it was refused."""
+
+    access_key: str | None  # who signed the call
+    role_arn: str | None
+    external_id: str | None
+    role_session_name: str | None
+    duration_seconds: int | None
+    at: float  # time.time() when answered
+    status: int
+    error: str | None = None
+    issued_key: str | None = None
+    expiration: float | None = None  # time.time() at which the issued key expires
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """Temporary credentials handed out by AssumeRole."""
+
+    access_key: str
+    secret_key: str
+    session_token: str
+    role_arn: str
+    role_session_name: str
+    expiration: float  # time.time() at which the key stops working
+
+
 def shard_ranges(shards: int) -> list[tuple[int, int]]:
     """Inclusive hash key ranges of ``shards`` shards evenly splitting 0 .. 2**128-1."""
     return [
@@ -191,6 +242,15 @@ class _ApiError(Exception):
         if self.message:
             doc["message"] = self.message
         return orjson.dumps(doc)
+
+    def xml_body(self, request_id: str) -> bytes:
+        """The query protocol's error document (STS)."""
+        kind = "Receiver" if self.status >= 500 else "Sender"
+        return (
+            f'<ErrorResponse xmlns="{STS_NAMESPACE}"><Error><Type>{kind}</Type>'
+            f"<Code>{xml_escape(self.type)}</Code><Message>{xml_escape(self.message)}</Message>"
+            f"</Error><RequestId>{request_id}</RequestId></ErrorResponse>"
+        ).encode()
 
 
 def _validation(message: str) -> _ApiError:
@@ -246,6 +306,7 @@ class _Request:
     body: bytes = b""
     keep_alive: bool = True
     content_length: int = 0
+    reply_type: str = JSON_TYPE  # Content-Type of the answer
 
 
 class _HttpError(Exception):
@@ -294,10 +355,12 @@ def _parse_head(head: bytes) -> _Request:
     return request
 
 
-def _http_response(status: int, body: bytes, request_id: str, close: bool = False) -> bytes:
+def _http_response(
+    status: int, body: bytes, request_id: str, close: bool = False, content_type: str = JSON_TYPE
+) -> bytes:
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-        "Content-Type: application/x-amz-json-1.1\r\n"
+        f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n"
         f"x-amzn-RequestId: {request_id}\r\n"
     )
@@ -437,7 +500,9 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, request: _Request, status: int, body: bytes) -> None:
         close = not request.keep_alive
-        self._write(_http_response(status, body, self.server._request_id(), close))
+        self._write(
+            _http_response(status, body, self.server._request_id(), close, request.reply_type)
+        )
         if close:
             self._close()
 
@@ -473,6 +538,7 @@ class _Ctx:
     bad_signature: bool = False
     accepted: int = 0
     stored: list[Record] | None = None
+    sts: bool = False  # answered in the query protocol (XML)
 
 
 class FakeAWS:
@@ -488,10 +554,15 @@ class FakeAWS:
         seed: int = 1,
         shards: int = 1,
         port: int = 0,
+        keys: dict[str, str] | None = None,
     ) -> None:
         if shards < 1:
             raise ValueError("shards must be >= 1")
-        self.keys: dict[str, str] = {access_key: secret_key}
+        # Static keys: access key id -> secret. Assign more at any time.
+        self.keys: dict[str, str] = {access_key: secret_key, **(keys or {})}
+        # STS: the roles AssumeRole grants, and how long what it issues lives (None: as asked).
+        self.roles: dict[str, Role] = {}
+        self.sts_lifetime: float | None = None
         self.verify = verify
         self.store = store
         self.faults = Faults()
@@ -519,6 +590,10 @@ class FakeAWS:
         self._count_accepted = 0
         self._count_requests = 0
         self._bad_signatures = 0
+        self._issued: dict[str, IssuedKey] = {}
+        self._assume_calls: collections.deque[AssumeRoleCall] = collections.deque(
+            maxlen=REQUEST_LOG_SIZE
+        )
         # Thread plumbing.
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -637,6 +712,15 @@ class FakeAWS:
         with self._lock:
             return self._bad_signatures
 
+    def assume_role_calls(self) -> list[AssumeRoleCall]:
+        with self._lock:
+            return list(self._assume_calls)
+
+    def issued_keys(self) -> dict[str, IssuedKey]:
+        """Temporary keys handed out by AssumeRole, by access key id."""
+        with self._lock:
+            return dict(self._issued)
+
     def stats(self) -> dict[str, Any]:
         """The document GET /_stats answers."""
         with self._lock:
@@ -680,7 +764,8 @@ class FakeAWS:
         try:
             status, body = self._handle_aws(request, ctx)
         except _ApiError as exc:
-            status, body = exc.status, exc.body()
+            status = exc.status
+            body = exc.xml_body(self._request_id()) if ctx.sts else exc.body()
             ctx.error = exc.type
             ctx.accepted = 0
             ctx.stored = None
@@ -726,6 +811,11 @@ class FakeAWS:
         auth = _parse_authorization(request.headers.get("authorization"))
         if auth is not None:
             ctx.region, ctx.service, ctx.access_key = auth.region, auth.service, auth.access_key
+        if _is_sts(request, ctx.target):
+            ctx.sts = True
+            ctx.target = STS_TARGET
+            request.reply_type = "text/xml"
+            return self._assume_role(request, auth, ctx)
         operation = _OPERATIONS.get(ctx.target) if request.method == "POST" else None
         self._authenticate(request, auth, operation, ctx)
         if operation is None:
@@ -757,7 +847,7 @@ class FakeAWS:
     def _authenticate(
         self, request: _Request, auth: _Auth | None, operation: tuple[str, str] | None, ctx: _Ctx
     ) -> None:
-        scope = self.expect_scope
+        scope = self.expect_scope if not ctx.sts else None
         if scope is not None and (auth is None or (auth.region, auth.service) != tuple(scope)):
             ctx.signature_ok = False
             ctx.bad_signature = True
@@ -785,13 +875,32 @@ class FakeAWS:
 
         if auth is None:
             raise invalid("Missing or malformed Authorization header")
-        secret = self.keys.get(auth.access_key)
-        if secret is None:
-            raise _ApiError(
-                400,
-                "UnrecognizedClientException",
-                "The security token included in the request is invalid.",
-            )
+        unknown = _ApiError(
+            400 if operation is None or operation[0] != "sts" else 403,
+            "UnrecognizedClientException" if operation is None or operation[0] != "sts"
+            else "InvalidClientTokenId",
+            "The security token included in the request is invalid.",
+        )
+        token = request.headers.get("x-amz-security-token")
+        with self._lock:
+            issued = self._issued.get(auth.access_key)
+        if issued is not None:
+            if token is None or not hmac.compare_digest(token, issued.session_token):
+                raise unknown
+            if "x-amz-security-token" not in auth.signed_headers.split(";"):
+                raise invalid("X-Amz-Security-Token must be signed")
+            if time.time() >= issued.expiration:
+                raise _ApiError(
+                    400 if operation is None or operation[0] != "sts" else 403,
+                    "ExpiredTokenException" if operation is None or operation[0] != "sts"
+                    else "ExpiredToken",
+                    "The security token included in the request is expired",
+                )
+            secret = issued.secret_key
+        else:
+            secret = self.keys.get(auth.access_key)
+            if secret is None or token is not None:
+                raise unknown
         if operation is not None and auth.service != operation[0]:
             raise invalid(f"Credential should be scoped to correct service: '{operation[0]}'.")
         amz_date = request.headers.get("x-amz-date", "")
@@ -823,6 +932,104 @@ class FakeAWS:
             raise invalid(
                 "The request signature we calculated does not match the signature you provided."
             )
+
+    # ---- STS ----------------------------------------------------------------------------
+
+    def _assume_role(
+        self, request: _Request, auth: _Auth | None, ctx: _Ctx
+    ) -> tuple[int, bytes]:
+        """AssumeRole, query protocol: verify, check the role's trust, issue temporary keys."""
+        try:
+            form = urllib.parse.parse_qs(
+                request.body.decode("utf-8"), keep_blank_values=True, strict_parsing=False
+            )
+        except UnicodeDecodeError:
+            raise _ApiError(400, "MalformedQueryString", "the body is not UTF-8") from None
+        args = {name: values[-1] for name, values in form.items()}
+        duration_text = args.get("DurationSeconds")
+        duration = int(duration_text) if duration_text and duration_text.isdigit() else None
+        caller = auth.access_key if auth is not None else None
+        call = AssumeRoleCall(
+            caller, args.get("RoleArn"), args.get("ExternalId"), args.get("RoleSessionName"),
+            duration, time.time(), 0,
+        )
+        try:
+            status, body, issued = self._grant(request, auth, ctx, args, duration)
+        except _ApiError as exc:
+            self._note_assume(dataclasses.replace(call, status=exc.status, error=exc.type))
+            raise
+        self._note_assume(
+            dataclasses.replace(
+                call, status=status, issued_key=issued.access_key, expiration=issued.expiration
+            )
+        )
+        return status, body
+
+    def _note_assume(self, call: AssumeRoleCall) -> None:
+        with self._lock:
+            self._assume_calls.append(call)
+
+    def _grant(
+        self,
+        request: _Request,
+        auth: _Auth | None,
+        ctx: _Ctx,
+        args: dict[str, str],
+        duration: int | None,
+    ) -> tuple[int, bytes, IssuedKey]:
+        self._authenticate(request, auth, ("sts", "AssumeRole"), ctx)
+        if args.get("Action") != "AssumeRole":
+            raise _ApiError(400, "InvalidAction", f"Could not find operation {args.get('Action')}")
+        role_arn, session = args.get("RoleArn"), args.get("RoleSessionName")
+        if not role_arn or not session:
+            missing = "roleArn" if not role_arn else "roleSessionName"
+            raise _validation(f"Value null at '{missing}' failed to satisfy constraint")
+        if not re.fullmatch(r"[\w+=,.@-]{2,64}", session, re.ASCII):
+            raise _validation(f"Value '{session}' at 'roleSessionName' failed to satisfy constraint")
+        role = self.roles.get(role_arn)
+        caller = auth.access_key if auth is not None else "anonymous"
+        denied = _ApiError(
+            403,
+            "AccessDenied",
+            f"User: arn:aws:iam::{ACCOUNT_ID}:user/{caller} is not authorized to perform: "
+            f"sts:AssumeRole on resource: {role_arn}",
+        )
+        if role is None or (role.trusted_keys is not None and caller not in role.trusted_keys):
+            raise denied
+        if role.external_id is not None and args.get("ExternalId") != role.external_id:
+            raise denied
+        lifetime = self.sts_lifetime
+        if lifetime is None:
+            lifetime = duration or STS_DEFAULT_LIFETIME
+        expiration = float(int(time.time() + lifetime))  # whole seconds, as STS writes them
+        suffix = uuid.uuid4().hex
+        issued = IssuedKey(
+            "ASIA" + suffix[:16].upper(),
+            "fake-secret-" + uuid.uuid4().hex,
+            "fake-token-" + suffix,
+            role_arn,
+            session,
+            expiration,
+        )
+        with self._lock:
+            if len(self._issued) >= REQUEST_LOG_SIZE:
+                self._issued.pop(next(iter(self._issued)))
+            self._issued[issued.access_key] = issued
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiration))
+        role_name = role_arn.rsplit("/", 1)[-1]
+        body = (
+            f'<AssumeRoleResponse xmlns="{STS_NAMESPACE}"><AssumeRoleResult>'
+            f"<Credentials><AccessKeyId>{issued.access_key}</AccessKeyId>"
+            f"<SecretAccessKey>{issued.secret_key}</SecretAccessKey>"
+            f"<SessionToken>{issued.session_token}</SessionToken>"
+            f"<Expiration>{stamp}</Expiration></Credentials>"
+            f"<AssumedRoleUser><AssumedRoleId>AROA{suffix[16:32].upper()}:{xml_escape(session)}"
+            f"</AssumedRoleId><Arn>arn:aws:sts::{ACCOUNT_ID}:assumed-role/{xml_escape(role_name)}/"
+            f"{xml_escape(session)}</Arn></AssumedRoleUser>"
+            f"</AssumeRoleResult><ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId>"
+            f"</ResponseMetadata></AssumeRoleResponse>"
+        ).encode()
+        return 200, body, issued
 
     # ---- operations ----------------------------------------------------------------------
 
@@ -1166,6 +1373,16 @@ class FakeAWS:
         return 200, orjson.dumps({"StreamDescription": description})
 
 
+def _is_sts(request: _Request, target: str) -> bool:
+    """The query protocol: a form-encoded POST with no X-Amz-Target."""
+    content_type = request.headers.get("content-type", "")
+    return (
+        request.method == "POST"
+        and not target
+        and content_type.startswith("application/x-www-form-urlencoded")
+    )
+
+
 def _where(index: int, single: str = "") -> str:
     """The member path AWS names in validation messages."""
     return single if index < 0 else f"records.{index + 1}.member."
@@ -1233,6 +1450,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-file", help="write the bound port here once listening")
     parser.add_argument("--access-key", default="AKIDSPOOLDTEST")
     parser.add_argument("--secret-key", default="spoold-test-secret")
+    parser.add_argument(
+        "--key", action="append", default=[], metavar="ACCESS=SECRET", help="another static key"
+    )
     parser.add_argument("--no-verify", action="store_true", help="do not check SigV4 signatures")
     parser.add_argument("--no-store", action="store_true", help="count records, do not keep them")
     parser.add_argument("--record-fail-rate", type=float, default=0.0)
@@ -1251,6 +1471,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         shards=args.shards,
         port=args.port,
+        keys=dict(item.split("=", 1) for item in args.key),
     )
     return serve_until_stopped(server, args)
 

@@ -83,6 +83,8 @@ def test_example_config_parses() -> None:
     for d in cfg.destinations:
         assert d.endpoint_url.startswith("https://")
         assert d.max_line_bytes < d.max_record_bytes <= d.max_request_bytes
+    roles = [d for d in cfg.destinations if d.role_arn]
+    assert roles and all(d.external_id and d.role_session_name for d in roles)
 
 
 def test_minimal_kinesis_defaults(tmp_path: Path) -> None:
@@ -353,9 +355,11 @@ def test_missing_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the command line
 
 
-def spoold(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def spoold(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = str(cwd / "no-aws-files")
+    env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this checkout
     return subprocess.run([sys.executable, "-m", "spoold", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
@@ -416,3 +420,134 @@ def test_kpl_defaults_to_one_aggregate_per_request(tmp_path: Path) -> None:
     assert d.max_request_bytes == 5 * MiB
     (d,) = load(tmp_path, SPOOL + KINESIS).destinations
     assert d.max_request_bytes == 5 * MiB
+
+
+# ---------------------------------------------------------------- credential keys
+
+ROLE = "arn:aws:iam::123456789012:role/central-writer"
+
+
+def shared_files(tmp_path: Path, credentials: str = "", config_text: str = "") -> dict[str, str]:
+    (tmp_path / "credentials").write_text(credentials)
+    (tmp_path / "config").write_text(config_text)
+    return {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"), "AWS_CONFIG_FILE": str(tmp_path / "config")}
+
+
+def test_no_credential_keys_is_the_default_chain(tmp_path: Path) -> None:
+    d = only(tmp_path, KINESIS)
+    assert (d.profile, d.role_arn, d.external_id, d.role_session_name) == (None, None, None, None)
+
+
+def test_profile_from_either_shared_file(tmp_path: Path) -> None:
+    env = shared_files(tmp_path, "[yc]\naws_access_key_id = A\naws_secret_access_key = B\n",
+                       "[profile ops]\nrole_arn = " + ROLE + "\nsource_profile = yc\nregion = eu-west-1\n"
+                       "[default]\nregion = eu-west-1\n")
+    for name in ("yc", "ops", "default"):
+        assert only(tmp_path, YDS + f'profile = "{name}"\n', env).profile == name
+
+
+def test_profile_in_a_systemd_credential(tmp_path: Path) -> None:
+    (tmp_path / "aws").write_text("[audit]\naws_access_key_id = A\naws_secret_access_key = B\n")
+    d = only(tmp_path, KINESIS + 'profile = "audit"\n', {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert d.profile == "audit"
+
+
+def test_role_with_defaults(tmp_path: Path) -> None:
+    d = only(tmp_path, FIREHOSE + f'role_arn = "{ROLE}"\nexternal_id = "ext-1"\n')
+    assert (d.role_arn, d.external_id) == (ROLE, "ext-1")
+    assert d.role_session_name == config.default_session_name(__import__("socket").gethostname())
+    d = only(tmp_path, KINESIS + f'role_arn = "{ROLE}"\nrole_session_name = "app@host-1"\n')
+    assert (d.external_id, d.role_session_name) == (None, "app@host-1")
+    d = only(tmp_path, KINESIS + 'role_arn = "arn:aws-cn:iam::123456789012:role/path/to/r+w=1,x.y@z"\n')
+    assert d.role_arn == "arn:aws-cn:iam::123456789012:role/path/to/r+w=1,x.y@z"
+
+
+@pytest.mark.parametrize(("hostname", "name"), [
+    ("web-01.example.com", "spoold-web-01.example.com"),
+    ("host with spaces/and:colons", "spoold-host-with-spaces-and-colons"),
+    ("h\u00f6st", "spoold-h-st"),
+    ("x" * 100, "spoold-" + "x" * 57),
+    ("", "spoold-"),
+])
+def test_default_session_name_within_sts_limits(hostname: str, name: str) -> None:
+    assert config.default_session_name(hostname) == name
+    assert config.SESSION_NAME_RE.fullmatch(name)
+
+
+CREDENTIAL_INVALID = [
+    ("profile-missing", KINESIS + 'profile = "nope"\n', ["profile", "'nope'"]),
+    ("profile-empty", KINESIS + 'profile = ""\n', ["profile", "''"]),
+    ("profile-not-string", KINESIS + "profile = 1\n", ["profile", "must be a string"]),
+    ("source-profile-missing", KINESIS + 'profile = "broken"\n', ["profile", "source_profile 'gone'"]),
+    ("role-profile-no-region", KINESIS + 'profile = "noregion"\n', ["profile", "'noregion' assumes a role", "region"]),
+    ("arn-kinesis", KINESIS + 'role_arn = "arn:aws:kinesis:us-east-1:123456789012:stream/s"\n', ["role_arn"]),
+    ("arn-short-account", KINESIS + 'role_arn = "arn:aws:iam::12345:role/r"\n', ["role_arn"]),
+    ("arn-user", KINESIS + 'role_arn = "arn:aws:iam::123456789012:user/r"\n', ["role_arn"]),
+    ("arn-no-name", KINESIS + 'role_arn = "arn:aws:iam::123456789012:role/"\n', ["role_arn"]),
+    ("arn-name-only", KINESIS + 'role_arn = "central-writer"\n', ["role_arn"]),
+    ("external-id-alone", KINESIS + 'external_id = "x1"\n', ["external_id", "only valid with role_arn"]),
+    ("session-name-alone", KINESIS + 'role_session_name = "s1"\n', ["role_session_name", "only valid with role_arn"]),
+    ("external-id-short", KINESIS + f'role_arn = "{ROLE}"\nexternal_id = "x"\n', ["external_id"]),
+    ("external-id-space", KINESIS + f'role_arn = "{ROLE}"\nexternal_id = "a b"\n', ["external_id"]),
+    ("session-name-long", KINESIS + f'role_arn = "{ROLE}"\nrole_session_name = "{"s" * 65}"\n',
+     ["role_session_name", "2 to 64"]),
+    ("session-name-colon", KINESIS + f'role_arn = "{ROLE}"\nrole_session_name = "a:b"\n', ["role_session_name"]),
+    ("yds-role", YDS + f'role_arn = "{ROLE}"\n', ["role_arn", "only valid for kind kinesis or firehose"]),
+    ("yds-external-id", YDS + 'external_id = "x1"\n', ["external_id", "only valid for kind kinesis or firehose"]),
+]
+
+
+@pytest.mark.parametrize(("text", "wanted"), [c[1:] for c in CREDENTIAL_INVALID],
+                         ids=[c[0] for c in CREDENTIAL_INVALID])
+def test_invalid_credential_keys(tmp_path: Path, text: str, wanted: list[str]) -> None:
+    env = shared_files(tmp_path, "[yc]\naws_access_key_id = A\naws_secret_access_key = B\n",
+                       "[profile broken]\nrole_arn = " + ROLE + "\nsource_profile = gone\nregion = us-east-1\n"
+                       "[profile noregion]\nrole_arn = " + ROLE + "\nsource_profile = yc\n")
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, SPOOL + text, env)
+    message = str(exc.value)
+    assert str(tmp_path / "spoold.toml") in message
+    for part in wanted:
+        assert part in message, message
+
+
+def test_cli_check_config_names_a_missing_profile_without_the_network(tmp_path: Path) -> None:
+    """Profiles that would call STS, SSO or a process are only looked up in the files: a listener
+    standing in for STS and instance metadata sees no connection."""
+    import socket
+
+    files = shared_files(tmp_path, "[base]\naws_access_key_id = A\naws_secret_access_key = B\n",
+                         f"[profile ops]\nrole_arn = {ROLE}\nsource_profile = base\nregion = us-east-1\n"
+                         "[profile proc]\ncredential_process = /bin/false\n")
+    good = tmp_path / "good.toml"
+    good.write_text(SPOOL + KINESIS + 'profile = "ops"\nrole_arn = "' + ROLE + '"\n'
+                    + FIREHOSE + 'profile = "proc"\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SPOOL + KINESIS + 'profile = "opps"\n')
+    with socket.socket() as trap:
+        trap.bind(("127.0.0.1", 0))
+        trap.listen(8)
+        trap.setblocking(False)
+        url = f"http://127.0.0.1:{trap.getsockname()[1]}"
+        env = {**files, "AWS_ENDPOINT_URL_STS": url, "AWS_EC2_METADATA_SERVICE_ENDPOINT": url,
+               "AWS_ENDPOINT_URL": url}
+        ok = spoold("check-config", "--config", str(good), cwd=tmp_path, env=env)
+        assert ok.returncode == 0, ok.stderr
+        proc = spoold("check-config", "--config", str(bad), cwd=tmp_path, env=env)
+        assert proc.returncode == 2
+        assert "profile" in proc.stderr and "'opps'" in proc.stderr and "Traceback" not in proc.stderr
+        with pytest.raises(BlockingIOError):
+            trap.accept()
+
+
+def test_region_from_the_destinations_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = shared_files(tmp_path, "[team-b]\naws_access_key_id = A\naws_secret_access_key = B\n",
+                       "[default]\nregion = us-east-1\n[profile team-b]\nregion = eu-north-1\n")
+    # botocore reads the files named in os.environ, as the daemon's process has them.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    text = SPOOL + KINESIS_NO_REGION + 'stream = "s"\nprofile = "team-b"\n' + FIREHOSE.replace('"f"', '"g"', 1)
+    by_name = {d.name: d for d in load(tmp_path, text.replace('region = "us-east-1"\n', ""), env).destinations}
+    assert (by_name["a"].region, by_name["a"].endpoint_url) == (
+        "eu-north-1", "https://kinesis.eu-north-1.amazonaws.com")
+    assert by_name["g"].region == "us-east-1"  # no profile: the default one's region

@@ -4,6 +4,8 @@ can be listed, replayed and purged with `spoold dead-letters`."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -95,3 +97,61 @@ def test_ordered_mode_dead_letters_a_refused_record_and_goes_on(make_daemon, fak
     listed = wait_until(lambda: _dead(daemon, "list")["dead_letters"], what="the dead letter")
     assert len(listed) == 1 and listed[0]["size"] == len(big)
     daemon.stop()
+
+
+def _cli(daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "spoold", *args, "--config", str(daemon.config)],
+                          capture_output=True, text=True, timeout=120, env=daemon.env)
+
+
+def test_offline_commands_refuse_while_the_daemon_holds_the_spool(make_daemon, fake_aws):
+    """One writer, always: the running daemon holds spool.db.lock; a daemon that does not answer
+    (stopped with SIGSTOP) is named, never mistaken for no daemon; a second daemon does not start."""
+    daemon = make_daemon({"endpoint_url": fake_aws.url}).start()
+    lock = daemon.tmp / "spool.db.lock"
+    pid = daemon.proc.pid
+    assert os.stat(lock).st_mode & 0o777 == 0o600
+    assert lock.read_text().strip() == str(pid)
+    assert send_lines(daemon.sockets()[0], b"kept\n")["accepted"] == 1
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        for args in (["dead-letters", "purge"], ["dead-letters", "list"], ["status"]):
+            out = _cli(daemon, *args, "--timeout", "1")
+            assert out.returncode == 1, (args, out.stdout, out.stderr)
+            assert f"pid {pid} (stopped)" in out.stderr and "not opened behind its back" in out.stderr, out.stderr
+            assert out.stdout == ""
+        second = _cli(daemon, "run")
+        assert second.returncode == 1
+        assert f"in use by process {pid}" in second.stderr, second.stderr
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    assert _dead(daemon, "list") == {"dead_letters": []}
+    assert send_lines(daemon.sockets()[0], b"after\n")["accepted"] == 1
+    wait_until(lambda: {r.data for r in fake_aws.all_records()} == {b"kept", b"after"}, what="both lines")
+    assert daemon.stop() == 0
+    # Stopped: the CLI takes the lock itself and works on the file.
+    assert _dead(daemon, "purge") == {"purged": 0}
+    assert lock.read_text().strip() != str(pid)
+
+
+def test_a_bad_control_request_gets_an_error_and_the_daemon_stays(make_daemon, fake_aws):
+    import socket
+
+    daemon = make_daemon({"endpoint_url": fake_aws.url}).start()
+    for request, error in [(b"dead-letters list abc\n", "JSON object"),
+                           (b'{"command": "dead-letters", "action": "list", "limit": "abc"}\n', "limit"),
+                           (b'{"command": "dead-letters", "action": "drop"}\n', "action"),
+                           (b'{"command": "status", "x": 1}\n', "unknown field"),
+                           (b'{"command": "reboot"}\n', "command must be")]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(60)
+        s.connect(str(daemon.tmp / "control.sock"))
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        s.close()
+        assert error in json.loads(reply)["error"], reply
+    assert _cli(daemon, "dead-letters", "list", "--limit", "0").returncode == 2
+    assert send_lines(daemon.sockets()[0], b"still\n")["accepted"] == 1
+    assert daemon.stop() == 0

@@ -1,4 +1,4 @@
-"""The real daemon, end to end, for each kind of destination (issue 3): Firehose against moto's
+"""The real daemon, end to end, for each kind of destination: Firehose against moto's
 Firehose -> S3 and against the fault-injecting endpoint, Yandex Data Streams' stream name and
 signing scope, Kinesis' stream_arn / explicit_hash_key / ordered mode, several destinations in one
 daemon, and config errors on the command line.

@@ -26,7 +26,7 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from tests.fakeaws import HASH_SPACE, FakeAWS, Record
+from tests.fakeaws import HASH_SPACE, FakeAWS, Record, Role
 
 ACCESS = "AKIDSPOOLDTEST"
 SECRET = "spoold-test-secret"
@@ -678,3 +678,99 @@ def test_record_is_a_frozen_value():
     with pytest.raises(AttributeError):
         record.data = b"changed"  # type: ignore[misc]
     assert record == Record("s", "k", None, b"d", "1", "shardId-000000000000", None)
+
+
+# ---- several keys, session tokens, STS AssumeRole ---------------------------------------------
+
+ROLE = "arn:aws:iam::123456789012:role/writer"
+
+
+def sts_client(server: FakeAWS, key: str = ACCESS, secret: str = SECRET) -> Any:
+    return boto3.client("sts", endpoint_url=server.url, region_name="us-east-1", aws_access_key_id=key,
+                        aws_secret_access_key=secret, config=NO_RETRY)
+
+
+def test_several_static_keys_each_verified_with_its_own_secret(client: Callable[..., Any]) -> None:
+    with FakeAWS(access_key=ACCESS, secret_key=SECRET, keys={"AKIDOTHER": "other-secret"}) as server:
+        client(server).put_record(StreamName="s", Data=b"a", PartitionKey="k")
+        client(server, key="AKIDOTHER", secret="other-secret").put_record(StreamName="s", Data=b"b", PartitionKey="k")
+        with pytest.raises(ClientError) as exc:
+            client(server, key="AKIDOTHER", secret=SECRET).put_record(StreamName="s", Data=b"c", PartitionKey="k")
+        assert error_of(exc) == (400, "InvalidSignatureException")
+        with pytest.raises(ClientError) as exc:
+            client(server, key="AKIDNOBODY").put_record(StreamName="s", Data=b"c", PartitionKey="k")
+        assert error_of(exc) == (400, "UnrecognizedClientException")
+        assert [r.data for r in server.records("s")] == [b"a", b"b"]
+        assert [r.access_key for r in server.requests] == [ACCESS, "AKIDOTHER", "AKIDOTHER", "AKIDNOBODY"]
+
+
+def test_assume_role_issues_keys_that_sign_with_their_session_token(srv: FakeAWS) -> None:
+    srv.roles[ROLE] = Role(external_id="ext-123")
+    sts = sts_client(srv)
+    answer = sts.assume_role(RoleArn=ROLE, RoleSessionName="spoold-host", ExternalId="ext-123",
+                             DurationSeconds=900)
+    creds = answer["Credentials"]
+    assert creds["AccessKeyId"].startswith("ASIA")
+    assert answer["AssumedRoleUser"]["Arn"] == "arn:aws:sts::123456789012:assumed-role/writer/spoold-host"
+    left = (creds["Expiration"] - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    assert 890 <= left <= 900
+    (call,) = srv.assume_role_calls()
+    assert (call.access_key, call.role_arn, call.external_id, call.role_session_name, call.duration_seconds,
+            call.status, call.issued_key) == (ACCESS, ROLE, "ext-123", "spoold-host", 900, 200, creds["AccessKeyId"])
+    kinesis = boto3.client("kinesis", endpoint_url=srv.url, region_name="us-east-1", config=NO_RETRY,
+                           aws_access_key_id=creds["AccessKeyId"], aws_secret_access_key=creds["SecretAccessKey"],
+                           aws_session_token=creds["SessionToken"])
+    kinesis.put_record(StreamName="s", Data=b"x", PartitionKey="k")
+    assert srv.requests[-1].access_key == creds["AccessKeyId"] and srv.requests[-1].signature_ok
+    # The same key without its token, or with another one, is not accepted.
+    for token in (None, "fake-token-wrong"):
+        bad = boto3.client("kinesis", endpoint_url=srv.url, region_name="us-east-1", config=NO_RETRY,
+                           aws_access_key_id=creds["AccessKeyId"], aws_secret_access_key=creds["SecretAccessKey"],
+                           aws_session_token=token)
+        with pytest.raises(ClientError) as exc:
+            bad.put_record(StreamName="s", Data=b"y", PartitionKey="k")
+        assert error_of(exc) == (400, "UnrecognizedClientException")
+    # A static key may not carry a token.
+    with pytest.raises(ClientError) as exc:
+        boto3.client("kinesis", endpoint_url=srv.url, region_name="us-east-1", config=NO_RETRY,
+                     aws_access_key_id=ACCESS, aws_secret_access_key=SECRET,
+                     aws_session_token="t").put_record(StreamName="s", Data=b"y", PartitionKey="k")
+    assert error_of(exc) == (400, "UnrecognizedClientException")
+    assert [r.data for r in srv.records("s")] == [b"x"]
+
+
+def test_assume_role_refusals_are_access_denied(srv: FakeAWS) -> None:
+    srv.roles[ROLE] = Role(external_id="ext-123", trusted_keys=frozenset({ACCESS}))
+    srv.keys["AKIDOTHER"] = "other-secret"
+    cases = [
+        (sts_client(srv), dict(RoleArn=ROLE, RoleSessionName="s1", ExternalId="wrong")),
+        (sts_client(srv), dict(RoleArn=ROLE, RoleSessionName="s1")),
+        (sts_client(srv), dict(RoleArn=ROLE + "x", RoleSessionName="s1", ExternalId="ext-123")),
+        (sts_client(srv, "AKIDOTHER", "other-secret"), dict(RoleArn=ROLE, RoleSessionName="s1", ExternalId="ext-123")),
+    ]
+    for sts, kwargs in cases:
+        with pytest.raises(ClientError) as exc:
+            sts.assume_role(**kwargs)
+        assert error_of(exc) == (403, "AccessDenied"), kwargs
+    with pytest.raises(ClientError) as exc:
+        sts_client(srv, secret="wrong").assume_role(RoleArn=ROLE, RoleSessionName="s1", ExternalId="ext-123")
+    assert error_of(exc)[1] == "InvalidSignatureException"
+    assert [c.status for c in srv.assume_role_calls()] == [403, 403, 403, 403, 400]
+    assert not srv.issued_keys() and srv.bad_signatures == 1
+
+
+def test_expired_session_token_is_refused(srv: FakeAWS) -> None:
+    srv.roles[ROLE] = Role()
+    srv.sts_lifetime = 2
+    creds = sts_client(srv).assume_role(RoleArn=ROLE, RoleSessionName="short")["Credentials"]
+    issued = srv.issued_keys()[creds["AccessKeyId"]]
+    kinesis = boto3.client("kinesis", endpoint_url=srv.url, region_name="us-east-1", config=NO_RETRY,
+                           aws_access_key_id=creds["AccessKeyId"], aws_secret_access_key=creds["SecretAccessKey"],
+                           aws_session_token=creds["SessionToken"])
+    # Waiting for the key's end is the point of this test: poll the clock, not the server.
+    while time.time() < issued.expiration:
+        time.sleep(0.05)
+    with pytest.raises(ClientError) as exc:
+        kinesis.put_record(StreamName="s", Data=b"late", PartitionKey="k")
+    assert error_of(exc) == (400, "ExpiredTokenException")
+    assert srv.records("s") == []

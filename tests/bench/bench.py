@@ -1,4 +1,4 @@
-"""spoold's throughput benchmark (issue 6): one command, everything on 127.0.0.1, bounded in time.
+"""spoold's throughput benchmark: one command, everything on 127.0.0.1, bounded in time.
 
     python tests/bench/bench.py --lines 1000000 --size 100 --clients 4 \\
         [--aggregation kpl] [--record-fail-rate 0.1] [--latency-ms 0] [--rate 75000] \\
@@ -23,7 +23,7 @@ subprocess: tests/fakeaws.py plus line counting through KPL aggregates and laten
 3. Endpoint ceiling: --ceiling-connections raw sockets replay one prepared 500-record
    PutRecords request for --ceiling-seconds (with --aggregation kpl, also a prepared request of
    KPL aggregates) -> records/s and lines/s.
-4. A markdown summary (date, command, figures, targets) to paste into the README.
+4. A markdown summary (date, command, figures, targets) to paste into docs/benchmarks.md.
 
 The daemon is stopped before 2 and 3, so they do not share the cores with it.
 
@@ -35,8 +35,8 @@ rate, e.g. at half of it.
 
 --profile attaches py-spy to the daemon for the spoold phase and prints where CPU time goes: by
 thread, by pipeline stage, top functions by own time (scaled to the CPU time /proc measured).
---plot PNG draws throughput, latency, RSS and CPU over time with a small built-in PNG writer (no
-matplotlib needed). --dest / --spool / --daemon KEY=VALUE add config keys (e.g. --daemon
+--plot PNG draws throughput, latency, RSS and CPU over time with matplotlib (the bench extra:
+pip install -e '.[bench]'). --dest / --spool / --daemon KEY=VALUE add config keys (e.g. --daemon
 sender=process); --patch MODULE.NAME=VALUE sets a spoold constant in the daemon for what-if
 experiments (spoold's files are not touched; the summary says PATCHED). --keep keeps the work folder (config, logs,
 results.json, profile).
@@ -56,13 +56,11 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -390,7 +388,7 @@ class DaemonProc:
         s.settimeout(5)
         try:
             s.connect(str(self.control))
-            s.sendall(b"status\n")
+            s.sendall(b'{"command": "status"}\n')
             data = b""
             while True:
                 chunk = s.recv(65536)
@@ -479,7 +477,7 @@ STAGES = [
     ("spool read (reader thread)", ("Spool.read ", "Spool.summary ")),
     ("committer (group commit, main thread)", ("Committer.",)),
     ("ingest (socket read, line split, ack)", ("Ingest.", "LineBuffer.")),
-    ("status/control/heartbeat", ("Daemon._control_connection", "Daemon.snapshot", "Daemon._heartbeat")),
+    ("status/control/heartbeat", ("ControlServer.", "MetricsServer.", "Server.", "Daemon.snapshot", "Daemon._heartbeat")),
     ("worker threads, other", ("Worker._loop ",)),
 ]
 
@@ -679,136 +677,46 @@ def ceiling(ep: Endpoint, size: int, seconds: float, connections: int, kpl: bool
     return out
 
 
-# ---- a tiny PNG plotter ------------------------------------------------------------------------
-
-_FONT = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001010010",
-    "8": "111101111101111", "9": "111101111001111", "A": "010101111101101", "B": "110101110101110",
-    "C": "011100100100011", "D": "110101101101110", "E": "111100110100111", "F": "111100110100100",
-    "G": "011100101101011", "H": "101101111101101", "I": "111010010010111", "J": "001001001101010",
-    "K": "101101110101101", "L": "100100100100111", "M": "101111111101101", "N": "110101101101101",
-    "O": "010101101101010", "P": "110101110100100", "Q": "010101101110011", "R": "110101110101101",
-    "S": "011100010001110", "T": "111010010010010", "U": "101101101101111", "V": "101101101101010",
-    "W": "101101111111101", "X": "101101010101101", "Y": "101101010010010", "Z": "111001010100111",
-    ".": "000000000000010", ",": "000000000010100", ":": "000010000010000", "/": "001001010100100",
-    "-": "000000111000000", "%": "101001010100101", "(": "001010010010001", ")": "100010010010100",
-    "=": "000111000111000", "_": "000000000000111", "+": "000010111010000", " ": "000000000000000",
-}
-
-
-class Canvas:
-    def __init__(self, w: int, h: int) -> None:
-        self.w, self.h = w, h
-        self.px = bytearray(b"\xff" * (w * h * 3))
-
-    def set(self, x: int, y: int, c: tuple[int, int, int]) -> None:
-        if 0 <= x < self.w and 0 <= y < self.h:
-            i = (y * self.w + x) * 3
-            self.px[i:i + 3] = bytes(c)
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, c: tuple[int, int, int]) -> None:
-        for y in range(max(0, y0), min(self.h, y1 + 1)):
-            for x in range(max(0, x0), min(self.w, x1 + 1)):
-                self.set(x, y, c)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, c: tuple[int, int, int]) -> None:
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-        err = dx + dy
-        while True:
-            self.set(x0, y0, c)
-            if x0 == x1 and y0 == y1:
-                return
-            e2 = 2 * err
-            if e2 >= dy:
-                err += dy
-                x0 += sx
-            if e2 <= dx:
-                err += dx
-                y0 += sy
-
-    def text(self, x: int, y: int, s: str, c: tuple[int, int, int] = (0, 0, 0), scale: int = 2) -> None:
-        for ch in s.upper():
-            glyph = _FONT.get(ch, _FONT[" "])
-            for r in range(5):
-                for col in range(3):
-                    if glyph[r * 3 + col] == "1":
-                        self.rect(x + col * scale, y + r * scale, x + col * scale + scale - 1,
-                                  y + r * scale + scale - 1, c)
-            x += 4 * scale
-
-    def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(self.px[y * self.w * 3:(y + 1) * self.w * 3]) for y in range(self.h))
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
-def _nice(x: float) -> float:
-    if x <= 0:
-        return 1.0
-    exp = 10 ** int(f"{x:e}".split("e")[1])
-    for m in (1, 2, 2.5, 5, 10):
-        if m * exp >= x:
-            return m * exp
-    return 10 * exp
-
-
-def _short(v: float) -> str:
-    if v >= 1e6:
-        return f"{v / 1e6:g}M"
-    if v >= 1e3:
-        return f"{v / 1e3:g}K"
-    return f"{v:g}"
-
+# ---- the plot ----------------------------------------------------------------------------------
 
 def plot(path: Path, title: str, panels: list[dict[str, Any]], t_max: float) -> None:
-    """panels: {"title", "unit", "series": [(label, color, [(t, y)...], "line"|"dots")]}."""
-    w, ph, left, right, top = 1100, 230, 80, 20, 40
-    c = Canvas(w, top + ph * len(panels) + 30)
-    c.text(left, 12, title[:120], scale=2)
-    step = _nice(max(t_max, 1e-3) / 10)
-    t_max = step * max(1, -(-max(t_max, 1e-3) // step))
-    for i, panel in enumerate(panels):
-        y0 = top + i * ph + 20
-        y1 = y0 + ph - 60
-        x0, x1 = left, w - right
-        ys = [y for s in panel["series"] for _, y in s[2]]
-        y_max = _nice(max(ys) * 1.05 if ys else 1.0)
-        c.text(x0, y0 - 16, f"{panel['title']} ({panel['unit']})", scale=2)
-        lx = x0 + 12 * (len(panel["title"]) + len(panel["unit"]) + 4)
-        for label, color, _, _ in panel["series"]:
-            c.rect(lx, y0 - 12, lx + 10, y0 - 6, color)
-            c.text(lx + 14, y0 - 16, label, color, scale=2)
-            lx += 14 + 8 * len(label) + 20
-        for k in range(5):
-            yy = y1 - (y1 - y0) * k // 4
-            c.line(x0, yy, x1, yy, (225, 225, 225))
-            c.text(4, yy - 5, _short(y_max * k / 4), (90, 90, 90))
-        ticks = int(round(t_max / step))
-        for k in range(ticks + 1):
-            xx = x0 + (x1 - x0) * k // ticks
-            c.line(xx, y1, xx, y1 + 4, (90, 90, 90))
-            c.text(xx - 8, y1 + 8, _short(step * k), (90, 90, 90))
-        c.line(x0, y0, x0, y1, (0, 0, 0))
-        c.line(x0, y1, x1, y1, (0, 0, 0))
+    """panels: {"title", "unit", "series": [(label, (r, g, b), [(t, y)...], "line"|"dots")]}."""
+    import matplotlib
 
-        for _, color, points, style in panel["series"]:
-            prev = None
-            for t, y in points:
-                p = (x0 + int((x1 - x0) * min(t, t_max) / t_max),
-                     y1 - int((y1 - y0) * min(max(y, 0.0), y_max) / y_max))
-                if style == "dots":
-                    c.set(p[0], p[1], color)
-                elif prev is not None:
-                    c.line(prev[0], prev[1], p[0], p[1], color)
-                prev = p
-    c.text(w // 2 - 80, c.h - 16, "SECONDS SINCE FIRST WRITE", (90, 90, 90))
-    path.write_bytes(c.png())
+    matplotlib.use("Agg")  # no display: the plot only goes to a file
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(9, 2.1 * len(panels) + 0.6),
+                             squeeze=False, layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    for ax, panel in zip(axes[:, 0], panels):
+        for label, color, points, style in panel["series"]:
+            rgb = tuple(c / 255 for c in color)
+            ts = [t for t, _ in points]
+            ys = [y for _, y in points]
+            if style == "dots":
+                ax.scatter(ts, ys, s=1, color=rgb, label=label, rasterized=True)
+            else:
+                ax.plot(ts, ys, color=rgb, linewidth=1.2, label=label)
+        ax.set_ylabel(panel["unit"], fontsize=8)
+        ax.set_title(panel["title"], fontsize=9, loc="left")
+        top = max((y for _, _, points, _ in panel["series"] for _, y in points), default=0.0)
+        ax.set_ylim(0, top * 1.15 or 1.0)  # headroom: a flat series must not sit on the frame
+        ax.grid(True, color="0.9")
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="lower left", markerscale=4, ncols=len(panel["series"]))
+    axes[-1, 0].set_xlim(0, max(t_max, 1e-3))
+    axes[-1, 0].set_xlabel("seconds since the first write", fontsize=8)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def require_matplotlib() -> None:
+    """Fail before the run, not after it, when --plot cannot be drawn."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from None
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -826,7 +734,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--record-fail-rate", type=float, default=0.0, help="endpoint: per-record failure rate")
     p.add_argument("--latency-ms", type=float, default=0.0, help="endpoint: delay added to each answer")
     p.add_argument("--rate", type=float, default=None, help="offer this many lines/s in total (open loop)")
-    p.add_argument("--plot", type=Path, default=None, help="write throughput/latency/RSS over time as PNG")
+    p.add_argument("--plot", type=Path, default=None, help="write throughput/latency/RSS/CPU over time as PNG (needs .[bench])")
     p.add_argument("--profile", action="store_true", help="attach py-spy to the daemon and print the top functions")
     p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=15, help="functions listed by --profile")
@@ -851,6 +759,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.batch = 1000 if not args.rate else max(1, min(1000, int(args.rate / args.clients / 50)))
     if args.inflight is None:
         args.inflight = 64 if args.rate else 1
+    if args.plot:
+        require_matplotlib()
     return args
 
 
@@ -1204,17 +1114,17 @@ def make_plot(args: argparse.Namespace, r: dict[str, Any]) -> None:
             cpu_pts.append(((a[0] + b2[0]) / 2 - mono0 + off, (b2[4] - a[4]) / (b2[0] - a[0])))
     t_max = max([p[0] for p in sent + acked + rss] or [1.0])
     s = r.get("spoold", {})
-    title = (f"SPOOLD {args.lines} X {args.size}B {args.clients} CLIENTS AGG={args.aggregation}"
-             + (f" RATE={args.rate:g}" if args.rate else "")
-             + f"  E2E {fmt_int(s.get('e2e_rate'))}/S  P99 {fmt_ms(s.get('p99_ns'))}")
+    title = (f"spoold: {args.lines:,} lines x {args.size} B, {args.clients} clients, aggregation {args.aggregation}"
+             + (f", offered {args.rate:,.0f} lines/s" if args.rate else "")
+             + f"; end to end {fmt_int(s.get('e2e_rate'))} lines/s, p99 {fmt_ms(s.get('p99_ns'))}")
     panels = [
-        {"title": "THROUGHPUT", "unit": "LINES/S", "series": [("ACKED", (31, 119, 180), acked, "line"),
-                                                             ("ACCEPTED BY ENDPOINT", (255, 127, 14), sent, "line")]},
-        {"title": "LATENCY WRITE TO ENDPOINT", "unit": "MS", "series": [
-            ("SAMPLES", (170, 170, 170), lat, "dots"), ("P50", (44, 160, 44), p50, "line"),
-            ("P99", (214, 39, 40), p99, "line")]},
-        {"title": "DAEMON RSS", "unit": "MIB", "series": [("VMRSS", (148, 103, 189), rss, "line")]},
-        {"title": "DAEMON CPU", "unit": "CORES", "series": [("UTIME+STIME", (140, 86, 75), cpu_pts, "line")]},
+        {"title": "throughput", "unit": "lines/s", "series": [("acked", (31, 119, 180), acked, "line"),
+                                                             ("accepted by endpoint", (255, 127, 14), sent, "line")]},
+        {"title": "latency, write to endpoint", "unit": "ms", "series": [
+            ("samples", (170, 170, 170), lat, "dots"), ("p50", (44, 160, 44), p50, "line"),
+            ("p99", (214, 39, 40), p99, "line")]},
+        {"title": "daemon RSS", "unit": "MiB", "series": [("VmRSS", (148, 103, 189), rss, "line")]},
+        {"title": "daemon CPU", "unit": "cores", "series": [("utime+stime", (140, 86, 75), cpu_pts, "line")]},
     ]
     plot(args.plot, title, panels, t_max)
     log(f"plot written to {args.plot}")
