@@ -223,6 +223,9 @@ class Outbox:
         self._ordered_seq: dict[str, str] = {}
         self._next_error_log = 0.0
         self.pace = Pace(now)
+        # KPL aggregates are paced by nothing but the replies for now: an aggregate built at full
+        # size before the first throttle may need more than a pace cut for it ever allows.
+        self.paced = limits.aggregation != "kpl"
         self._unit_cost = 1.0 / SHARD_RECORDS  # running mean cost of one record
         self._effects = Effects()
         # Figures
@@ -334,7 +337,7 @@ class Outbox:
             full = (waiting >= lim.max_records or self._to_encode or self._fresh_bytes >= lim.max_bytes)
             lingered = self._fresh_since is None or now - self._fresh_since >= lim.linger
             if full or lingered or self.draining or self._due:
-                ready = self._paced(now, min(waiting, lim.max_records))
+                ready = self._paced(now, min(waiting, lim.max_records)) if self.paced else now
                 if ready > now:
                     return Wait(ready)
                 return self._take(now)
@@ -369,9 +372,9 @@ class Outbox:
                 self._fresh_bytes -= entry.size
             batch = [entry]
         else:
-            budget = max(self.pace.budget(now), 0.0)
-            max_records = max(1, min(lim.max_records, int(budget * SHARD_RECORDS)))
-            max_bytes = max(1, min(lim.max_bytes, int(budget * SHARD_BYTES)))
+            budget = max(self.pace.budget(now), 0.0) if self.paced else math.inf
+            max_records = max(1, int(min(lim.max_records, budget * SHARD_RECORDS)))
+            max_bytes = max(1, int(min(lim.max_bytes, budget * SHARD_BYTES)))
             due = len(self._due)
             batch, _ = take_batch((self._due, self.fresh), max_records, max_bytes)
             self._fresh_bytes -= sum(e.size for e in batch[due - len(self._due):])
@@ -456,7 +459,7 @@ class Outbox:
                 continue
             failed += 1
             entry.attempts += 1
-            if policy.is_rate(code):
+            if policy.is_rate(code) and self.paced:
                 throttled.append(entry)  # resent at once, but within the pace
             else:
                 due = now + policy.delay(entry.attempts - 1, code, self.rng)
@@ -465,6 +468,8 @@ class Outbox:
         if throttled:
             self._due.extendleft(reversed(throttled))
             self._shrink_aggregates()
+        if not self.paced:
+            self.pace.throttled += sum(1 for o in outcomes if o is not None and policy.is_rate(o))
         self.retried_records += failed
         if failed:
             self._log("debug", "records_retried", failed=failed, throttled=len(throttled), batch=len(batch))

@@ -304,10 +304,13 @@ def test_pace_binds_batch_size_and_throttling_slows_it() -> None:
     assert figures["throttled_records"] == 10 and figures["pace_wait_seconds"] > 0
 
 
-def test_kpl_aggregates_shrink_under_throttling() -> None:
+def test_kpl_is_not_paced_yet_and_throttled_aggregates_back_off() -> None:
     m = outbox(fast=False, linger=0.0, aggregation="kpl", max_record_bytes=1024 * 1024)
     offer(m, 1, [b"x" * 1000] * 3000)
     s = send(m, 0.0)
-    assert m.encoder.max_record_bytes == 1024 * 1024
+    assert not m.paced and len(s.batch) > 1, "a full batch of aggregates"
     m.on_reply(s, [PTEE] * len(s.batch), 0.05, WALL)
-    assert 64 * 1024 <= m.encoder.max_record_bytes < 1024 * 1024
+    assert m.figures(0.05)["throttled_records"] == len(s.batch)
+    assert m.encoder.max_record_bytes == 1024 * 1024
+    d = m.next(0.05, WALL)
+    assert not isinstance(d, Send) or d.batch[0] is not s.batch[0], "throttled aggregates wait their backoff"
