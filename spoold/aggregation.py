@@ -42,6 +42,8 @@ __all__ = [
     "Shard",
     "ShardMap",
     "hash_key",
+    "next_shard_page",
+    "shard_map_request",
 ]
 
 # KPL magic number that opens every aggregated record.
@@ -393,6 +395,13 @@ class ShardMap:
             )
         )
 
+    @classmethod
+    def from_pages(cls, operation: str, replies: Sequence[Mapping[str, Any]]) -> ShardMap:
+        """From the pages of ``operation`` (see shard_map_request)."""
+        if operation == "DescribeStream":
+            return cls.from_describe_stream(replies)
+        return cls.from_list_shards(replies)
+
     @property
     def shards(self) -> tuple[Shard, ...]:
         """Open shards, ordered by start."""
@@ -406,6 +415,25 @@ class ShardMap:
         if not 0 <= hash_key <= MAX_HASH_KEY:
             raise ValueError(f"hash key out of range: {hash_key}")
         return self._shards[bisect.bisect_right(self._starts, hash_key) - 1]
+
+
+def shard_map_request(kind: str, stream_field: str, stream: str) -> tuple[str, dict[str, Any]]:
+    """The operation that lists a stream's shards, and its first request body. Yandex Data
+    Streams has no ListShards: DescribeStream pages there."""
+    return ("DescribeStream" if kind == "yds" else "ListShards"), {stream_field: stream}
+
+
+def next_shard_page(operation: str, stream_field: str, stream: str,
+                    page: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The request body for the page after ``page``, or None when it was the last."""
+    if operation == "ListShards":
+        token = page.get("NextToken")
+        return {"NextToken": token} if token else None
+    desc = page.get("StreamDescription") or {}
+    shards = desc.get("Shards") or []
+    if not desc.get("HasMoreShards") or not shards:
+        return None
+    return {stream_field: stream, "ExclusiveStartShardId": shards[-1]["ShardId"]}
 
 
 def _open_shards(shards: Iterable[Mapping[str, Any]]) -> list[Shard]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import count, repeat
@@ -22,8 +21,6 @@ from spoold.aggregation import AggregateBuilder, ShardMap, hash_key
 RANDOM_KEY_HEX = 16
 # Kinesis partition keys are at most 256 Unicode characters.
 MAX_PARTITION_KEY = 256
-# Exponent cap for the backoff, so that hours of outage neither overflow nor stall.
-MAX_BACKOFF_EXPONENT = 30
 
 
 class Chunk:
@@ -79,12 +76,6 @@ class Entry:
         """The original lines this entry carries (for dead letters)."""
         return self._lines if self._lines is not None else [self.data]
 
-
-
-def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    exp = min(max(attempt, 0), MAX_BACKOFF_EXPONENT)
-    return rng.uniform(0.0, min(cap, base * (1 << exp)))
 
 
 def partition_key_from_json(line: bytes, field: str) -> str | None:
@@ -144,8 +135,9 @@ class Encoder:
     def random_key(self) -> str:
         return f"{self._rng.getrandbits(RANDOM_KEY_HEX * 4):0{RANDOM_KEY_HEX}x}"
 
-    def entries(self, chunk: Chunk) -> Iterator[Entry]:
-        """The entries for every line of ``chunk``, in order."""
+    def entries(self, chunk: Chunk, now: float = 0.0) -> Iterator[Entry]:
+        """The entries for every line of ``chunk``, in order (``now``: the caller's clock, which
+        dates an aggregate left open for more lines)."""
         created = chunk.created
         if self.kind == "firehose":
             delim = self.delimiter
@@ -159,7 +151,7 @@ class Encoder:
                     yield Entry(line, "", [(chunk, 1)], 1, created, at=i)
             return
         if self.aggregation == "kpl":
-            yield from self._aggregated(chunk)
+            yield from self._aggregated(chunk, now)
             return
         field = self.partition_key_field
         ehk = self.explicit_hash_key
@@ -176,7 +168,7 @@ class Encoder:
             key = (field and partition_key_from_json(line, field)) or keys[i * width:(i + 1) * width]
             yield Entry(line, key, one, 1, created, ehk, at=i)
 
-    def _aggregated(self, chunk: Chunk) -> Iterator[Entry]:
+    def _aggregated(self, chunk: Chunk, now: float) -> Iterator[Entry]:
         # KPL aggregation. Every sub-record of one aggregate must hash into the shard that
         # receives it, or KCL 2.x consumers silently drop it. Random keys: the lines of an
         # aggregate share its one key. A configured explicit_hash_key: all lines go to that one
@@ -185,7 +177,7 @@ class Encoder:
         field = self.partition_key_field
         limit = self.max_record_bytes
         if not field:
-            yield from self._aggregated_unkeyed(chunk)
+            yield from self._aggregated_unkeyed(chunk, now)
             return
         open_: dict[object, tuple[AggregateBuilder, list[bytes], list[int]]] = {}
         for i, line in enumerate(chunk.lines):
@@ -218,7 +210,7 @@ class Encoder:
         for builder, lines, at in open_.values():
             yield self._aggregate_entry(chunk, builder, lines, at)
 
-    def _aggregated_unkeyed(self, chunk: Chunk) -> Iterator[Entry]:
+    def _aggregated_unkeyed(self, chunk: Chunk, now: float) -> Iterator[Entry]:
         # Every line shares the aggregate's own random key (or the configured hash key). The
         # last aggregate stays open across rows, so aggregates fill up to the record limit
         # rather than to the size of one commit; flush() closes it (the flusher calls it
@@ -229,7 +221,7 @@ class Encoder:
             agg = self._open
             if agg is None:
                 builder = AggregateBuilder(self.max_record_bytes, self.random_key(), self.explicit_hash_key)
-                agg = self._open = _OpenAggregate(builder, chunk.created, i)
+                agg = self._open = _OpenAggregate(builder, chunk.created, i, now)
             if not agg.refs:  # still empty (a line too big for it went plain): it starts here
                 agg.at = i
             n = agg.builder.extend(lines, i)
@@ -247,7 +239,7 @@ class Encoder:
 
     @property
     def open_since(self) -> float | None:
-        """When the open aggregate was started (trio clock), or None when there is none."""
+        """When the open aggregate was started (the clock passed to entries()), or None."""
         return self._open.opened if self._open is not None and len(self._open.builder) else None
 
     def flush(self) -> list[Entry]:
@@ -299,13 +291,13 @@ class _OpenAggregate:
 
     __slots__ = ("builder", "lines", "refs", "created", "opened", "at")
 
-    def __init__(self, builder: AggregateBuilder, created: float, at: int) -> None:
+    def __init__(self, builder: AggregateBuilder, created: float, at: int, opened: float) -> None:
         self.builder = builder
         self.at = at  # the first line's position in the first row; later rows' lines start at 0
         self.lines: list[bytes] = []
         self.refs: list[tuple[Chunk, int]] = []
         self.created = created
-        self.opened = time.monotonic()
+        self.opened = opened
 
 
 def take_batch(

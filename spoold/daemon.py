@@ -78,7 +78,7 @@ class DestRuntime:
         self.samples: deque[tuple[float, int, int]] = deque()
 
     def sample(self, now: float) -> None:
-        self.samples.append((now, self.ingest.stats.lines_in, self.flusher.lines_sent))
+        self.samples.append((now, self.ingest.stats.lines_in, self.flusher.machine.lines_sent))
         while self.samples and now - self.samples[0][0] > RATE_WINDOW:
             self.samples.popleft()
 
@@ -126,7 +126,7 @@ class Daemon:
 
     def _cursor_of(self, dest: str) -> int:
         rt = self.dests.get(dest)
-        return rt.flusher.cursor if rt is not None else 0
+        return rt.flusher.machine.cursor if rt is not None else 0
 
     # -- lifetime -----------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -227,7 +227,7 @@ class Daemon:
                 services.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await committer.commit_once()
-        unsent = {n: rt.flusher.leased_bytes for n, rt in self.dests.items() if rt.flusher.leased}
+        unsent = {n: rt.flusher.machine.leased_bytes for n, rt in self.dests.items() if rt.flusher.machine.leased}
         logger.info("stopped", leased_bytes_left_in_spool=unsent)
 
     async def _start_dest(self, dest: Destination, sock: stdsocket.socket | None = None,
@@ -293,7 +293,7 @@ class Daemon:
                 rt.flusher.drain()
             # Idleness is a property of several flushers' state; a short poll under the grace
             # deadline is simpler than an event threaded through every state change.
-            while not all(rt.flusher.idle for rt in self.dests.values()):  # noqa: ASYNC110
+            while not all(rt.flusher.machine.idle for rt in self.dests.values()):  # noqa: ASYNC110
                 await trio.sleep(DRAIN_POLL)
 
     def _close_sockets(self) -> None:
@@ -404,8 +404,8 @@ class Daemon:
         parts = []
         for name, rt in self.dests.items():
             s = self.committer.stats.get(name)
-            err = " (failing)" if rt.flusher.blocked_until > trio.current_time() else ""
-            parts.append(f"{name}: {s.lines if s else 0} spooled, {rt.flusher.lines_sent} sent{err}")
+            err = " (failing)" if rt.flusher.machine.blocked_until > trio.current_time() else ""
+            parts.append(f"{name}: {s.lines if s else 0} spooled, {rt.flusher.machine.lines_sent} sent{err}")
         line = "; ".join(parts) or "no destinations"
         if self.reload_refused:
             line = f"reload refused: {self.reload_refused} (running the previous config); {line}"

@@ -18,27 +18,11 @@ from typing import Any
 
 from spoold.batching import Entry
 from spoold.errors import FatalSendError, RetryableSendError, SendError
+from spoold.machine import FATAL_CODES, RetryPolicy
 
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
 KINESIS_PREFIX = "Kinesis_20131202."
 FIREHOSE_PREFIX = "Firehose_20150804."
-
-# Whole-request errors that an operator must fix; retrying alone cannot (records stay spooled).
-FATAL_CODES = frozenset({
-    "ResourceNotFoundException", "AccessDeniedException", "UnrecognizedClientException",
-    "InvalidSignatureException", "IncompleteSignature", "MissingAuthenticationToken",
-    "InvalidClientTokenId", "SignatureDoesNotMatch", "NotAuthorized",
-    "KMSDisabledException", "KMSInvalidStateException", "KMSAccessDeniedException",
-    "KMSNotFoundException", "KMSOptInRequired", "InvalidKMSResourceException",
-    "ValidationException", "InvalidArgumentException", "SerializationException",
-    "ResourceInUseException",
-})
-# Per-record codes that mean "slow down" and retry soon (capped at a few seconds).
-THROTTLE_CODES = frozenset({
-    "ProvisionedThroughputExceededException", "InternalFailure", "ServiceUnavailableException",
-    "ThrottlingException", "LimitExceededException", "KMSThrottlingException",
-})
-
 
 @dataclass(frozen=True)
 class Api:
@@ -209,4 +193,4 @@ def error_from_reply(status: int, body: bytes) -> SendError:
 
 
 def is_throttle(code: str) -> bool:
-    return code in THROTTLE_CODES
+    return RetryPolicy.is_throttle(code)

@@ -77,6 +77,12 @@ _METRICS = [
     ("expired", "spoold_lines_expired_total", "counter", "Lines dropped for exceeding max_age."),
     ("dead_letters", "spoold_dead_letters", "gauge", "Lines in the dead-letter table."),
     ("in_flight", "spoold_requests_in_flight", "gauge", "Requests in flight."),
+    ("pace_records_per_s", "spoold_pace_records_per_second", "gauge",
+     "Current send pace (records/s at the recent record size), learned from throttling."),
+    ("throttled_records", "spoold_records_throttled_total", "counter",
+     "Records the service throttled (ProvisionedThroughputExceeded and whole-request throttles)."),
+    ("pace_wait_seconds", "spoold_pace_wait_seconds_total", "counter",
+     "Seconds records waited for the pace before being sent."),
 ]
 
 # Counters of the control socket and the metrics port: (field, metric name, help).
@@ -91,14 +97,14 @@ _LISTENER_METRICS = [
 
 def render_table(snap: dict[str, Any]) -> str:
     """A readable table, one row per destination."""
-    head = ["DESTINATION", "KIND", "SPOOLED", "BYTES", "OLDEST", "IN/s", "OUT/s", "SENT", "RETRIED", "REJECTED",
-            "LAST ERROR"]
+    head = ["DESTINATION", "KIND", "SPOOLED", "BYTES", "OLDEST", "IN/s", "OUT/s", "PACE/s", "SENT", "RETRIED",
+            "THROTTLED", "REJECTED", "LAST ERROR"]
     rows = [head]
     for name, d in sorted(snap.get("destinations", {}).items()):
         rows.append([
             name, d.get("kind", "?"), str(d.get("spooled_lines", 0)), _size(d.get("spooled_bytes", 0)),
             _age(d.get("oldest_age")), f"{d.get('lines_in_per_s', 0):.0f}", f"{d.get('lines_out_per_s', 0):.0f}",
-            str(d.get("lines_sent", 0)), str(d.get("retried_records", 0)),
+            _pace(d), str(d.get("lines_sent", 0)), str(d.get("retried_records", 0)), str(d.get("throttled_records", 0)),
             str(sum((d.get("rejected") or {}).values())), _last_error(d),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
@@ -133,6 +139,13 @@ def _age(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def _pace(d: dict[str, Any]) -> str:
+    pace = d.get("pace_records_per_s")
+    if pace is None:
+        return "-"
+    return f"{pace:.0f}" + ("+" if d.get("pace_slow_start") else "")
 
 
 def _last_error(d: dict[str, Any]) -> str:

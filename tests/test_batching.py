@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spoold.batching import MAX_PARTITION_KEY, Chunk, Encoder, Entry, backoff, partition_key_from_json, take_batch
+from spoold.batching import MAX_PARTITION_KEY, Chunk, Encoder, Entry, partition_key_from_json, take_batch
+from spoold.machine import backoff
 
 MiB = 1024 * 1024
 

@@ -1,0 +1,634 @@
+"""One destination's sending logic as a pure state machine, with no I/O (as h11 is).
+
+No trio, httpx, sqlite or clock here: the caller passes ``now`` (a monotonic clock) and
+``wall`` (Unix time, which dates lines for max_age), does the I/O, and feeds results back.
+``Outbox.next()`` says what to do next:
+
+    Read(cursor, room)   read rows above ``cursor`` from the spool, up to ``room`` bytes,
+                         then call rows_read()
+    Send(batch)          sign and post it, then call on_reply(), on_single() (ordered mode)
+                         or on_error()
+    Wait(until)          nothing to do before ``until`` (inf: until offer(), a reply, drain())
+
+and after every call, ``take_effects()`` hands over what must be written: rows to delete (every
+line accepted or expired), lines expired, records to dead-letter (then dead_lettered() or
+dead_letter_failed()), and log events.
+
+Rows become entries lazily, a few batches ahead of the sender. When the service rejects some
+entries of a batch, only those are retried: throttled ones at once but within the pace
+(spoold.pacing), others each after their own exponential backoff (full jitter). When a request
+fails as a whole (5xx, throttling, timeout, a fatal error such as a missing stream), the whole
+destination backs off and every entry of the batch is retried first. A whole-request validation
+error is bisected to find the records at fault; those go to the dead-letter table if anything
+else of the destination was accepted, otherwise the request itself is wrong and backs off. A
+row is deleted only when every one of its lines has been accepted (or expired, or
+dead-lettered). ``RetryPolicy`` holds every error-code table and the backoff.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from spoold.batching import Chunk, Encoder, Entry, take_batch
+from spoold.config import Destination
+from spoold.errors import FatalSendError, SendError
+from spoold.pacing import BURST, SHARD_BYTES, SHARD_RECORDS, Pace, cost
+
+# Bytes of lines one destination holds in memory (leased rows, in flight, waiting to retry).
+LEASE_BYTES = 12 * 1024 * 1024
+# Entries encoded ahead of the sender, in batches (records and bytes), a step at a time.
+ENCODE_AHEAD_BATCHES = 2
+ENCODE_STEP = 256
+# Partition keys remembered for ordered mode's SequenceNumberForOrdering.
+ORDERED_KEYS_MAX = 10_000
+# Exponent cap for the backoff, so that hours of outage neither overflow nor stall.
+MAX_BACKOFF_EXPONENT = 30
+# Share of a bucket's burst a batch waits for, so a slow pace sends fewer, fuller requests.
+MIN_BATCH_SHARE = 1.0
+# KPL aggregates under byte throttling: at most this many seconds of the pace each, never
+# below the floor (an aggregate larger than a shard's remaining budget is throttled forever).
+AGGREGATE_PACE_SECONDS = 0.25
+AGGREGATE_MIN_BYTES = 64 * 1024
+
+# Whole-request errors that an operator must fix; retrying alone cannot (records stay spooled).
+FATAL_CODES = frozenset({
+    "ResourceNotFoundException", "AccessDeniedException", "UnrecognizedClientException",
+    "InvalidSignatureException", "IncompleteSignature", "MissingAuthenticationToken",
+    "InvalidClientTokenId", "SignatureDoesNotMatch", "NotAuthorized",
+    "KMSDisabledException", "KMSInvalidStateException", "KMSAccessDeniedException",
+    "KMSNotFoundException", "KMSOptInRequired", "InvalidKMSResourceException",
+    "ValidationException", "InvalidArgumentException", "SerializationException",
+    "ResourceInUseException",
+})
+# Codes that mean "slow down" or "try again soon": retried with the short backoff cap.
+THROTTLE_CODES = frozenset({
+    "ProvisionedThroughputExceededException", "InternalFailure", "ServiceUnavailableException",
+    "ThrottlingException", "LimitExceededException", "KMSThrottlingException",
+})
+# The subset that says the stream is over its rate: the pacing signal.
+RATE_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
+                        "LimitExceededException"})
+# Whole-request errors that one bad record can cause: the batch is bisected to find it.
+BISECT_CODES = frozenset({"ValidationException", "InvalidArgumentException", "SerializationException"})
+# Per-record errors that no retry can fix: the record goes to the dead-letter table.
+PERMANENT_RECORD_CODES = frozenset({"ValidationException", "InvalidArgumentException"})
+
+
+def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    exp = min(max(attempt, 0), MAX_BACKOFF_EXPONENT)
+    return rng.uniform(0.0, min(cap, base * (1 << exp)))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Every rule about error codes, and the backoff."""
+
+    base: float = 0.1
+    cap: float = 60.0
+    cap_throttle: float = 5.0
+
+    @staticmethod
+    def is_fatal(code: str) -> bool:
+        return code in FATAL_CODES
+
+    @staticmethod
+    def is_throttle(code: str) -> bool:
+        return code in THROTTLE_CODES
+
+    @staticmethod
+    def is_rate(code: str) -> bool:
+        return code in RATE_CODES
+
+    @staticmethod
+    def bisects(code: str) -> bool:
+        return code in BISECT_CODES
+
+    @staticmethod
+    def is_permanent(code: str) -> bool:
+        return code in PERMANENT_RECORD_CODES
+
+    def delay(self, attempt: int, code: str, rng: random.Random, fatal: bool = False) -> float:
+        cap = self.cap if fatal or code not in THROTTLE_CODES else self.cap_throttle
+        return backoff(attempt, self.base, cap, rng)
+
+
+# -- decisions --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Read:
+    cursor: int
+    room: int
+    epoch: int
+    offered: int
+
+
+@dataclass(frozen=True)
+class Wait:
+    until: float
+
+
+class _Group:
+    """The sub-batches of one request being bisected (or just the request itself)."""
+
+    __slots__ = ("pending", "refused", "ok")
+
+    def __init__(self) -> None:
+        self.pending = 1
+        self.refused: list[tuple[Entry, str]] = []
+        self.ok = False
+
+
+class Send:
+    """A batch to sign and post (ordered mode: one record, with ``sequence`` for ordering)."""
+
+    __slots__ = ("batch", "group", "sent_at", "units", "ordered", "sequence")
+
+    def __init__(self, batch: list[Entry], group: _Group, sent_at: float, units: float,
+                 ordered: bool = False, sequence: str | None = None) -> None:
+        self.batch = batch
+        self.group = group
+        self.sent_at = sent_at
+        self.units = units
+        self.ordered = ordered
+        self.sequence = sequence
+
+
+@dataclass
+class Effects:
+    """What the caller must write after a call: rows to delete, expired lines, dead letters, logs."""
+
+    accepted: list[Entry] = field(default_factory=list)  # done: accepted, expired or dead-lettered
+    deleted: list[Chunk] = field(default_factory=list)
+    expired: int = 0
+    dead: list[tuple[Entry, str]] = field(default_factory=list)
+    logs: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.accepted or self.deleted or self.expired or self.dead or self.logs)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The destination's settings the machine needs (a subset of config.Destination)."""
+
+    max_records: int = 500
+    max_bytes: int = 5 * 1024 * 1024
+    max_in_flight: int = 8
+    linger: float = 0.2
+    ordered: bool = False
+    max_age: float = 7 * 86400.0
+    aggregation: str = "none"
+    max_record_bytes: int = 1024 * 1024
+
+
+class Outbox:
+    """One destination's leases, queues, batches and reactions to replies."""
+
+    def __init__(self, limits: Limits, encoder: Encoder, policy: RetryPolicy, now: float,
+                 rng: random.Random | None = None) -> None:
+        self.limits = limits
+        self.encoder = encoder
+        self.policy = policy
+        self.rng = rng or random.Random()
+        # Rows
+        self.cursor = 0  # highest row id leased (or known gone)
+        self.highest_offered = 0
+        self.caught_up = False
+        self.leased: dict[int, Chunk] = {}
+        self.leased_bytes = 0
+        self._to_encode: deque[tuple[Chunk, Iterator[Entry]]] = deque()
+        self._epoch = 0  # bumped by release(): reads begun before it are stale
+        # Entries
+        self.fresh: deque[Entry] = deque()
+        self._fresh_bytes = 0
+        self._fresh_since: float | None = None
+        self._due: deque[Entry] = deque()
+        self._retry: list[tuple[float, int, Entry]] = []
+        self._probes: deque[tuple[list[Entry], _Group]] = deque()
+        self._seq = itertools.count()
+        self.in_flight = 0
+        # Ordered mode sends one record at a time, so each key's records keep their order.
+        self.slots = 1 if limits.ordered else limits.max_in_flight
+        self.blocked_until = 0.0
+        self._whole_attempt = 0
+        self.draining = False
+        self.holding = False
+        self._ordered_seq: dict[str, str] = {}
+        self._next_error_log = 0.0
+        self.pace = Pace(now)
+        # KPL aggregates are paced by nothing but the replies for now: an aggregate built at full
+        # size before the first throttle may need more than a pace cut for it ever allows.
+        self.paced = limits.aggregation != "kpl"
+        self._unit_cost = 1.0 / SHARD_RECORDS  # running mean cost of one record
+        self._effects = Effects()
+        # Figures
+        self.lines_sent = 0
+        self.records_sent = 0
+        self.retried_records = 0
+        self.dead_letters = 0
+        self.failures: Counter[str] = Counter()
+        self.last_error = ""
+        self.last_error_at = 0.0
+        self.last_success_at = 0.0
+
+    @classmethod
+    def for_destination(cls, dest: Destination, max_age: float, now: float,
+                        rng: random.Random | None = None) -> Outbox:
+        rng = rng or random.Random()
+        encoder = Encoder(dest.kind, delimiter=dest.delimiter, pack_lines=dest.pack_lines,
+                          max_record_bytes=dest.max_record_bytes, partition_key_field=dest.partition_key_field,
+                          explicit_hash_key=dest.explicit_hash_key, aggregation=dest.aggregation, rng=rng)
+        limits = Limits(max_records=dest.max_records_per_request, max_bytes=dest.max_request_bytes,
+                        max_in_flight=dest.max_in_flight, linger=dest.linger, ordered=dest.ordered,
+                        max_age=max_age, aggregation=dest.aggregation, max_record_bytes=dest.max_record_bytes)
+        policy = RetryPolicy(dest.retry_base, dest.retry_cap, dest.retry_cap_throttle)
+        return cls(limits, encoder, policy, now, rng)
+
+    # -- rows in ------------------------------------------------------------------------------
+    def offer(self, row_id: int, lines: list[bytes], nbytes: int, created: float, now: float,
+              wall: float) -> None:
+        """A row was just committed; take it from memory if caught up and there is room."""
+        self.highest_offered = max(self.highest_offered, row_id)
+        if self.caught_up and row_id > self.cursor and self.leased_bytes < LEASE_BYTES:
+            self._lease(Chunk(row_id, created, lines, nbytes), now, wall)
+        else:
+            self.caught_up = False
+
+    def rows_read(self, read: Read, rows: list[tuple[int, float, list[bytes], int]], now: float,
+                  wall: float) -> None:
+        """The rows (id, created, lines, nbytes) a Read returned."""
+        if read.epoch != self._epoch:
+            return  # a release() gave every row back meanwhile: this read is stale
+        for row_id, created, lines, nbytes in rows:
+            if row_id > self.cursor:
+                self._lease(Chunk(row_id, created, lines, nbytes), now, wall)
+        if not rows:
+            # Nothing above the cursor: rows offered earlier were dropped or expired since.
+            self.cursor = max(self.cursor, read.offered)
+            self.caught_up = self.cursor >= self.highest_offered
+
+    def _lease(self, chunk: Chunk, now: float, wall: float) -> None:
+        self.cursor = max(self.cursor, chunk.id)
+        if chunk.created < wall - self.limits.max_age:
+            self._effects.expired += len(chunk.lines)
+            self._effects.deleted.append(chunk)
+            return
+        self.leased[chunk.id] = chunk
+        self.leased_bytes += chunk.nbytes
+        self._to_encode.append((chunk, self.encoder.entries(chunk, now)))
+
+    def release(self) -> None:
+        """Forget every leased row (the caller gives them back to the spool): only while
+        nothing is in flight."""
+        self._epoch += 1
+        self.leased.clear()
+        self.leased_bytes = 0
+        self._to_encode.clear()
+        self.fresh.clear()
+        self._fresh_bytes = 0
+        self._fresh_since = None
+        self._due.clear()
+        self._retry.clear()
+        self._probes.clear()
+        self.encoder.discard_open()
+        self.cursor = 0
+        self.caught_up = False
+
+    def drain(self) -> None:
+        """Shutdown: send whatever is waiting now, without lingering."""
+        self.draining = True
+
+    @property
+    def idle(self) -> bool:
+        """Nothing leased, nothing on disk that we know of, nothing in flight."""
+        return self.caught_up and not self.leased and self.in_flight == 0
+
+    def take_effects(self) -> Effects:
+        effects, self._effects = self._effects, Effects()
+        return effects
+
+    # -- what next ----------------------------------------------------------------------------
+    def next(self, now: float, wall: float) -> Read | Send | Wait:
+        lim = self.limits
+        if self.holding:
+            return Wait(math.inf)
+        if now < self.blocked_until:
+            # Backing off: no reads either, so that rows wait on disk, where a full spool can
+            # drop them, rather than in memory.
+            return Wait(self.blocked_until)
+        if not self.caught_up and self.leased_bytes < LEASE_BYTES:
+            return Read(self.cursor, LEASE_BYTES - self.leased_bytes, self._epoch, self.highest_offered)
+        self._collect_due(now, wall)
+        self._encode_ahead(now)
+        if self.in_flight >= self.slots:
+            return Wait(math.inf)
+        if self._probes:
+            batch, group = self._probes.popleft()
+            return self._send(batch, group, now)
+        waiting = len(self._due) + len(self.fresh)
+        if waiting:
+            full = (waiting >= lim.max_records or self._to_encode or self._fresh_bytes >= lim.max_bytes)
+            lingered = self._fresh_since is None or now - self._fresh_since >= lim.linger
+            if full or lingered or self.draining or self._due:
+                ready = self._paced(now, min(waiting, lim.max_records)) if self.paced else now
+                if ready > now:
+                    return Wait(ready)
+                return self._take(now)
+        self.pace.idle(now)
+        deadline = math.inf
+        if self._retry:
+            deadline = self._retry[0][0]
+        if self.fresh and self._fresh_since is not None:
+            deadline = min(deadline, self._fresh_since + lim.linger)
+        since = self.encoder.open_since
+        if since is not None:
+            deadline = min(deadline, since + lim.linger)
+        return Wait(deadline)
+
+    def _paced(self, now: float, records: int) -> float:
+        """When the pace lets the next batch go (now, or later)."""
+        ready = self.pace.ready_at(now)
+        if ready > now:
+            return ready
+        # Wait for a useful batch rather than send one record per refill.
+        want = min(self.pace.rate * BURST * MIN_BATCH_SHARE, records * self._unit_cost)
+        short = want - self.pace.tokens
+        return now if short <= 0 else now + short / self.pace.rate
+
+    def _take(self, now: float) -> Send:
+        lim = self.limits
+        if lim.ordered:
+            if self._due:
+                entry = self._due.popleft()
+            else:
+                entry = self.fresh.popleft()
+                self._fresh_bytes -= entry.size
+            batch = [entry]
+        else:
+            budget = max(self.pace.budget(now), 0.0) if self.paced else math.inf
+            max_records = max(1, int(min(lim.max_records, budget * SHARD_RECORDS)))
+            max_bytes = max(1, int(min(lim.max_bytes, budget * SHARD_BYTES)))
+            due = len(self._due)
+            batch, _ = take_batch((self._due, self.fresh), max_records, max_bytes)
+            self._fresh_bytes -= sum(e.size for e in batch[due - len(self._due):])
+        if not self.fresh:
+            self._fresh_since = None
+        return self._send(batch, _Group(), now)
+
+    def _send(self, batch: list[Entry], group: _Group, now: float) -> Send:
+        units = cost(len(batch), sum(e.size for e in batch))
+        self.pace.spend(now, units)
+        self.in_flight += 1
+        if self.limits.ordered:
+            return Send(batch, group, now, units, ordered=True, sequence=self._ordered_seq.get(batch[0].key))
+        return Send(batch, group, now, units)
+
+    def _collect_due(self, now: float, wall: float) -> None:
+        cutoff = wall - self.limits.max_age
+        if self._due and self._due[0].created < cutoff:  # retried as a whole batch for too long
+            self._due = deque(e for e in self._due if not self._expire(e, cutoff))
+        while self._retry and self._retry[0][0] <= now:
+            entry = heapq.heappop(self._retry)[2]
+            if not self._expire(entry, cutoff):
+                self._due.append(entry)
+
+    def _expire(self, entry: Entry, cutoff: float) -> bool:
+        if entry.created >= cutoff:
+            return False
+        self._effects.expired += entry.nlines
+        self._settle(entry)
+        return True
+
+    def _encode_ahead(self, now: float) -> None:
+        # A few batches ahead, counted in records and in bytes (aggregates are big records).
+        lim = self.limits
+        target = lim.max_records * ENCODE_AHEAD_BATCHES
+        byte_target = lim.max_bytes * ENCODE_AHEAD_BATCHES
+        fresh = self.fresh
+        while len(fresh) < target and self._fresh_bytes < byte_target and self._to_encode:
+            _, entries = self._to_encode[0]
+            step = min(target - len(fresh), ENCODE_STEP)
+            got = list(itertools.islice(entries, step))
+            fresh.extend(got)
+            self._fresh_bytes += sum(e.size for e in got)
+            if len(got) < step:
+                self._to_encode.popleft()
+        since = self.encoder.open_since
+        if since is not None and not self._to_encode and len(fresh) < target and (
+            self.draining or now - since >= lim.linger
+        ):
+            for entry in self.encoder.flush():  # an aggregate that waited linger for more lines
+                fresh.append(entry)
+                self._fresh_bytes += entry.size
+        if fresh and self._fresh_since is None:
+            self._fresh_since = now
+
+    # -- replies ------------------------------------------------------------------------------
+    def on_reply(self, send: Send, outcomes: list[str | None], now: float, wall: float) -> None:
+        """A PutRecords/PutRecordBatch reply: None (accepted) or an error code per record."""
+        self.in_flight -= 1
+        self._whole_attempt = 0
+        self.last_success_at = wall
+        batch, group = send.batch, send.group
+        rtt = now - send.sent_at
+        self._unit_cost += 0.1 * (send.units / len(batch) - self._unit_cost)
+        if not any(outcomes):  # the common case, kept tight: every entry accepted
+            self._accept(batch)
+            self.pace.on_reply(now, send.units, len(batch), len(batch), 0, rtt)
+            group.ok = True
+            self._finish(group, now, wall)
+            return
+        policy = self.policy
+        accepted: list[Entry] = []
+        throttled: list[Entry] = []
+        failed = 0
+        for entry, code in zip(batch, outcomes):
+            if code is None:
+                accepted.append(entry)
+                continue
+            self.failures[code] += 1
+            if policy.is_permanent(code):
+                group.refused.append((entry, code))
+                continue
+            failed += 1
+            entry.attempts += 1
+            if policy.is_rate(code) and self.paced:
+                throttled.append(entry)  # resent at once, but within the pace
+            else:
+                due = now + policy.delay(entry.attempts - 1, code, self.rng)
+                heapq.heappush(self._retry, (due, next(self._seq), entry))
+        self._accept(accepted)
+        if throttled:
+            self._due.extendleft(reversed(throttled))
+            self._shrink_aggregates()
+        if not self.paced:
+            self.pace.throttled += sum(1 for o in outcomes if o is not None and policy.is_rate(o))
+        self.retried_records += failed
+        if failed:
+            self._log("debug", "records_retried", failed=failed, throttled=len(throttled), batch=len(batch))
+        self.pace.on_reply(now, send.units, len(batch), len(accepted), len(throttled), rtt)
+        group.ok = group.ok or bool(accepted)
+        self._finish(group, now, wall)
+
+    def on_single(self, send: Send, sequence: str, now: float, wall: float) -> None:
+        """Ordered mode: the PutRecord reply's SequenceNumber."""
+        self.in_flight -= 1
+        self._whole_attempt = 0
+        self.last_success_at = wall
+        entry = send.batch[0]
+        self.pace.on_reply(now, send.units, 1, 1, 0, now - send.sent_at)
+        self._ordered_seq.pop(entry.key, None)
+        self._ordered_seq[entry.key] = sequence
+        if len(self._ordered_seq) > ORDERED_KEYS_MAX:
+            self._ordered_seq.pop(next(iter(self._ordered_seq)))
+        self._accept(send.batch)
+
+    def on_error(self, send: Send, exc: SendError, now: float, wall: float) -> None:
+        """The request failed as a whole."""
+        self.in_flight -= 1
+        batch, group = send.batch, send.group
+        bisects = isinstance(exc, FatalSendError) and self.policy.bisects(exc.code)
+        if send.ordered:
+            if bisects and self.records_sent:
+                # Other records went through: this one is refused for good. Keeping it first
+                # in line would block the destination forever.
+                self.failures[exc.code] += 1
+                self._effects.dead.append((batch[0], str(exc)))
+            else:
+                self._whole_failure(batch, exc, now, wall)
+            return
+        if bisects:
+            self.failures[exc.code] += 1
+            if len(batch) == 1:
+                group.refused.append((batch[0], str(exc)))
+            else:
+                half = len(batch) // 2
+                group.pending += 2
+                self._probes.appendleft((batch[half:], group))
+                self._probes.appendleft((batch[:half], group))
+            self._finish(group, now, wall)
+            return
+        self._whole_failure(batch, exc, now, wall)
+        self._finish(group, now, wall)
+
+    def _finish(self, group: _Group, now: float, wall: float) -> None:
+        group.pending -= 1
+        if group.pending or not group.refused:
+            return
+        if group.ok or self.records_sent:
+            # Other records of this destination went through: these ones are refused for good.
+            self._effects.dead.extend(group.refused)
+        else:
+            # Nothing passes: the request, not a record, is wrong (a stream name, say).
+            entries = [e for e, _ in group.refused]
+            exc = FatalSendError(group.refused[0][1], code="ValidationException")
+            self._whole_failure(entries, exc, now, wall)
+
+    def dead_lettered(self, refused: list[tuple[Entry, str]]) -> None:
+        """The dead letters of take_effects() were written."""
+        for entry, error in refused:
+            self.dead_letters += entry.nlines
+            self._log("error", "dead_lettered", lines=entry.nlines, size=len(entry.data), error=error[:200],
+                      hint="spoold dead-letters list|replay|purge")
+            self._settle(entry)
+
+    def dead_letter_failed(self, refused: list[tuple[Entry, str]], exc: SendError, now: float,
+                           wall: float) -> None:
+        self._whole_failure([e for e, _ in refused], exc, now, wall)
+
+    def _whole_failure(self, batch: list[Entry], exc: SendError, now: float, wall: float) -> None:
+        fatal = isinstance(exc, FatalSendError)
+        delay = self.policy.delay(self._whole_attempt, exc.code, self.rng, fatal=fatal)
+        self._whole_attempt += 1
+        self.blocked_until = max(self.blocked_until, now + delay)
+        self.failures[exc.code or "Error"] += 1
+        for entry in batch:
+            entry.attempts += 1
+        # Retried first, in their original order, once the destination's backoff is over.
+        self._due.extendleft(reversed(batch))
+        if not fatal and self.policy.is_rate(exc.code):
+            self.pace.on_whole_throttle(now, len(batch))
+            self._shrink_aggregates()
+        self.last_error = str(exc)
+        self.last_error_at = wall
+        if now >= self._next_error_log:
+            # At most one line per backoff period (and per second), however many requests fail.
+            self._next_error_log = now + max(1.0, self.blocked_until - now)
+            self._log("error" if fatal else "warning", "send_failed", code=exc.code, error=str(exc),
+                      retry_in=round(delay, 3), records=len(batch))
+
+    def note_error(self, code: str, message: str, now: float, wall: float, *, fatal: bool) -> None:
+        """An error of the caller's own (a spool read), for figures and the log."""
+        self.last_error = message
+        self.last_error_at = wall
+        if now >= self._next_error_log:
+            self._next_error_log = now + 1.0
+            self._log("error" if fatal else "warning", "send_failed", code=code, error=message)
+
+    def _log(self, level: str, event: str, **fields: Any) -> None:
+        self._effects.logs.append((level, event, fields))
+
+    def _shrink_aggregates(self) -> None:
+        # Under throttling an aggregate larger than the pace's share may never pass a shard's
+        # bucket whole; new aggregates are cut to fit (lines already aggregated keep theirs).
+        lim = self.limits
+        if lim.aggregation != "kpl":
+            return
+        size = int(self.pace.rate * SHARD_BYTES * AGGREGATE_PACE_SECONDS)
+        self.encoder.max_record_bytes = max(AGGREGATE_MIN_BYTES, min(lim.max_record_bytes, size))
+
+    # -- acknowledgement: the one place that counts lines as accepted ---------------------------
+    def _accept(self, batch: list[Entry]) -> None:
+        """The service accepted every entry of ``batch``: its lines are sent."""
+        nlines = 0
+        deleted = self._effects.deleted
+        leased = self.leased
+        for entry in batch:
+            nlines += entry.nlines
+            for chunk, n in entry.refs:
+                chunk.remaining -= n
+                if chunk.remaining == 0 and leased.pop(chunk.id, None) is not None:
+                    self.leased_bytes -= chunk.nbytes
+                    deleted.append(chunk)
+        self.lines_sent += nlines
+        self.records_sent += len(batch)
+        self._effects.accepted += batch
+
+    def _settle(self, entry: Entry) -> None:
+        """``entry`` is done without being sent (expired, dead-lettered)."""
+        self._effects.accepted.append(entry)
+        for chunk, n in entry.refs:
+            chunk.remaining -= n
+            if chunk.remaining == 0 and self.leased.pop(chunk.id, None) is not None:
+                self.leased_bytes -= chunk.nbytes
+                self._effects.deleted.append(chunk)
+
+    # -- figures ------------------------------------------------------------------------------
+    def figures(self, now: float) -> dict[str, Any]:
+        """This destination's part of the status snapshot."""
+        pace = self.pace
+        waited = pace.waited + (now - pace.wait_from if pace.wait_from is not None else 0.0)
+        return {
+            "lines_sent": self.lines_sent,
+            "records_sent": self.records_sent,
+            "retried_records": self.retried_records,
+            "dead_lettered": self.dead_letters,
+            "failures": dict(self.failures),
+            "in_flight": self.in_flight,
+            "leased_bytes": self.leased_bytes,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at or None,
+            "last_success_at": self.last_success_at or None,
+            "backing_off": max(0.0, self.blocked_until - now),
+            "pace_records_per_s": round(pace.records_per_s(self._unit_cost), 1),
+            "pace_slow_start": pace.slow_start,
+            "throttled_records": pace.throttled,
+            "pace_wait_seconds": round(waited, 3),
+        }

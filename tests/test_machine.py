@@ -1,0 +1,316 @@
+"""The per-destination state machine, driven with a fake clock and scripted replies: no sockets,
+threads, SQLite or trio. Each test plays what the flusher does (next(), then feed the result
+back) and checks the decisions and effects that come out."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+
+from spoold.batching import Encoder, Entry
+from spoold.errors import FatalSendError, RetryableSendError
+from spoold.machine import (
+    FATAL_CODES,
+    LEASE_BYTES,
+    Limits,
+    Outbox,
+    Read,
+    RetryPolicy,
+    Send,
+    Wait,
+)
+from spoold.pacing import MAX_RATE
+
+WALL = 1_000_000.0
+PTEE = "ProvisionedThroughputExceededException"
+
+
+def outbox(fast: bool = True, kind: str = "kinesis", **limits: Any) -> Outbox:
+    """An Outbox caught up with its spool. ``fast``: a pace so high it never binds, so that the
+    tests of other paths see no pacing."""
+    enc_args = {k: limits.pop(k) for k in ("partition_key_field", "aggregation_enc") if k in limits}
+    aggregation = limits.get("aggregation", "none")
+    encoder = Encoder(kind, max_record_bytes=limits.get("max_record_bytes", 1024 * 1024),
+                      partition_key_field=enc_args.get("partition_key_field"), aggregation=aggregation,
+                      rng=random.Random(1))
+    m = Outbox(Limits(**limits), encoder, RetryPolicy(base=0.1, cap=60.0, cap_throttle=5.0), 0.0,
+               random.Random(2))
+    m.caught_up = True
+    if fast:
+        m.pace.rate = MAX_RATE
+        m.pace.tokens = MAX_RATE
+        m.pace.slow_start = False
+    return m
+
+
+def offer(m: Outbox, row_id: int, lines: list[bytes], now: float = 0.0, created: float = WALL) -> None:
+    m.offer(row_id, lines, sum(len(x) + 1 for x in lines), created, now, WALL)
+
+
+def lines(n: int, tag: str = "l") -> list[bytes]:
+    return [f"{tag}{i}".encode() for i in range(n)]
+
+
+def data(batch: list[Entry]) -> list[bytes]:
+    return [e.data for e in batch]
+
+
+def send(m: Outbox, now: float) -> Send:
+    d = m.next(now, WALL)
+    assert isinstance(d, Send), d
+    return d
+
+
+def deleted(m: Outbox) -> list[int]:
+    return [c.id for c in m.take_effects().deleted]
+
+
+# -- rows, linger, batches ----------------------------------------------------------------------
+def test_lingers_then_sends_and_deletes_the_row_once_all_accepted() -> None:
+    m = outbox(linger=0.2)
+    offer(m, 1, lines(3))
+    assert m.next(0.0, WALL) == Wait(0.2)
+    s = send(m, 0.2)
+    assert data(s.batch) == lines(3)
+    m.on_reply(s, [None] * 3, 0.25, WALL)
+    assert deleted(m) == [1] and m.lines_sent == 3 and m.idle
+
+
+def test_a_full_batch_does_not_linger_and_limits_hold() -> None:
+    m = outbox(max_records=2, max_bytes=1000, max_in_flight=2)
+    offer(m, 1, lines(5))
+    a, b = send(m, 0.0), send(m, 0.0)
+    assert data(a.batch) == lines(5)[:2] and data(b.batch) == lines(5)[2:4]
+    assert m.next(0.0, WALL) == Wait(math.inf), "both slots busy: wait for a reply"
+    m.on_reply(a, [None, None], 0.01, WALL)
+    assert m.next(0.01, WALL) == Wait(0.2), "the last line lingers"
+    assert deleted(m) == []
+
+
+def test_not_caught_up_reads_rows_and_a_stale_read_after_release_is_ignored() -> None:
+    m = outbox()
+    m.caught_up = False
+    m.highest_offered = 7
+    r = m.next(0.0, WALL)
+    assert isinstance(r, Read) and r.cursor == 0 and r.room == LEASE_BYTES
+    m.release()
+    m.rows_read(r, [(3, WALL, [b"x"], 2)], 0.0, WALL)
+    assert not m.leased, "rows read before a release are not leased"
+    r = m.next(0.0, WALL)
+    assert isinstance(r, Read)
+    m.rows_read(r, [(3, WALL, [b"x"], 2)], 0.0, WALL)
+    assert list(m.leased) == [3] and m.cursor == 3
+    r = m.next(0.0, WALL)
+    m.rows_read(r, [], 0.0, WALL)
+    assert m.caught_up and m.cursor == 7, "nothing above the cursor: offered rows are gone"
+
+
+def test_offer_while_behind_is_left_on_disk() -> None:
+    m = outbox()
+    m.caught_up = False
+    offer(m, 5, lines(2))
+    assert not m.leased and m.highest_offered == 5
+
+
+def test_expired_row_is_dropped_at_lease_and_counted() -> None:
+    m = outbox(max_age=60.0)
+    offer(m, 1, lines(4), created=WALL - 61)
+    e = m.take_effects()
+    assert e.expired == 4 and [c.id for c in e.deleted] == [1] and not m.leased
+
+
+def test_drain_sends_without_lingering() -> None:
+    m = outbox(linger=5.0)
+    offer(m, 1, lines(1))
+    assert m.next(0.0, WALL) == Wait(5.0)
+    m.drain()
+    assert data(send(m, 0.0).batch) == [b"l0"]
+
+
+# -- replies ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("outcomes", "resent_at_once", "retried_later"), [
+    ([None, PTEE, None], [b"l1"], []),
+    ([None, "InternalFailure", None], [], [b"l1"]),
+    (["ThrottlingException", "ServiceUnavailableException", PTEE], [b"l0", b"l2"], [b"l1"]),
+])
+def test_per_record_failures_retry_only_those(outcomes: list[str | None], resent_at_once: list[bytes],
+                                              retried_later: list[bytes]) -> None:
+    m = outbox(linger=0.0)
+    offer(m, 1, lines(3))
+    s = send(m, 0.0)
+    m.on_reply(s, outcomes, 0.01, WALL)
+    assert deleted(m) == [] and m.retried_records == sum(o is not None for o in outcomes)
+    if resent_at_once:
+        again = send(m, 0.01)
+        assert data(again.batch) == resent_at_once, "throttled records go again at once, within the pace"
+        m.on_reply(again, [None] * len(again.batch), 0.02, WALL)
+    if retried_later:
+        d = m.next(0.02, WALL)
+        assert isinstance(d, Wait) and 0.02 < d.until <= 0.01 + 0.1, "each after its own backoff"
+        later = send(m, d.until)
+        assert data(later.batch) == retried_later
+        m.on_reply(later, [None], d.until + 0.01, WALL)
+    assert deleted(m) == [1] and m.lines_sent == 3 and m.failures[outcomes[1] or PTEE] >= 1
+
+
+@pytest.mark.parametrize(("exc", "cap"), [
+    (RetryableSendError("HTTP 500", code="InternalFailure", status=500), 5.0),
+    (RetryableSendError("timed out", code="Timeout"), 60.0),
+    (FatalSendError("HTTP 400 ResourceNotFoundException", code="ResourceNotFoundException"), 60.0),
+])
+def test_whole_request_failure_backs_off_and_resends_first_in_order(exc: Any, cap: float) -> None:
+    m = outbox(max_records=2, linger=0.0)
+    offer(m, 1, lines(3))
+    s = send(m, 0.0)
+    m.on_error(s, exc, 0.01, WALL)
+    assert 0.01 <= m.blocked_until <= 0.01 + 0.1
+    assert m.next(0.01, WALL) == Wait(m.blocked_until), "no reads or sends while backing off"
+    effects = m.take_effects()
+    assert [ev for _, ev, _ in effects.logs] == ["send_failed"]
+    level = effects.logs[0][0]
+    assert level == ("error" if isinstance(exc, FatalSendError) else "warning")
+    again = send(m, m.blocked_until)
+    assert data(again.batch) == [b"l0", b"l1"] and all(e.attempts == 1 for e in again.batch)
+    assert m.failures[exc.code] == 1 and m.last_error == str(exc)
+    # A second failure in a row doubles the bound of the next backoff (up to the cap).
+    m.on_error(again, exc, 1.0, WALL)
+    assert m.blocked_until <= 1.0 + min(cap, 0.2)
+    assert m.take_effects().logs == [], "one log line per backoff period"
+
+
+def test_bisect_finds_the_bad_record_and_dead_letters_it() -> None:
+    m = outbox(linger=0.0)
+    offer(m, 1, lines(4))
+    bad = FatalSendError("HTTP 400 ValidationException", code="ValidationException")
+    s = send(m, 0.0)
+    m.on_error(s, bad, 0.01, WALL)
+    first, second = send(m, 0.01), send(m, 0.01)
+    assert data(first.batch) == [b"l0", b"l1"] and data(second.batch) == [b"l2", b"l3"]
+    m.on_reply(first, [None, None], 0.02, WALL)
+    m.on_error(second, bad, 0.02, WALL)
+    a, b = send(m, 0.02), send(m, 0.02)
+    m.on_reply(a, [None], 0.03, WALL)
+    assert m.take_effects().dead == []
+    m.on_error(b, bad, 0.03, WALL)
+    effects = m.take_effects()
+    assert [(e.data, err) for e, err in effects.dead] == [(b"l3", str(bad))]
+    m.dead_lettered(effects.dead)
+    effects = m.take_effects()
+    assert [c.id for c in effects.deleted] == [1] and m.dead_letters == 1
+    assert effects.logs[0][1] == "dead_lettered" and m.failures["ValidationException"] == 3
+
+
+def test_bisect_with_nothing_ever_accepted_blames_the_request() -> None:
+    m = outbox(linger=0.0)
+    offer(m, 1, lines(2))
+    bad = FatalSendError("HTTP 400 ValidationException", code="ValidationException")
+    m.on_error(send(m, 0.0), bad, 0.01, WALL)
+    a, b = send(m, 0.01), send(m, 0.01)
+    m.on_error(a, bad, 0.02, WALL)
+    m.on_error(b, bad, 0.02, WALL)
+    assert m.take_effects().dead == [] and m.blocked_until > 0.0
+    assert sorted(m._due, key=lambda e: e.data) and len(m._due) == 2, "kept, backing off"
+
+
+def test_permanent_record_code_dead_letters_when_others_pass() -> None:
+    m = outbox(linger=0.0)
+    offer(m, 1, lines(2))
+    s = send(m, 0.0)
+    m.on_reply(s, [None, "ValidationException"], 0.01, WALL)
+    effects = m.take_effects()
+    assert [e.data for e, _ in effects.dead] == [b"l1"]
+
+
+def test_dead_letter_write_failure_keeps_the_record() -> None:
+    m = outbox(linger=0.0)
+    offer(m, 1, lines(2))
+    m.on_reply(send(m, 0.0), [None, "InvalidArgumentException"], 0.01, WALL)
+    dead = m.take_effects().dead
+    m.dead_letter_failed(dead, RetryableSendError("disk full", code="SpoolWriteError"), 0.02, WALL)
+    assert m.blocked_until > 0.0 and [e.data for e in m._due] == [b"l1"] and m.leased
+
+
+def test_retry_past_max_age_expires() -> None:
+    m = outbox(linger=0.0, max_age=60.0)
+    offer(m, 1, lines(1), created=WALL - 59)
+    m.on_reply(send(m, 0.0), ["InternalFailure"], 0.01, WALL)
+    m.take_effects()
+    d = m.next(0.01, WALL)
+    assert isinstance(d, Wait)
+    assert m.next(d.until, WALL + 2) == Wait(math.inf)
+    effects = m.take_effects()
+    assert effects.expired == 1 and [c.id for c in effects.deleted] == [1]
+
+
+def test_ordered_sends_one_at_a_time_and_threads_sequence_numbers() -> None:
+    m = outbox(ordered=True, linger=0.0, partition_key_field="k")
+    offer(m, 1, [b'{"k":"a","n":1}', b'{"k":"a","n":2}'])
+    s = send(m, 0.0)
+    assert s.ordered and s.sequence is None and len(s.batch) == 1
+    assert m.next(0.0, WALL) == Wait(math.inf), "one in flight"
+    m.on_single(s, "100", 0.01, WALL)
+    s2 = send(m, 0.01)
+    assert s2.sequence == "100" and s2.batch[0].data == b'{"k":"a","n":2}'
+    m.on_error(s2, RetryableSendError("slow down", code=PTEE), 0.02, WALL)
+    s3 = send(m, m.blocked_until)
+    assert s3.batch[0].data == b'{"k":"a","n":2}' and s3.sequence == "100"
+    m.on_single(s3, "101", 1.0, WALL)
+    assert deleted(m) == [1] and m.lines_sent == 2
+
+
+def test_ordered_refused_record_is_dead_lettered_once_others_passed() -> None:
+    m = outbox(ordered=True, linger=0.0)
+    offer(m, 1, lines(2))
+    m.on_single(send(m, 0.0), "1", 0.01, WALL)
+    m.on_error(send(m, 0.01), FatalSendError("bad", code="InvalidArgumentException"), 0.02, WALL)
+    assert [e.data for e, _ in m.take_effects().dead] == [b"l1"] and m.blocked_until == 0.0
+
+
+def test_malformed_reply_marks_nothing_sent() -> None:
+    m = outbox(linger=0.0)
+    offer(m, 1, lines(2))
+    m.on_error(send(m, 0.0), RetryableSendError("malformed", code="MalformedReply"), 0.01, WALL)
+    assert m.lines_sent == 0 and deleted(m) == [] and len(m._due) == 2
+
+
+def test_policy_tables() -> None:
+    p = RetryPolicy()
+    assert p.is_rate(PTEE) and not p.is_rate("InternalFailure") and p.is_throttle("InternalFailure")
+    assert p.bisects("ValidationException") and not p.bisects("AccessDeniedException")
+    assert "AccessDeniedException" in FATAL_CODES and p.is_permanent("InvalidArgumentException")
+    rng = random.Random(3)
+    assert all(0 <= p.delay(50, "Timeout", rng) <= 60.0 for _ in range(100))
+    assert all(0 <= p.delay(50, PTEE, rng) <= 5.0 for _ in range(100))
+
+
+# -- pacing in the machine ------------------------------------------------------------------------
+def test_pace_binds_batch_size_and_throttling_slows_it() -> None:
+    m = outbox(fast=False, linger=0.0)
+    offer(m, 1, lines(1000))
+    s = send(m, 0.0)
+    assert len(s.batch) == 20, "a new destination starts at a fifth of a shard's pace, 0.1 s of burst"
+    d = m.next(0.0, WALL)
+    assert isinstance(d, Wait) and d.until > 0.0, "the bucket is spent"
+    rate = m.pace.rate
+    m.on_reply(s, [PTEE] * 10 + [None] * 10, 0.02, WALL)
+    assert m.pace.rate == pytest.approx(rate / 2) and not m.pace.slow_start
+    again = send(m, m.next(0.02, WALL).until)  # type: ignore[union-attr]
+    got = [e.data for e in again.batch]
+    assert got == lines(1000)[:len(got)], "throttled records go first, within the pace"
+    figures = m.figures(1.0)
+    assert figures["throttled_records"] == 10 and figures["pace_wait_seconds"] > 0
+
+
+def test_kpl_is_not_paced_yet_and_throttled_aggregates_back_off() -> None:
+    m = outbox(fast=False, linger=0.0, aggregation="kpl", max_record_bytes=1024 * 1024)
+    offer(m, 1, [b"x" * 1000] * 3000)
+    s = send(m, 0.0)
+    assert not m.paced and len(s.batch) > 1, "a full batch of aggregates"
+    m.on_reply(s, [PTEE] * len(s.batch), 0.05, WALL)
+    assert m.figures(0.05)["throttled_records"] == len(s.batch)
+    assert m.encoder.max_record_bytes == 1024 * 1024
+    d = m.next(0.05, WALL)
+    assert not isinstance(d, Send) or d.batch[0] is not s.batch[0], "throttled aggregates wait their backoff"

@@ -1,0 +1,169 @@
+"""The pace controller with a fake clock, alone and as a small simulated fleet of state machines
+sharing token-bucket shards (no sockets: the end-to-end fleet runs in tests/bench)."""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import random
+from typing import Any
+
+import pytest
+
+from spoold.batching import Encoder
+from spoold.errors import RetryableSendError
+from spoold.machine import Limits, Outbox, Read, RetryPolicy, Send
+from spoold.pacing import (
+    BURST,
+    CUT_INTERVAL,
+    FIRST_EPOCH,
+    MAX_CUT,
+    INITIAL_RATE,
+    MIN_RATE,
+    SHARD_BYTES,
+    SHARD_RECORDS,
+    SLOW_START_DOUBLING,
+    Pace,
+    cost,
+)
+
+PTEE = "ProvisionedThroughputExceededException"
+
+
+def test_cost_counts_the_limit_that_binds() -> None:
+    assert cost(1000, 1000) == pytest.approx(1.0)
+    assert cost(1, SHARD_BYTES) == pytest.approx(1.0)
+    assert cost(500, SHARD_BYTES // 4) == pytest.approx(0.5)
+
+
+def test_bucket_goes_into_debt_for_a_big_record_and_waits_it_off() -> None:
+    p = Pace(0.0, rate=1.0)
+    assert p.budget(0.0) == pytest.approx(BURST)
+    p.spend(0.0, 1.0)  # a 1 MiB aggregate with only 0.1 of budget
+    assert p.ready_at(0.0) == pytest.approx(1.0 - BURST)
+    assert p.ready_at(1.0) == 1.0
+
+
+def test_slow_start_doubles_by_the_clock_only_while_binding() -> None:
+    p = Pace(0.0)
+    for i in range(1, 11):
+        t = i * SLOW_START_DOUBLING / 2
+        p.ready_at(t)
+        p.on_reply(t, 0.1, 100, 100, 0, 0.01)
+    assert p.rate == pytest.approx(INITIAL_RATE * 2 ** 5)
+    idle = p.rate
+    p.on_reply(10.0, 0.01, 10, 10, 0, 0.01)  # nothing waited for pace lately
+    assert p.rate == idle
+
+
+def test_slow_start_grows_no_faster_than_replies_confirm() -> None:
+    # Replies a second late (a busy host): the clock alone would allow 2**10 at once.
+    p = Pace(0.0)
+    p.ready_at(1.0)
+    p.on_reply(1.0, INITIAL_RATE * 1.0, 200, 200, 0, 1.0)
+    assert p.rate == pytest.approx(2 * INITIAL_RATE)
+
+
+def test_throttle_leaves_slow_start_by_halving_then_cuts_per_epoch_by_the_share() -> None:
+    p = Pace(0.0, rate=8.0)
+    p.ready_at(0.1)
+    p.on_reply(0.1, 0.1, 100, 70, 30, 0.01)
+    assert not p.slow_start and p.rate == pytest.approx(4.0)
+    # A short first epoch after slow start: 20 of 100 throttled.
+    p.on_reply(0.1 + FIRST_EPOCH, 0.1, 100, 80, 20, 0.01)
+    assert p.rate == pytest.approx(4.0 * 0.8)
+    p.on_reply(0.5, 0.1, 100, 0, 100, 0.01)
+    assert p.rate == pytest.approx(3.2), "one decision per epoch"
+    p.on_whole_throttle(0.31 + CUT_INTERVAL, 100)  # a whole request throttled: 200 of 200
+    assert p.rate == pytest.approx(3.2 * (1 - MAX_CUT))
+    assert p.throttled == 250 and p.cuts == 3
+
+
+def test_calm_epochs_grow_faster_and_faster() -> None:
+    p = Pace(0.0, rate=0.2)
+    p.slow_start = False
+    rates = []
+    for epoch in range(1, 7):
+        t = float(epoch)
+        p.ready_at(t)
+        p.on_reply(t, 0.01, 10, 10, 0, 0.01)
+        rates.append(p.rate)
+    steps = [b - a for a, b in zip(rates, rates[1:])]
+    assert all(b > a for a, b in zip(steps, steps[1:])) and rates[-1] <= 0.2 * 2 ** 6
+
+
+def test_rate_never_falls_below_the_floor_rate() -> None:
+    p = Pace(0.0, rate=1.0)
+    for i in range(50):
+        p.on_whole_throttle(float(i), 500)
+    assert p.rate >= MIN_RATE
+
+
+# -- a simulated fleet --------------------------------------------------------------------------
+def simulate(daemons: int, lines: int, shards: int, rtt: float = 0.02, seed: int = 1) -> dict[str, Any]:
+    """``daemons`` state machines, each with ``lines`` queued at once, against ``shards`` token
+    buckets of SHARD_RECORDS records/s (one second of burst), random partition keys."""
+    rng = random.Random(seed)
+    buckets = [[float(SHARD_RECORDS), 0.0] for _ in range(shards)]
+    wall = 1e9
+    boxes, events, seq = [], [], 0
+    for i in range(daemons):
+        m = Outbox(Limits(), Encoder("kinesis", max_record_bytes=1 << 20, rng=random.Random(i)),
+                   RetryPolicy(), 0.0, random.Random(i))
+        m.caught_up = True
+        m.offer(1, [b"%d-%d" % (i, j) for j in range(lines)], lines * 10, wall, 0.0, wall)
+        boxes.append(m)
+        heapq.heappush(events, (0.0, seq, i, None))
+        seq += 1
+    sent = accepted = 0
+    finish: list[float | None] = [None] * daemons
+    while events:
+        t, _, i, reply_to = heapq.heappop(events)
+        assert t < 300, "the fleet did not finish"
+        m = boxes[i]
+        if reply_to is not None:
+            outcomes: list[str | None] = []
+            for e in reply_to.batch:
+                shard = int.from_bytes(hashlib.md5(e.key.encode()).digest(), "big") * shards >> 128
+                b = buckets[shard]
+                b[0] = min(SHARD_RECORDS, b[0] + (t - b[1]) * SHARD_RECORDS)
+                b[1] = t
+                ok = b[0] >= 1
+                b[0] -= ok
+                outcomes.append(None if ok else PTEE)
+            sent += len(outcomes)
+            accepted += outcomes.count(None)
+            m.on_reply(reply_to, outcomes, t, wall)
+            m.take_effects()
+            if m.lines_sent == lines and finish[i] is None:
+                finish[i] = t
+        while True:
+            d = m.next(t, wall)
+            m.take_effects()
+            if isinstance(d, Send):
+                heapq.heappush(events, (t + rtt * (0.5 + rng.random()), seq, i, d))
+                seq += 1
+            elif isinstance(d, Read):
+                m.rows_read(d, [], t, wall)
+            else:
+                if d.until < math.inf:
+                    heapq.heappush(events, (max(d.until, t + 1e-6), seq, i, None))
+                    seq += 1
+                break
+    done = [f for f in finish if f is not None]
+    return {"sent": sent, "accepted": accepted, "first": min(done), "last": max(done),
+            "goodput": accepted / max(done) / (shards * SHARD_RECORDS)}
+
+
+def test_simulated_fleet_shares_the_shards_with_little_waste() -> None:
+    fig = simulate(daemons=8, lines=600, shards=1)
+    assert fig["accepted"] == 8 * 600
+    assert fig["sent"] / fig["accepted"] <= 1.5, fig
+    assert fig["goodput"] >= 0.85, fig
+
+
+def test_lone_daemon_is_not_held_back_without_throttling() -> None:
+    fig = simulate(daemons=1, lines=20_000, shards=1000, rtt=0.01)
+    assert fig["sent"] == fig["accepted"] == 20_000
+    assert fig["last"] < 1.0, "slow start reaches 20,000 records within a second"
