@@ -63,7 +63,7 @@ class SpoolConfig:
 class Destination:
     name: str
     kind: str
-    socket: Path
+    socket: Path | None
     stream: str
     region: str
     endpoint_url: str
@@ -91,6 +91,8 @@ class Destination:
     role_arn: str | None = None
     external_id: str | None = None
     role_session_name: str | None = None
+    files: tuple[str, ...] = ()
+    start_at: str = "end"
 
     @property
     def signing_service(self) -> str:
@@ -197,6 +199,8 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
         if d.name in seen_names:
             raise ConfigError(f'{path}: destination[{n}].name: "{d.name}" is used by another destination')
         seen_names.add(d.name)
+        if d.socket is None:
+            continue
         sock = Path(os.path.abspath(d.socket))
         if sock in seen_sockets:
             raise ConfigError(f'{path}: destination "{d.name}": socket: {d.socket} is used by another destination')
@@ -218,7 +222,13 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
     if kind is None:
         raise t.error("kind", f"required, one of {', '.join(KINDS)}")
     credentials = _credentials(t, kind, env)
-    socket = Path(t.string("socket", required=True))
+    files, start_at = _files(t)
+    socket_s = t.string("socket", default=None)
+    if socket_s is None and not files:
+        raise t.error("socket", "required (or files, to follow log files)")
+    if socket_s == "":
+        raise t.error("socket", "must not be empty")
+    socket = Path(socket_s) if socket_s is not None else None
     socket_type = t.choice("socket_type", ("stream", "datagram"), "stream")
     mode_s = t.string("socket_mode", default="0660")
     if not re.fullmatch(r"0?[0-7]{3}", mode_s):
@@ -344,10 +354,32 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
         retry_base=t.duration("retry_base", 0.1, minimum=0.001, maximum=60.0),
         retry_cap_throttle=t.duration("retry_cap_throttle", 5.0, minimum=0.001, maximum=3600.0),
         retry_cap=t.duration("retry_cap", 60.0, minimum=0.001, maximum=3600.0),
+        files=files,
+        start_at=start_at,
         **credentials,
     )
     t.done()
     return dest
+
+
+def _files(t: _Table) -> tuple[tuple[str, ...], str]:
+    """``files`` (absolute paths or globs of log files to follow) and ``start_at``."""
+    value = t._get("files")
+    if value is None:
+        files: tuple[str, ...] = ()
+    else:
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise t.error("files", 'must be a non-empty list of paths or globs, such as ["/var/log/app/*.log"]')
+        for v in value:
+            if not v.startswith("/") or "\0" in v:
+                raise t.error("files", f"{v!r} is not an absolute path")
+            if v.endswith("/"):
+                raise t.error("files", f"{v!r} names a folder: give the files, such as {v}*.log")
+        files = tuple(dict.fromkeys(value))
+    start_at = t.choice("start_at", ("end", "beginning"), "end")
+    if "start_at" in t.data and not files:
+        raise t.error("start_at", "only valid with files")
+    return files, start_at
 
 
 def default_session_name(hostname: str) -> str:
