@@ -219,3 +219,19 @@ def test_a_failed_commit_writes_no_position(tmp_path: Path) -> None:
         s.commit([("app", [b"ok", None], 3)], [], 1.0, None, [("app", 1, 2, b"f", 1, "/a", 9)])  # type: ignore[list-item]
     assert s.tail_state("app") == (False, [])
     s.close()
+
+
+# ---------------------------------------------------------------- status and metrics
+
+
+def test_followed_files_in_the_table_and_prometheus() -> None:
+    from spoold.status import render_prometheus, render_table
+
+    snap = {"running": True, "spool": {"path": "/s.db", "bytes": 0}, "destinations": {"app": {
+        "kind": "kinesis", "files": [{"path": '/var/log/a"b.log', "offset": 10, "size": 25, "lag_bytes": 15,
+                                      "last_read": None, "inode": 7}]}}}
+    text = render_prometheus(snap)
+    assert 'spoold_file_lag_bytes{destination="app",path="/var/log/a\\"b.log"} 15' in text
+    assert 'spoold_file_offset_bytes{destination="app",path="/var/log/a\\"b.log"} 10' in text
+    assert "# TYPE spoold_file_size_bytes gauge" in text
+    assert '/var/log/a"b.log at 10 of 25 (15B behind, read never)' in render_table(snap)
