@@ -234,3 +234,26 @@ def test_partial_last_line_waits_then_counts_when_rotated_away(make_daemon, fake
     wait_until(lambda: b"last without newline" in set(_arrived(fake_aws)), DEADLINE, "the last line")
     assert daemon.stop() == 0
     assert sorted(_arrived(fake_aws).elements()) == [b"complete", b"last without newline", b"partial"]
+
+
+def test_a_full_spool_pauses_reading_and_the_file_waits(make_daemon, fake_aws, tmp_path):
+    """when_full = "block": reading stops at the spool's limit (nothing is dropped or skipped);
+    once the service takes lines, the rest of the file follows."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = [f"{i:07d} {'p' * 200}".encode() for i in range(15_000)]  # about 3 MiB, the spool 1 MiB
+    (logs / "big.log").write_bytes(b"".join(line + b"\n" for line in lines))
+    fake_aws.faults.down = True
+    daemon = make_daemon(_dest(tmp_path, fake_aws, start_at="beginning"),
+                         spool={"max_bytes": "1MiB", "when_full": "block"}).start()
+    wait_until(lambda: (_files(daemon) or [{}])[0].get("offset", 0) > 0, DEADLINE, "reading to start")
+    # Reading stops below the limit (give it time to go wrong, then look: a condition cannot
+    # prove that something does not happen).
+    threading.Event().wait(2.0)
+    [info] = _files(daemon)
+    assert 0 < info["offset"] <= 1024 * 1024 and info["lag_bytes"] == info["size"] - info["offset"] > 1024 * 1024
+    assert sum(_spooled(daemon).values()) < len(lines)
+    fake_aws.faults.down = False
+    wait_until(lambda: set(_arrived(fake_aws)) >= set(lines), DEADLINE, "the whole file")
+    assert daemon.stop() == 0
+    assert set(_arrived(fake_aws)) == set(lines)
