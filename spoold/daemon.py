@@ -282,10 +282,12 @@ class Daemon:
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                if rt.tsock is not None:
-                    await nursery.start(rt.ingest.serve, rt.tsock)
+                # Files first: once the socket exists, the files there have been found, which
+                # decides start_at (tests and operators can rely on it).
                 if rt.tailer is not None:
                     await nursery.start(rt.tailer.run)
+                if rt.tsock is not None:
+                    await nursery.start(rt.ingest.serve, rt.tsock)
                 task_status.started()
         finally:
             rt.ingest_done.set()

@@ -86,8 +86,10 @@ CREATE TABLE IF NOT EXISTS files (
 );
 CREATE TABLE IF NOT EXISTS tailed (
     id INTEGER PRIMARY KEY,
-    dest TEXT NOT NULL UNIQUE,
-    since REAL NOT NULL
+    dest TEXT NOT NULL,
+    pattern TEXT NOT NULL,
+    since REAL NOT NULL,
+    UNIQUE (dest, pattern)
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -392,7 +394,7 @@ class Spool:
         try:
             for table, columns in (("chunks", "dest, created, lines, bytes, data"),
                                    ("files", "dest, dev, ino, fp, fp_len, path, offset, updated"),
-                                   ("tailed", "dest, since"),
+                                   ("tailed", "dest, pattern, since"),
                                    ("dead_letters", "dest, created, failed, error, data")):
                 ids = _readable_ids(old, table)
                 marks = ", ".join("?" * (len(columns.split(",")) + 1))
@@ -496,22 +498,25 @@ class Spool:
         return self._transaction("writing the spool", work)
 
     # -- followed files: where each was read up to ----------------------------------------
-    def tail_state(self, dest: str) -> tuple[bool, list[FilePosition]]:
-        """Whether ``dest`` has followed files before, and each file's recorded position."""
+    def tail_state(self, dest: str) -> tuple[set[str], list[FilePosition]]:
+        """The patterns (paths or globs) ``dest`` has followed before, and each file's recorded
+        position."""
         assert self._w is not None
         try:
-            seen = self._w.execute("SELECT 1 FROM tailed WHERE dest = ?", (dest,)).fetchone() is not None
+            seen = {p for (p,) in self._w.execute("SELECT pattern FROM tailed WHERE dest = ?", (dest,))}
             rows = self._w.execute("SELECT dest, dev, ino, fp, fp_len, path, offset FROM files WHERE dest = ?",
                                    (dest,)).fetchall()
         except sqlite3.Error as exc:
             raise _translate(exc, self.path, "reading file positions") from exc
         return seen, [(d, dev, ino, bytes(fp), fp_len, path, off) for d, dev, ino, fp, fp_len, path, off in rows]
 
-    def tail_begin(self, dest: str, files: list[FilePosition], now: float) -> None:
-        """The first time ``dest`` follows files: the positions start_at gave the files that
-        were already there, and the mark that later files are new (read from their start)."""
+    def tail_begin(self, dest: str, patterns: list[str], files: list[FilePosition], now: float) -> None:
+        """The first time ``dest`` follows ``patterns``: the positions start_at gave the files
+        that were already there, and the mark that files they match later are new (read from
+        their start)."""
         def work(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT OR IGNORE INTO tailed (dest, since) VALUES (?, ?)", (dest, now))
+            conn.executemany("INSERT OR IGNORE INTO tailed (dest, pattern, since) VALUES (?, ?, ?)",
+                             ((dest, p, now) for p in patterns))
             conn.executemany(_FILE_UPSERT, ((*f, now) for f in files))
 
         self._transaction("recording file positions", work)

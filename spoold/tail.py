@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -191,6 +192,7 @@ class Tailer:
         self.paths: dict[tuple[int, int], str] = {}
         # Finished files still matched (renamed in the glob): their size and mtime when closed.
         self.closed: dict[tuple[int, int], tuple[int, int]] = {}
+        self.unreadable: set[str] = set()
         self.read_bytes = max(READ_BYTES, dest.max_line_bytes + 1)
         self.scope = trio.CancelScope()
         self.log = logger.bind(dest=dest.name)
@@ -216,7 +218,7 @@ class Tailer:
                 for f in list(self.files.values()):
                     busy = await self._poll(f) or busy
                 if trio.current_time() >= next_scan:
-                    await self._scan(False, set())
+                    await self._scan(None, [])
                     next_scan = trio.current_time() + RESCAN
                 if not busy:
                     await trio.sleep(POLL)
@@ -225,26 +227,30 @@ class Tailer:
         self.files.clear()
 
     # -- finding files --------------------------------------------------------------------
-    def _glob(self) -> dict[tuple[int, int], tuple[str, os.stat_result]]:
-        found: dict[tuple[int, int], tuple[str, os.stat_result]] = {}
+    def _glob(self) -> dict[tuple[int, int], tuple[str, os.stat_result, set[str]]]:
+        """The regular files the patterns match, by (dev, inode): a path, its stat, and which
+        patterns match it."""
+        found: dict[tuple[int, int], tuple[str, os.stat_result, set[str]]] = {}
         for pattern in self.dest.files:
             for path in sorted(glob.glob(pattern)):
                 try:
                     st = os.stat(path)
                 except OSError:
                     continue
-                if os.path.isfile(path):
-                    found.setdefault((st.st_dev, st.st_ino), (path, st))
+                if stat.S_ISREG(st.st_mode):
+                    found.setdefault((st.st_dev, st.st_ino), (path, st, set()))[2].add(pattern)
         return found
 
     async def _start(self) -> None:
-        seen, rows = await self.worker.run(self.spool.tail_state, self.name)
+        known, rows = await self.worker.run(self.spool.tail_state, self.name)
         self.records = {(dev, ino): (fp, fp_len, off) for _d, dev, ino, fp, fp_len, _p, off in rows}
         self.paths = {(dev, ino): p for _d, dev, ino, _fp, _n, p, _o in rows}
         first: list[FilePosition] = []
-        found = await self._scan(not seen, first)
-        if not seen:
-            await self.worker.run(self.spool.tail_begin, self.name, first, time.time())
+        found = await self._scan(known, first)
+        new = [p for p in self.dest.files if p not in known]
+        if new:
+            await self.worker.run(self.spool.tail_begin, self.name, new, first, time.time())
+        self.log.info("files_following", files=len(self.files), new_patterns=new, start_at=self.dest.start_at)
         gone = [k for k in self.records if k not in found]
         if gone:  # rotated out of the globs or deleted while we were stopped
             await self.worker.run(self.spool.tail_forget, self.name, gone)
@@ -252,7 +258,11 @@ class Tailer:
                 self.records.pop(k, None)
                 self.paths.pop(k, None)
 
-    async def _scan(self, first_configured: bool, first: list[FilePosition]) -> set[tuple[int, int]]:
+    async def _scan(self, known: set[str] | None, first: list[FilePosition]) -> set[tuple[int, int]]:
+        """Match the globs: follow new files, note renamed, unmatched and replaced ones. At
+        start, ``known`` holds the patterns followed before: a file none of them matches was
+        there when its patterns were first configured, and starts at start_at (its position
+        goes to ``first``)."""
         found = await trio.to_thread.run_sync(self._glob)
         for f in self.files.values():
             f.matched = f.key in found
@@ -262,19 +272,26 @@ class Tailer:
                 f.deleted = f.deleted or _nlink(f.fd) == 0
             # A copytruncate followed by new writes past the offset before a poll saw the drop:
             # the first bytes are not those any more.
-            head = await trio.to_thread.run_sync(os.pread, f.fd, f.fp_len, 0)
+            try:
+                head = await trio.to_thread.run_sync(os.pread, f.fd, f.fp_len, 0)
+            except OSError:
+                continue  # the next poll's read reports it
             if not same_file(f.fp, f.fp_len, head):
                 self._restart(f, "replaced")
-        for key, (path, st) in found.items():
+        for key, (path, st, patterns) in found.items():
             if key in self.files:
                 continue
             if self.closed.get(key) == (st.st_size, st.st_mtime_ns):
                 continue
+            first_configured = known is not None and not patterns & known
             try:
                 f = await trio.to_thread.run_sync(self._open, key, path, first_configured)
             except OSError as exc:
-                self.log.warning("file_unreadable", path=path, error=exc.strerror or str(exc))
+                if path not in self.unreadable:  # once, not at every rescan
+                    self.unreadable.add(path)
+                    self.log.warning("file_unreadable", path=path, error=exc.strerror or str(exc))
                 continue
+            self.unreadable.discard(path)
             self.closed.pop(key, None)
             self.files[key] = f
             if first_configured:
@@ -327,7 +344,12 @@ class Tailer:
                                  at_end=f.size - f.scan <= self.read_bytes, quiet_for=time.monotonic() - f.changed)
         if f.scan >= f.size and not may_finish:
             return False
-        data = await trio.to_thread.run_sync(os.pread, f.fd, self.read_bytes, f.scan)
+        try:
+            data = await trio.to_thread.run_sync(os.pread, f.fd, self.read_bytes, f.scan)
+        except OSError as exc:  # an I/O error: tried again at the next poll
+            self.log.error("file_read_failed", path=f.path, offset=f.scan, error=exc.strerror or str(exc))
+            await trio.sleep(RETRY_AFTER)
+            return False
         final = may_finish and f.scan + len(data) >= f.size
         cut = cut_lines(data, self.dest.max_line_bytes, f.skipping, final)
         if cut.too_long:

@@ -257,3 +257,25 @@ def test_a_full_spool_pauses_reading_and_the_file_waits(make_daemon, fake_aws, t
     wait_until(lambda: set(_arrived(fake_aws)) >= set(lines), DEADLINE, "the whole file")
     assert daemon.stop() == 0
     assert set(_arrived(fake_aws)) == set(lines)
+
+
+def test_a_pattern_added_later_starts_at_start_at(make_daemon, fake_aws, tmp_path):
+    """start_at applies to the files a pattern matches when that pattern is first configured:
+    adding a glob to a destination does not read old logs from their start."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"a-1\n")
+    (logs / "b.txt").write_bytes(b"b-old\n")
+    daemon = make_daemon(_dest(tmp_path, fake_aws, files=[str(logs / "*.log")], start_at="beginning")).start()
+    wait_until(lambda: b"a-1" in set(_arrived(fake_aws)), DEADLINE, "a.log")
+    assert daemon.stop() == 0
+    text = daemon.config.read_text()
+    daemon.config.write_text(text.replace('start_at = "beginning"', 'start_at = "end"').replace(
+        json.dumps([str(logs / "*.log")]), json.dumps([str(logs / "*.log"), str(logs / "*.txt")])))
+    (logs / "c.log").write_bytes(b"c-1\n")  # new under a known pattern: from its start
+    daemon.start()
+    with open(logs / "b.txt", "ab") as f:
+        f.write(b"b-new\n")
+    wait_until(lambda: {b"c-1", b"b-new"} <= set(_arrived(fake_aws)), DEADLINE, "c.log and b.txt's new line")
+    assert daemon.stop() == 0
+    assert sorted(_arrived(fake_aws).elements()) == [b"a-1", b"b-new", b"c-1"]

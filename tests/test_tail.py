@@ -193,8 +193,8 @@ def test_positions_are_committed_with_the_lines_and_survive_reopening(tmp_path: 
     path = tmp_path / "spool.db"
     s = Spool(path)
     s.open_writer()
-    assert s.tail_state("app") == (False, [])
-    s.tail_begin("app", [("app", 1, 2, b"fp", 2, "/l/a.log", 10)], 1.0)
+    assert s.tail_state("app") == (set(), [])
+    s.tail_begin("app", ["/l/*.log"], [("app", 1, 2, b"fp", 2, "/l/a.log", 10)], 1.0)
     pos = ("app", 1, 2, b"fp2", 4, "/l/a.log", 30)
     s.commit([("app", [b"x", b"y"], 4)], [], 2.0, None, [pos, pos[:-1] + (40,)])
     s.commit([], [], 3.0, None, [("app", 1, 3, b"q", 1, "/l/b.log", 5)])
@@ -203,9 +203,9 @@ def test_positions_are_committed_with_the_lines_and_survive_reopening(tmp_path: 
     stats = again.open_writer()
     assert stats["app"].lines == 2
     seen, rows = again.tail_state("app")
-    assert seen
+    assert seen == {"/l/*.log"}
     assert sorted(rows) == [("app", 1, 2, b"fp2", 4, "/l/a.log", 40), ("app", 1, 3, b"q", 1, "/l/b.log", 5)]
-    assert again.tail_state("other") == (False, [])
+    assert again.tail_state("other") == (set(), [])
     again.tail_forget("app", [(1, 3)])
     assert [r[2] for r in again.tail_state("app")[1]] == [2]
     again.close()
@@ -217,7 +217,7 @@ def test_a_failed_commit_writes_no_position(tmp_path: Path) -> None:
     with pytest.raises(Exception):
         # A line that is not bytes fails the insert after the position was written: both roll back.
         s.commit([("app", [b"ok", None], 3)], [], 1.0, None, [("app", 1, 2, b"f", 1, "/a", 9)])  # type: ignore[list-item]
-    assert s.tail_state("app") == (False, [])
+    assert s.tail_state("app") == (set(), [])
     s.close()
 
 
