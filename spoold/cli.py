@@ -184,6 +184,10 @@ def send(socket_path: str, files: Sequence[str], out: BinaryIO | None = None) ->
         sock.close()
     try:
         result = json.loads(answer)
+        if isinstance(result, dict) and "error" in result:  # refused, or closed before our end
+            print(f"spoold send: the daemon closed the connection: {result['error']}", file=sys.stderr)
+            (out or sys.stdout.buffer).write(answer)
+            return EXIT_FAILED
         int(result["accepted"])
         rejected = int(result["rejected"])
     except (ValueError, KeyError, TypeError):

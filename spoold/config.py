@@ -8,6 +8,7 @@ must be an integer from 1 to 64``). Durations may be numbers of seconds or strin
 
 from __future__ import annotations
 
+import fnmatch
 import grp
 import os
 import re
@@ -194,22 +195,48 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
     dests = tuple(_destination(_Table(i, f"{path}:", f"destination[{n}]."), env) for n, i in enumerate(items))
 
     seen_names: set[str] = set()
-    seen_sockets: set[Path] = set()
     for n, d in enumerate(dests):
         if d.name in seen_names:
             raise ConfigError(f'{path}: destination[{n}].name: "{d.name}" is used by another destination')
         seen_names.add(d.name)
-        if d.socket is None:
-            continue
-        sock = Path(os.path.abspath(d.socket))
-        if sock in seen_sockets:
-            raise ConfigError(f'{path}: destination "{d.name}": socket: {d.socket} is used by another destination')
-        seen_sockets.add(sock)
-        if sock == Path(os.path.abspath(spool.path)):
-            raise ConfigError(f'{path}: destination "{d.name}": socket: same path as [spool].path')
+    _check_socket_paths(path, spool.path, control, dests)
+    for d in dests:
+        _check_files(path, spool.path, d)
     return Config(path=path, spool=spool, destinations=dests, shutdown_grace=grace,
                   sender=sender, log_level=level,
                   log_format=fmt, control_socket=control, metrics_listen=metrics)
+
+
+def _check_socket_paths(path: Path, spool: Path, control: Path, dests: tuple[Destination, ...]) -> None:
+    """A socket path must name nothing else the daemon owns: replacing a stale socket there, or
+    unlinking it at shutdown, would destroy the spool (acknowledged lines) or another socket."""
+    def beside(suffix: str) -> str:
+        return os.path.realpath(spool.with_name(spool.name + suffix))
+
+    taken = {
+        os.path.realpath(spool): "the spool file ([spool].path)",
+        beside("-wal"): 'the spool\'s WAL ([spool].path + "-wal")',
+        beside("-shm"): 'the spool\'s shared-memory file ([spool].path + "-shm")',
+        beside(".lock"): 'the spool\'s lock file ([spool].path + ".lock")',
+    }
+    sockets = [("[control].socket", "the control socket ([control].socket)", control)]
+    sockets += [(f'destination "{d.name}": socket', f'the socket of destination "{d.name}"', d.socket)
+                for d in dests if d.socket is not None]
+    for key, description, sock in sockets:
+        where = os.path.realpath(sock)
+        if where in taken:
+            raise ConfigError(f"{path}: {key}: {sock} is also {taken[where]}; choose another path")
+        taken[where] = description
+
+
+def _check_files(path: Path, spool: Path, dest: Destination) -> None:
+    """Following the spool's own files would feed the spool into itself."""
+    own = [os.path.abspath(spool) + suffix for suffix in ("", "-wal", "-shm", ".lock")]
+    for pattern in dest.files:
+        hit = next((f for f in own if fnmatch.fnmatchcase(f, pattern)), None)
+        if hit is not None:
+            raise ConfigError(f'{path}: destination "{dest.name}": files: {pattern} matches {hit}, '
+                              "a file of the spool ([spool].path)")
 
 
 def _destination(t: _Table, env: dict[str, str]) -> Destination:

@@ -37,7 +37,7 @@ from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
 from spoold.sender import InlineSender, ProcessSender, Sender, client_limits, many_records_per_request
 from spoold.signing import CredentialSources, use_systemd_credentials
-from spoold.spool import Spool, SpoolLock, Worker, dead_letter_json
+from spoold.spool import Spool, SpoolLock, Worker, dead_letter_json, disk_bytes
 from spoold.status import render_prometheus
 from spoold.tail import Tailer
 
@@ -444,9 +444,10 @@ class Daemon:
         for name, rt in self.dests.items():
             rate_in, rate_out = rt.rates()
             configured[name] = dict(
-                kind=rt.dest.kind, stream=rt.dest.stream_arn or rt.dest.stream, socket=str(rt.dest.socket) if rt.dest.socket else None,
+                kind=rt.dest.kind, stream=rt.dest.stream_arn or rt.dest.stream,
+                socket=str(rt.dest.socket) if rt.dest.socket else None,
                 lines_in=rt.lines_in(), connections=rt.ingest.stats.connections,
-                rejected=dict(rt.ingest.stats.rejected),
+                rejected=dict(rt.ingest.stats.rejected), connections_closed=dict(rt.ingest.stats.closed),
                 lines_in_per_s=round(rate_in, 1), lines_out_per_s=round(rate_out, 1),
                 identity=self.credentials.for_destination(rt.dest).describe(),
                 **rt.flusher.snapshot())
@@ -458,6 +459,7 @@ class Daemon:
         live = status.Live(
             version=__version__, pid=os.getpid(), uptime=time.time() - self.started,
             spool={"bytes": c.total_bytes, "max_bytes": self.cfg.spool.max_bytes,
+                   "disk_bytes": await self.reader.run(disk_bytes, self.cfg.spool.path),
                    "when_full": self.cfg.spool.when_full, "write_errors": c.write_errors,
                    "last_error": c.last_error},
             dropped=c.dropped, expired=c.expired, configured=configured,
@@ -492,7 +494,8 @@ class Daemon:
     async def _serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         path = self.cfg.control_socket
         assert path is not None
-        sock = trio.socket.from_stdlib_socket(bind_unix(Path(path), stdsocket.SOCK_STREAM, 0o600))
+        sock = trio.socket.from_stdlib_socket(
+            bind_unix(Path(path), stdsocket.SOCK_STREAM, 0o600, key="[control] socket"))
         try:
             await self.control.server.serve(trio.SocketListener(sock), task_status=task_status)
         finally:

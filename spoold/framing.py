@@ -103,6 +103,17 @@ class LineBuffer:
             self._partial = bytearray()
         return held
 
+    def abandon(self) -> int:
+        """The input stops before its end (the daemon closes the connection): a line being
+        skipped is reported as usual, and the unfinished line is dropped. Returns the dropped
+        line's size so far (0 when there was none)."""
+        if self._skipping >= 0:
+            self._skipped(self._skipping)
+            return 0
+        held = len(self._partial)
+        self._partial = bytearray()
+        return held
+
     def take_discarded(self) -> list[int]:
         sizes, self._discarded = self._discarded, []
         return sizes
@@ -115,3 +126,22 @@ class LineBuffer:
     def buffered(self) -> int:
         """Bytes held for an incomplete line."""
         return len(self._partial)
+
+
+def split_datagram(data: bytes, max_line_bytes: int) -> tuple[list[bytes], list[int]]:
+    """One datagram's lines: a trailing newline is stripped, embedded newlines split it, empty
+    lines are skipped. Returns the lines that fit and the sizes of those longer than the limit."""
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        return [], []
+    if len(data) <= max_line_bytes and b"\n" not in data:
+        return [data], []
+    lines: list[bytes] = []
+    oversized: list[int] = []
+    for line in data.split(b"\n"):
+        if len(line) > max_line_bytes:
+            oversized.append(len(line))
+        elif line:
+            lines.append(line)
+    return lines, oversized

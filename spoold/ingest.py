@@ -4,24 +4,36 @@ Stream sockets: the client writes "\\n"-terminated lines, then shuts down its wr
 answer one JSON line, ``{"accepted": N, "rejected": M}``, once every accepted line is committed,
 and close. Datagram sockets: each datagram is one line, with no acknowledgement.
 
+What writers can take is bounded per destination: MAX_CONNECTIONS slots, and MAX_HELD_BYTES
+of lines read and not yet handed to the committer. When every slot is taken, a new connection from a user (peer UID) already
+holding USER_SHARE of them is refused, and otherwise the longest-idle connection is closed to make
+room (those of a user holding more than its share first). A refused or closed writer gets an
+answer with an ``"error"`` saying why; its complete lines were made durable as they came.
+
 The socket file appears only when it accepts connections: we bind and listen under a temporary
-name, set its mode and group, then rename it over the final path (replacing a stale file).
+name, set its mode and group, then link it in at the final path. Only a stale socket (one no
+process answers) is replaced; anything else at the path is kept and the bind fails.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket as stdsocket
+import stat
+import struct
 from collections import deque
 from pathlib import Path
 
 import structlog
 import trio
 
-from spoold.committer import Committer, Ticket
+from spoold.committer import Committer, RateLimitedLog, Ticket
 from spoold.config import Destination, group_id
-from spoold.framing import LineBuffer
+from spoold.framing import LineBuffer, split_datagram
+from spoold.listen import Acceptor
+from spoold.spool import make_private_dirs
 
 logger = structlog.get_logger()
 
@@ -29,18 +41,36 @@ logger = structlog.get_logger()
 READ_SIZE = 64 * 1024
 # Listen backlog of each stream socket.
 BACKLOG = 512
-# Connections served at once per destination; more wait in the kernel's backlog.
+# Connections served at once per destination.
 MAX_CONNECTIONS = 1024
+# While every slot is taken, a user (peer UID) holding this many connections is refused more.
+# While slots are free a user may hold more: one service with many writers is not held back.
+USER_SHARE = MAX_CONNECTIONS // 2
+# While every slot is taken, a connection that sent nothing for this long may be closed to make
+# room, the longest-idle first; a quiet stream (``tail -F | spoold send``) keeps its slot otherwise.
+EVICT_MIN_IDLE = 1.0
+# Longest wait for a closed connection to give its slot back before looking again.
+SLOT_RECHECK = 1.0
 # Longest wait to deliver the acknowledgement to a client that does not read it.
 ANSWER_TIMEOUT = 10.0
-# Bytes of unfinished lines all connections of a destination may hold; past it, a connection
-# holding more than PARTIAL_FAIR_SHARE gives its unfinished line up (rejected, "memory limit").
-MAX_PARTIAL_BYTES = 64 * 1024 * 1024
-PARTIAL_FAIR_SHARE = 256 * 1024
+# Longest wait to tell a refused or closed writer why (the answer fits an empty socket buffer).
+REFUSE_TIMEOUT = 1.0
+# Bytes of lines read from a destination's connections and not yet taken by the committer
+# (unfinished lines, and complete ones waiting for room in the commit queue): past it, the
+# largest unfinished lines are given up (rejected, "memory limit") until the rest fits. A
+# connection with complete lines waiting reads no more, so this can be passed by at most one
+# read (READ_SIZE) per connection, and only while no unfinished line is left to give up.
+MAX_HELD_BYTES = 64 * 1024 * 1024
 # At shutdown, how long a connection may wait for a full spool to take its last lines.
 STOP_SUBMIT_WAIT = 5.0
-# Largest datagram accepted (the kernel's limit for AF_UNIX is about this by default).
-MAX_DATAGRAM = 256 * 1024
+
+# Why the daemon refused or closed a connection (IngestStats.closed, and the writer's "error").
+REFUSED_USER_SHARE = "refused: this user holds its share of connection slots"
+CLOSED_IDLE = "closed: idle while connection slots ran short"
+CLOSED_USER_SHARE = "closed: this user holds more than its share of connection slots"
+# Rejection reasons of unfinished lines.
+MEMORY_LIMIT = "memory limit"
+CONNECTION_CLOSED = "connection closed"
 
 
 class IngestStats:
@@ -48,24 +78,108 @@ class IngestStats:
         self.connections = 0
         self.lines_in = 0
         self.bytes_in = 0
-        self.rejected: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}  # lines, by reason
+        self.closed: dict[str, int] = {}  # connections refused or closed by the daemon, by reason
 
     def reject(self, reason: str, n: int) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + n
+
+    def close(self, reason: str) -> None:
+        self.closed[reason] = self.closed.get(reason, 0) + 1
+
+
+class Conn:
+    """One served connection, as the slot table sees it."""
+
+    __slots__ = ("uid", "buf", "held", "last_active", "reading", "read_scope", "closing")
+
+    def __init__(self, uid: int, buf: LineBuffer, now: float) -> None:
+        self.uid = uid
+        self.buf = buf
+        self.held = 0  # bytes of its lines counted in the budget (see MAX_HELD_BYTES)
+        self.last_active = now  # when it last sent something
+        self.reading = False  # waiting for the client (not for the spool, not answering)
+        self.read_scope: trio.CancelScope | None = None
+        self.closing = ""  # why the daemon is closing it, once it is
+
+
+class Slots:
+    """Who holds one destination's connection slots, and whom to close when they run short.
+    No I/O and no clock: time is passed in."""
+
+    def __init__(self, size: int = MAX_CONNECTIONS, share: int = USER_SHARE,
+                 min_idle: float = EVICT_MIN_IDLE) -> None:
+        self.size = size
+        self.share = share
+        self.min_idle = min_idle
+        self.conns: set[Conn] = set()
+        self.users: dict[int, int] = {}
+        self.closing = 0  # connections told to close that still hold their slot
+
+    def add(self, conn: Conn) -> None:
+        self.conns.add(conn)
+        self.users[conn.uid] = self.users.get(conn.uid, 0) + 1
+
+    def remove(self, conn: Conn) -> None:
+        self.conns.remove(conn)
+        left = self.users[conn.uid] - 1
+        if left:
+            self.users[conn.uid] = left
+        else:
+            del self.users[conn.uid]
+        if conn.closing:
+            self.closing -= 1
+
+    def full(self) -> bool:
+        return len(self.conns) >= self.size
+
+    def at_share(self, uid: int) -> bool:
+        return self.users.get(uid, 0) >= self.share
+
+    def victim(self, now: float) -> tuple[Conn | None, str, float]:
+        """The connection to close for room and why; else None and when to look again (when the
+        longest-idle reader has been idle long enough; inf when no connection is reading)."""
+        best: Conn | None = None
+        best_key: tuple[bool, float] = (True, float("inf"))
+        for conn in self.conns:
+            if not conn.reading or conn.closing:
+                continue
+            key = (self.users[conn.uid] <= self.share, conn.last_active)
+            if key < best_key:
+                best, best_key = conn, key
+        if best is None:
+            return None, "", float("inf")
+        if not best_key[0]:
+            return best, CLOSED_USER_SHARE, now
+        if now < best.last_active + self.min_idle:
+            return None, "", best.last_active + self.min_idle
+        return best, CLOSED_IDLE, now
+
+    def mark_closing(self, conn: Conn, reason: str) -> None:
+        conn.closing = reason
+        self.closing += 1
+        if conn.read_scope is not None:
+            conn.read_scope.cancel()
+
+    def largest_unfinished(self) -> Conn:
+        return max(self.conns, key=lambda c: c.buf.buffered)
 
 
 def bind_socket(dest: Destination) -> stdsocket.socket:
     """A listening (or, for datagrams, bound) Unix socket at dest.socket, created atomically."""
     kind = stdsocket.SOCK_DGRAM if dest.socket_type == "datagram" else stdsocket.SOCK_STREAM
-    return bind_unix(Path(dest.socket), kind, dest.socket_mode, dest.socket_group)
+    return bind_unix(Path(dest.socket), kind, dest.socket_mode, dest.socket_group,
+                     key=f'destination "{dest.name}": socket')
 
 
-def bind_unix(path: Path, kind: int, mode: int, group: str | None = None) -> stdsocket.socket:
-    """Bind under a temporary name, set mode and group, listen, then rename over ``path``: the
-    path never names a socket that does not accept yet, and a stale file is replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and _is_live(path, kind):
-        raise OSError(f"{path}: another process is listening on this socket")
+def bind_unix(path: Path, kind: int, mode: int, group: str | None = None,
+              key: str = "socket") -> stdsocket.socket:
+    """Bind under a temporary name, set mode and group, listen, then link it in at ``path``:
+    the path never names a socket that does not accept yet. Whatever is at ``path`` is kept
+    unless ``lstat`` shows a socket that no live process answers (stream or datagram): a
+    regular file, a folder or a live daemon's socket is an OSError naming ``key``."""
+    _make_socket_dirs(path.parent, group)
+    _remove_stale(path, key)
     sock = stdsocket.socket(stdsocket.AF_UNIX, kind)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -76,26 +190,73 @@ def bind_unix(path: Path, kind: int, mode: int, group: str | None = None) -> std
             os.chown(tmp, -1, group_id(group))
         if kind == stdsocket.SOCK_STREAM:
             sock.listen(BACKLOG)
-        os.rename(tmp, path)
+        _link_no_replace(tmp, path, key)
     except BaseException:
         sock.close()
-        tmp.unlink(missing_ok=True)
         raise
+    finally:
+        tmp.unlink(missing_ok=True)
     return sock
 
 
-def _is_live(path: Path, kind: int) -> bool:
-    if kind != stdsocket.SOCK_STREAM or not path.is_socket():
-        return False
-    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+def _make_socket_dirs(folder: Path, group: str | None) -> None:
+    # Missing folders are made 0750 whatever the umask: writers may pass through (by the
+    # socket's group, when one is set) but never unlink or replace a socket.
+    for made in make_private_dirs(folder):
+        if group:
+            os.chown(made, -1, group_id(group))
+
+
+def _remove_stale(path: Path, key: str) -> None:
     try:
-        probe.settimeout(0.5)
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{key}: {path} exists and is not a socket; it was left as it is "
+                                    "(move it away or choose another path)")
+    if _is_live(path):
+        raise OSError(errno.EADDRINUSE, f"{key}: {path}: another process is listening on this socket")
+    path.unlink(missing_ok=True)
+
+
+def _link_no_replace(tmp: Path, path: Path, key: str) -> None:
+    # link() never replaces what appeared at the path since it was checked (rename would).
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise OSError(errno.EEXIST, f"{key}: {path} appeared while the socket was being created; "
+                                    "it was left as it is") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    if os.path.lexists(path):  # a file system without hard links: rename, checked once more
+        raise OSError(errno.EEXIST, f"{key}: {path} appeared while the socket was being created; "
+                                    "it was left as it is")
+    os.rename(tmp, path)
+
+
+def _is_live(path: Path) -> bool:
+    """A process answers at the socket ``path``, whichever its type. A socket we may not
+    connect to, or whose listener's backlog is full, counts as live."""
+    for kind in (stdsocket.SOCK_STREAM, stdsocket.SOCK_DGRAM):
+        probe = stdsocket.socket(stdsocket.AF_UNIX, kind)
+        try:
+            probe.setblocking(False)
+            probe.connect(str(path))
+            return True
+        except (BlockingIOError, InterruptedError, PermissionError):
+            return True
+        except OSError as exc:
+            if exc.errno == errno.EPROTOTYPE:
+                continue  # the other type of socket: ask it that way
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return False
+            return True
+        finally:
+            probe.close()
+    return False
 
 
 class Ingest:
@@ -105,13 +266,14 @@ class Ingest:
         self.dest = dest
         self.committer = committer
         self.stats = IngestStats()
-        self.log = logger.bind(dest=dest.name)
+        self.slots = Slots()
+        self.held_bytes = 0
+        self._slot_freed = trio.Event()
         self._readers: set[trio.CancelScope] = set()
         self._finishing: set[trio.CancelScope] = set()
-        self._held: dict[LineBuffer, int] = {}  # bytes of unfinished lines, per connection
-        self.partial_bytes = 0
         self._stop_deadline = float("inf")
         self._accepting = trio.CancelScope()
+        self._ratelimited_log = RateLimitedLog()
 
     def stop_reading(self) -> None:
         """Shutdown: accept no more, stop reading; what was read is still made durable, unless
@@ -134,34 +296,76 @@ class Ingest:
             with self._accepting:
                 await self._serve_datagrams(tsock)
             return
-        listener = trio.SocketListener(tsock)
-        limit = trio.Semaphore(MAX_CONNECTIONS)
+        acceptor = Acceptor(trio.SocketListener(tsock), f"destination {self.dest.name}")
         async with trio.open_nursery() as nursery:
             task_status.started()
             with self._accepting:
                 while True:
-                    await limit.acquire()
+                    stream = await acceptor.accept()
                     try:
-                        stream = await listener.accept()
+                        uid = _peer_uid(stream)
+                        room = await self._make_room(uid)
                     except BaseException:
-                        limit.release()
+                        stream.socket.close()
                         raise
-                    nursery.start_soon(self._connection, stream, limit)
+                    if room:
+                        nursery.start_soon(self._connection, stream, self.open(uid))
+                    else:
+                        await self._refuse(stream, uid)
+
+    def open(self, uid: int) -> Conn:
+        """Give a new connection of ``uid`` a slot (``_make_room`` made sure there is one)."""
+        conn = Conn(uid, LineBuffer(self.dest.max_line_bytes), trio.current_time())
+        self.slots.add(conn)
+        return conn
+
+    async def _make_room(self, uid: int) -> bool:
+        """Wait for a free slot, closing idle connections for it; False: refuse this one."""
+        slots = self.slots
+        while slots.full():
+            if slots.at_share(uid):
+                return False
+            wake_at = trio.current_time() + SLOT_RECHECK
+            if not slots.closing:
+                victim, reason, when = slots.victim(trio.current_time())
+                if victim is not None:
+                    slots.mark_closing(victim, reason)
+                    self.stats.close(reason)
+                    self._ratelimited("connection_closed_for_room", 1, reason=reason, uid=victim.uid,
+                                      idle=round(trio.current_time() - victim.last_active, 1))
+                else:
+                    wake_at = min(wake_at, when)
+            with trio.move_on_at(wake_at):
+                await self._slot_freed.wait()
+        return True
+
+    async def _refuse(self, stream: trio.SocketStream, uid: int) -> None:
+        self.stats.close(REFUSED_USER_SHARE)
+        self._ratelimited("connection_refused", 1, reason=REFUSED_USER_SHARE, uid=uid,
+                          user_share=self.slots.share)
+        try:
+            await self._answer(stream, {"error": REFUSED_USER_SHARE}, REFUSE_TIMEOUT)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def _serve_datagrams(self, sock: trio.socket.SocketType) -> None:
         # One datagram is one line; a trailing newline is stripped. No acknowledgement is
-        # possible, so lines are submitted in small groups for the committer to batch.
+        # possible, so lines are submitted in small groups for the committer to batch. The
+        # buffer holds a longest line and its newline: a longer datagram comes back truncated
+        # (MSG_TRUNC) and is rejected whole, never stored cut.
         max_line = self.dest.max_line_bytes
+        buf = bytearray(max_line + 1)
+        view = memoryview(buf)
         while True:
-            data = await sock.recv(MAX_DATAGRAM)
-            if data.endswith(b"\n"):
-                data = data[:-1]
-            if not data:
+            n, _, flags, _ = await sock.recvmsg_into([buf])
+            if flags & stdsocket.MSG_TRUNC:
+                self.stats.reject("line too long", 1)
+                self._ratelimited("datagram_rejected_too_long", 1, size_over=len(buf), max_line_bytes=max_line)
                 continue
-            lines = [line for line in data.split(b"\n") if line]
-            good = [line for line in lines if len(line) <= max_line]
-            if len(good) < len(lines):
-                self._oversized([len(line) for line in lines if len(line) > max_line])
+            good, oversized = split_datagram(bytes(view[:n]), max_line)
+            if oversized:
+                self._oversized(oversized)
             if good:
                 nbytes = sum(len(line) + 1 for line in good)
                 self.stats.lines_in += len(good)
@@ -170,14 +374,19 @@ class Ingest:
                 if ticket.done.is_set() and ticket.rejected:  # spool full under "reject"
                     self.stats.reject(ticket.reason, ticket.rejected)
 
+    def _ratelimited(self, event: str, n: int, **fields: object) -> None:
+        # At most one warning per event and period, with the count (its "lines" field) of
+        # what it summarises: one client must not be able to flood the log.
+        self._ratelimited_log(event, n, dest=self.dest.name, **fields)
+
     def _oversized(self, sizes: list[int]) -> None:
         self.stats.reject("line too long", len(sizes))
-        for size in sizes:
-            self.log.warning("line_rejected_too_long", size=size, max_line_bytes=self.dest.max_line_bytes)
+        self._ratelimited("line_rejected_too_long", len(sizes), size=max(sizes),
+                          max_line_bytes=self.dest.max_line_bytes)
 
-    async def _connection(self, stream: trio.SocketStream, limit: trio.Semaphore) -> None:
+    async def _connection(self, stream: trio.SocketStream, conn: Conn) -> None:
         self.stats.connections += 1
-        buf = LineBuffer(self.dest.max_line_bytes)
+        buf = conn.buf
         tickets: deque[Ticket] = deque()
         accepted = rejected = 0
         reasons: dict[str, int] = {}
@@ -187,18 +396,37 @@ class Ingest:
         try:
             with scope:
                 while True:
+                    # Its own scope, so that closing the connection for room cancels a wait
+                    # for the client, never a submission to the spool.
+                    conn.read_scope = reading = trio.CancelScope()
+                    conn.reading = True
                     try:
-                        data = await stream.receive_some(READ_SIZE)
+                        with reading:
+                            data = await stream.receive_some(READ_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         break  # reset by the client: keep what arrived complete
+                    finally:
+                        conn.reading = False
+                        conn.read_scope = None
+                    if reading.cancelled_caught:
+                        break
+                    conn.last_active = trio.current_time()
                     if not data:
                         eof = True
                         break
                     lines = buf.feed(data)
-                    self._hold(buf)
-                    await self._submit(lines, buf, tickets)
+                    # Not kept while waiting for the client: a read buffer per idle connection
+                    # would hold connections x READ_SIZE outside the budget.
+                    del data
+                    await self._submit(lines, conn, tickets)
+                    del lines
                     while tickets and tickets[0].done.is_set():
                         accepted, rejected = self._tally(tickets.popleft(), accepted, rejected, reasons)
+                    if conn.closing:  # closed for room while this data was on its way
+                        break
+            if conn.closing and buf.abandon():
+                self.stats.reject(CONNECTION_CLOSED, 1)
+                tickets.append(_rejected_ticket(1, CONNECTION_CLOSED))
             # Shielded: lines already read are made durable even during shutdown (with a
             # deadline then, since a full spool under when_full = "block" may never free up).
             finishing = trio.CancelScope(shield=True, deadline=self._stop_deadline)
@@ -206,67 +434,96 @@ class Ingest:
             try:
                 with finishing:
                     if eof:
-                        await self._submit(buf.close(), buf, tickets)
+                        await self._submit(buf.close(), conn, tickets)
                     else:
-                        await self._submit([], buf, tickets)
+                        await self._submit([], conn, tickets)
                     while tickets:
                         ticket = tickets.popleft()
                         await ticket.done.wait()
                         accepted, rejected = self._tally(ticket, accepted, rejected, reasons)
             finally:
                 self._finishing.discard(finishing)
-            if eof and not finishing.cancelled_caught:
+            if (eof or conn.closing) and not finishing.cancelled_caught:
                 answer: dict[str, object] = {"accepted": accepted, "rejected": rejected}
                 if reasons:
                     answer["reasons"] = reasons
-                await self._answer(stream, answer)
+                if conn.closing:
+                    answer = {"error": conn.closing, **answer}
+                await self._answer(stream, answer, REFUSE_TIMEOUT if conn.closing else ANSWER_TIMEOUT)
         finally:
-            self.partial_bytes -= self._held.pop(buf, 0)
+            self.held_bytes -= conn.held
+            conn.held = 0
             self._readers.discard(scope)
-            limit.release()
+            self.slots.remove(conn)
+            self._slot_freed.set()
+            self._slot_freed = trio.Event()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    def _hold(self, buf: LineBuffer) -> None:
-        # Unfinished lines of all connections share one budget: past it, a connection holding a
-        # big unfinished line gives it up (rejected and counted once it ends), so that many
-        # slow clients cannot make the daemon hold connections x max_line_bytes.
-        held = self._held.get(buf, 0)
-        now = buf.buffered
-        self.partial_bytes += now - held
-        if self.partial_bytes > MAX_PARTIAL_BYTES and now > PARTIAL_FAIR_SHARE:
-            self.partial_bytes -= buf.discard_partial()
-            self.log.warning("partial_line_dropped", held=now, budget=MAX_PARTIAL_BYTES)
-            now = 0
-        self._held[buf] = now
+    def _hold(self, conn: Conn, waiting: int = 0) -> None:
+        # One hard budget for what all connections hold: past it, the largest unfinished lines
+        # are given up (rejected once they end, counted now), so that many slow clients cannot
+        # make the daemon hold connections x max_line_bytes.
+        now = conn.buf.buffered + waiting
+        self.held_bytes += now - conn.held
+        conn.held = now
+        while self.held_bytes > MAX_HELD_BYTES:
+            victim = self.slots.largest_unfinished()
+            freed = victim.buf.discard_partial()
+            if not freed:
+                break  # only complete lines waiting for the committer: they go on their own
+            self.held_bytes -= freed
+            victim.held -= freed
+            self.stats.reject(MEMORY_LIMIT, 1)
+            self._ratelimited("partial_line_dropped", 1, held=freed, budget=MAX_HELD_BYTES)
 
-    async def _submit(self, lines: list[bytes], buf: LineBuffer, tickets: deque[Ticket]) -> None:
+    async def _submit(self, lines: list[bytes], conn: Conn, tickets: deque[Ticket]) -> None:
+        buf = conn.buf
         oversized = buf.take_oversized()
         if oversized:
             self._oversized(oversized)
             tickets.append(_rejected_ticket(len(oversized), "line too long"))
         discarded = buf.take_discarded()
         if discarded:
-            tickets.append(_rejected_ticket(len(discarded), "memory limit"))
-        if lines:
-            nbytes = sum(map(len, lines)) + len(lines)
-            self.stats.lines_in += len(lines)
-            self.stats.bytes_in += nbytes
+            tickets.append(_rejected_ticket(len(discarded), MEMORY_LIMIT))
+        if not lines:
+            self._hold(conn)
+            return
+        nbytes = sum(map(len, lines)) + len(lines)
+        self.stats.lines_in += len(lines)
+        self.stats.bytes_in += nbytes
+        self._hold(conn, nbytes)
+        try:
             tickets.append(await self.committer.submit(self.dest.name, lines, nbytes))
+        finally:
+            self._hold(conn)
 
     def _tally(self, ticket: Ticket, accepted: int, rejected: int, reasons: dict[str, int]) -> tuple[int, int]:
         if ticket.rejected:
             reasons[ticket.reason] = reasons.get(ticket.reason, 0) + ticket.rejected
-            if ticket.reason != "line too long":  # counted when found
+            if ticket.reason not in COUNTED_WHEN_FOUND:
                 self.stats.reject(ticket.reason, ticket.rejected)
         return accepted + ticket.accepted, rejected + ticket.rejected
 
-    async def _answer(self, stream: trio.SocketStream, answer: dict[str, object]) -> None:
+    async def _answer(self, stream: trio.SocketStream, answer: dict[str, object], timeout: float) -> None:
         try:
-            with trio.move_on_after(ANSWER_TIMEOUT):
+            with trio.move_on_after(timeout):
                 await stream.send_all(json.dumps(answer).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client closed without waiting: it loses nothing it sent completely
+
+
+# Rejections counted in IngestStats as they happen, not again when their ticket is tallied.
+COUNTED_WHEN_FOUND = frozenset({"line too long", MEMORY_LIMIT, CONNECTION_CLOSED})
+
+
+def _peer_uid(stream: trio.SocketStream) -> int:
+    """The connecting process's user (SO_PEERCRED); -1 when the kernel does not say."""
+    try:
+        creds = stream.socket.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("iII"))
+    except OSError:
+        return -1
+    return int(struct.unpack("iII", creds)[1])
 
 
 def _rejected_ticket(n: int, reason: str) -> Ticket:

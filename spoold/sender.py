@@ -373,9 +373,10 @@ async def _serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> 
 
 def main() -> None:
     # Stopping is the daemon's call: it closes our stdin once its own shutdown has drained
-    # (systemd's SIGTERM to the whole service, or a terminal's Ctrl-C, would cut requests short).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # (systemd's SIGTERM to the whole service, a terminal's Ctrl-C or hang-up, or a SIGHUP sent
+    # to the process group to reload the daemon would cut requests short).
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     stdin = trio.lowlevel.FdStream(os.dup(0))
     stdout = trio.lowlevel.FdStream(os.dup(1))
     try:

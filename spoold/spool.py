@@ -49,6 +49,12 @@ RECOVERY_PROBE_MAX = 5_000_000
 # this many bytes of them (bigger pages, see [spool] page_size): the WAL's size on disk.
 WAL_AUTOCHECKPOINT = 1000
 WAL_MAX_BYTES = 16 * 1024 * 1024
+# Modes of what the daemon creates for the spool, whatever the umask: the files hold record
+# contents, and only the daemon's user may change or replace them.
+FILE_MODE = 0o600
+DIR_MODE = 0o750
+# Buffer of the copies recovery makes.
+COPY_BUFFER = 1024 * 1024
 # Row ids deleted by one statement.
 DELETE_IDS_MAX = 500
 _DELETE_IDS = "DELETE FROM chunks WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, lines, bytes"
@@ -141,6 +147,45 @@ class _Damaged(Exception):
 
 def _files(path: Path) -> list[Path]:
     return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def make_private_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents with DIR_MODE, whatever the umask; return
+    the folders made."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(path, DIR_MODE)
+        made.append(path)
+    return made
+
+
+def _private_copy(src: Path, dst: Path) -> None:
+    # A copy of the spool holds every unsent line: FILE_MODE from its first byte, not the
+    # umask's default as shutil.copyfile would give it.
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    with open(fd, "wb") as out, open(src, "rb") as source:
+        os.fchmod(out.fileno(), FILE_MODE)
+        shutil.copyfileobj(source, out, COPY_BUFFER)
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes the spool file and its WAL take on disk (allocated blocks, as ``du`` counts them).
+    Rows, indexes, free pages and the WAL make this several times the bytes of lines."""
+    total = 0
+    for p in _files(path)[:2]:
+        try:
+            total += os.stat(p).st_blocks * 512
+        except OSError:
+            continue
+    return total
 
 
 def _fit_header_to_length(path: Path) -> None:
@@ -316,9 +361,15 @@ class Spool:
         is logged. A file that is not a spool at all is an error for the operator.
         """
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            make_private_dirs(self.path.parent)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                try:
+                    os.fchmod(fd, FILE_MODE)  # whatever the umask; -wal and -shm take this mode
+                finally:
+                    os.close(fd)
+            except FileExistsError:
+                pass
         except OSError as exc:
             raise SpoolError(f"{self.path}: cannot create the spool: {exc.strerror or exc}") from exc
         try:
@@ -382,9 +433,9 @@ class Spool:
             p.unlink(missing_ok=True)
         # Read from a copy (the damaged file is kept as it is) whose header is made to agree with
         # the file's real length: after a truncation SQLite otherwise refuses every page.
-        shutil.copyfile(self.path, copy)
+        _private_copy(self.path, copy)
         if _files(self.path)[1].exists():
-            shutil.copyfile(_files(self.path)[1], _files(copy)[1])
+            _private_copy(_files(self.path)[1], _files(copy)[1])
         _fit_header_to_length(copy)
         old = sqlite3.connect(copy, isolation_level=None)
         new = Spool(fresh, self.synchronous, self.page_size)
@@ -741,8 +792,10 @@ def offline_status(path: Path) -> dict[str, Any]:
             conn.close()
     except sqlite3.Error as exc:
         raise _translate(exc, path, "reading the spool") from exc
-    return build_snapshot(now=time.time(), path=str(path), page_size=page_size,
+    snap = build_snapshot(now=time.time(), path=str(path), page_size=page_size,
                           held={n: (s.lines, s.bytes) for n, s in stats.items()}, summary=summary)
+    snap["spool"]["disk_bytes"] = disk_bytes(path)
+    return snap
 
 
 def lock_path(path: Path) -> Path:
@@ -770,8 +823,8 @@ class SpoolLock:
         spool = self.path.with_name(self.path.name[: -len(".lock")])
         try:
             if make_folder:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                make_private_dirs(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:
             raise SpoolError(f"{self.path}: cannot open the spool's lock file: {exc.strerror or exc}") from exc
         try:

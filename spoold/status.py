@@ -190,6 +190,11 @@ def render_prometheus(snap: dict[str, Any]) -> str:
             for f in d.get("files") or ():
                 out.append(f'{metric}{{destination="{_escape(name)}",path="{_escape(f["path"])}"}} '
                            f'{float(f.get(key) or 0):.17g}')
+    out.append("# HELP spoold_connections_closed_total Writers' connections the daemon refused or closed, by reason.")
+    out.append("# TYPE spoold_connections_closed_total counter")
+    for name, d in sorted(dests.items()):
+        for reason, n in sorted((d.get("connections_closed") or {}).items()):
+            out.append(f'spoold_connections_closed_total{{destination="{_escape(name)}",reason="{_escape(reason)}"}} {n}')
     spool = snap.get("spool", {})
     out.append("# HELP spoold_spool_total_bytes Bytes of lines in the spool, all destinations.")
     out.append("# TYPE spoold_spool_total_bytes gauge")

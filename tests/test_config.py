@@ -70,11 +70,16 @@ def only(tmp_path: Path, dest: str, environ: dict[str, str] | None = None) -> co
 # ---------------------------------------------------------------- the example and the defaults
 
 
-def test_example_config_parses() -> None:
+def test_example_config_parses(tmp_path: Path) -> None:
     path = REPO / "config.example.toml"
     if not path.exists():
         pytest.skip("config.example.toml is not written yet")
-    cfg = config.load(path, {})
+    text = path.read_text()
+    # Every socket goes to the clients' own group, which check-config looks up on this host.
+    assert text.count('socket_group = "spoold-writers"') == text.count("[[destination]]")
+    local = tmp_path / "config.toml"
+    local.write_text(text.replace('"spoold-writers"', f'"{os.getegid()}"'))
+    cfg = config.load(local, {})
     by_name = {d.name: d for d in cfg.destinations}
     assert {d.kind for d in cfg.destinations} == {"kinesis", "firehose", "yds"}
     assert len(by_name) == len(cfg.destinations)
@@ -281,6 +286,24 @@ INVALID = [
      ['destination "b": socket']),
     ("socket is the spool", SPOOL + KINESIS.replace("/run/a.sock", "/var/lib/spoold/spool.db"),
      ['destination "a": socket']),
+    ("socket is the spool's WAL", SPOOL + KINESIS.replace("/run/a.sock", "/var/lib/spoold/spool.db-wal"),
+     ['destination "a": socket', "WAL"]),
+    ("socket is the spool's shm", SPOOL + KINESIS.replace("/run/a.sock", "/var/lib/spoold/spool.db-shm"),
+     ['destination "a": socket', '"-shm"']),
+    ("socket is the spool's lock file", SPOOL + KINESIS.replace("/run/a.sock", "/var/lib/spoold/spool.db.lock"),
+     ['destination "a": socket', "lock file"]),
+    ("socket reached through ..", SPOOL + KINESIS.replace("/run/a.sock", "/var/lib/x/../spoold/spool.db"),
+     ['destination "a": socket', "[spool].path"]),
+    ("socket is the default control socket", SPOOL + KINESIS.replace("/run/a.sock", "/var/lib/spoold/control.sock"),
+     ['destination "a": socket', "[control].socket"]),
+    ("control socket is the spool", SPOOL + '[control]\nsocket = "/var/lib/spoold/spool.db"\n' + KINESIS,
+     ["[control].socket", "[spool].path"]),
+    ("control socket is the spool's WAL", SPOOL + '[control]\nsocket = "/var/lib/spoold/spool.db-wal"\n' + KINESIS,
+     ["[control].socket", "WAL"]),
+    ("control socket is the lock file", SPOOL + '[control]\nsocket = "/var/lib/spoold/spool.db.lock"\n' + KINESIS,
+     ["[control].socket", "lock file"]),
+    ("control socket is a destination's", SPOOL + '[control]\nsocket = "/run/a.sock"\n' + KINESIS,
+     ['destination "a": socket', "[control].socket"]),
     ("unknown kind", SPOOL + KINESIS.replace('"kinesis"', '"sqs"'), ['destination "a": kind']),
     ("missing kind", SPOOL + KINESIS.replace('kind = "kinesis"\n', ""), ['destination "a": kind: required']),
     ("missing socket", SPOOL + KINESIS.replace('socket = "/run/a.sock"\n', ""), ['destination "a": socket: required']),
@@ -380,6 +403,21 @@ def test_cli_check_config_invalid(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "max_in_flight" in proc.stderr and str(path) in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_check_config_refuses_a_socket_on_the_spool(tmp_path: Path) -> None:
+    """A socket path on a file the daemon owns (here the spool's WAL) would be replaced or
+    unlinked by the daemon: check-config exits 2 naming the key and leaves the file alone."""
+    spool = tmp_path / "spool.db"
+    wal = tmp_path / "spool.db-wal"
+    wal.write_bytes(b"acknowledged lines")
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[spool]\npath = "{spool}"\n[control]\nsocket = "{wal}"\n' + KINESIS)
+    proc = spoold("check-config", "--config", str(path), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout
+    assert "[control].socket" in proc.stderr and "WAL" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert wal.read_bytes() == b"acknowledged lines"
 
 
 @pytest.mark.parametrize("args", [

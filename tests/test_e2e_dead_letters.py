@@ -138,6 +138,8 @@ def test_a_bad_control_request_gets_an_error_and_the_daemon_stays(make_daemon, f
     import socket
 
     daemon = make_daemon({"endpoint_url": fake_aws.url}).start()
+    # start() waits for the data sockets; the control socket is bound after them.
+    wait_until(lambda: (daemon.tmp / "control.sock").exists(), what="the control socket")
     for request, error in [(b"dead-letters list abc\n", "JSON object"),
                            (b'{"command": "dead-letters", "action": "list", "limit": "abc"}\n', "limit"),
                            (b'{"command": "dead-letters", "action": "drop"}\n', "action"),

@@ -381,6 +381,10 @@ def test_sigkill_at_full_speed_duplicates_only_what_was_in_flight(make_daemon, f
 
 
 # -- 2. outage -----------------------------------------------------------------------------------
+# Acknowledgements in each second of the outage, at least.
+OUTAGE_ACKS_MIN = 100
+
+
 def test_outage_keeps_acknowledging_and_delivers_after(make_daemon, fake_aws, figures):
     """503 for a while, then connection refused (the endpoint's port closed) for a while: writers
     keep being acknowledged throughout; everything arrives once the endpoint is back."""
@@ -410,8 +414,9 @@ def test_outage_keeps_acknowledging_and_delivers_after(make_daemon, fake_aws, fi
     figures.update(acks_per_s_before=round(writers.rate(t0, t1)), acks_per_s_503=round(writers.rate(t1, t2)),
                    acks_per_s_refused=round(writers.rate(t2, t3)), backlog_at_recovery=snap["spooled_lines"],
                    daemon_cpu_before=round(cpu_before, 2), daemon_cpu_503=round(cpu_503, 2),
-                   daemon_cpu_refused=round(cpu_refused, 2))
-    assert all(windows), f"acknowledgements stopped during the outage: per-second counts {windows}"
+                   daemon_cpu_refused=round(cpu_refused, 2), acks_min_per_s_outage=min(windows))
+    # Writers offer up to 15k lines/s; 100 a second is far below any rate seen on a busy machine.
+    assert min(windows) >= OUTAGE_ACKS_MIN, f"acknowledgements slowed or stopped: per-second counts {windows}"
     assert snap["failures"].get("ConnectionError", 0) > 0, snap["failures"]
     assert snap["spooled_lines"] > 0
     acked = writers.snapshot()
@@ -935,7 +940,9 @@ def test_malformed_service_answers_never_mark_lines_sent(kind, sender, make_daem
 REQUEST_TIMEOUT = 2.0
 # A request that gets no complete answer is abandoned by then (httpx timeout, then trio's bound).
 TIMEOUT_BOUND = REQUEST_TIMEOUT + 1.0 + 1.5  # + 1 s: the flusher's fail_after; + 1.5 s slack
-IDLE_CPU_MAX = 0.20
+# Measured 0.3% to 2.0% of a core (2026-12-03, a busy 2-core machine); CPU time is the
+# daemon's own, so other tenants' load barely moves it.
+IDLE_CPU_MAX = 0.05
 
 NETWORK_FAULTS: dict[str, Callable[[FaultProxy, Any], None]] = {
     "reset_mid_response": lambda proxy, srv: proxy.set(reset=True, reset_after=60),

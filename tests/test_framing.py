@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spoold.framing import LineBuffer
+from spoold.framing import LineBuffer, split_datagram
 
 
 def run(max_line: int, chunks: list[bytes]) -> tuple[list[bytes], list[int]]:
@@ -113,3 +113,30 @@ def test_any_lines_any_chunking(max_line: int, lines: list[bytes], trailing_newl
     got_lines, got_oversized = run(max_line, chunks)
     assert got_lines == [line for line in lines if 0 < len(line) <= max_line]
     assert got_oversized == [len(line) for line in lines if len(line) > max_line]
+
+
+@pytest.mark.parametrize(("data", "want_lines", "want_oversized"), [
+    (b"", [], []),
+    (b"\n", [], []),
+    (b"abcd", [b"abcd"], []),
+    (b"abcd\n", [b"abcd"], []),  # the longest line with its newline
+    (b"abcde", [], [5]),
+    (b"abcde\n", [], [5]),
+    (b"ab\ncd\n", [b"ab", b"cd"], []),
+    (b"ab\n\ncdefgh\nz", [b"ab", b"z"], [6]),
+    (b"ab\r\n", [b"ab\r"], []),
+])
+def test_split_datagram(data: bytes, want_lines: list[bytes], want_oversized: list[int]) -> None:
+    assert split_datagram(data, 4) == (want_lines, want_oversized)
+
+
+def test_abandon_drops_the_unfinished_line_and_reports_a_skipped_one() -> None:
+    buf = LineBuffer(4)
+    assert buf.feed(b"ok\nabc") == [b"ok"]
+    assert buf.abandon() == 3 and buf.buffered == 0 and buf.close() == []
+    buf = LineBuffer(4)
+    assert buf.feed(b"abcdefg") == []
+    assert buf.abandon() == 0 and buf.take_oversized() == [7]
+    buf = LineBuffer(4)
+    assert buf.feed(b"abc") == [] and buf.discard_partial() == 3
+    assert buf.abandon() == 0 and buf.take_discarded() == [3] and buf.take_oversized() == []

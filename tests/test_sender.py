@@ -23,7 +23,7 @@ from spoold.errors import RetryableSendError
 from spoold.protocol import Api
 from spoold.sender import MAX_FRAME, ProcessSender, _frames, uncycled
 from spoold.signing import sign
-from tests.conftest import DEADLINE, TEST_KEYS, wait_until
+from tests.conftest import DEADLINE, TEST_KEYS, send_lines, wait_until
 
 
 def _reply(request: httpx.Request) -> httpx.Response:
@@ -219,3 +219,38 @@ async def _wait(predicate) -> None:
     with trio.fail_after(DEADLINE):
         while not predicate():  # noqa: ASYNC110 (polls state another task changes)
             await trio.sleep(0.01)
+
+
+def test_helper_survives_sighup_to_the_process_group(make_daemon, fake_aws) -> None:
+    """A SIGHUP sent to the service's process group (a reload by hand, a closed terminal) reaches
+    the helper as well as the daemon: the daemon reloads, the helper keeps running, and lines
+    written after it are delivered by the same helper."""
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "5ms"},
+                         extra='[daemon]\nsender = "process"\n').start()
+    sock = daemon.sockets()[0]
+    assert send_lines(sock, b"before\n")["accepted"] == 1
+    wait_until(lambda: daemon.spool_rows() == 0, what="the first line sent")
+    helper = wait_until(lambda: _child_of(daemon.proc.pid), what="the sender helper")
+    wait_until(lambda: _ignores(helper, signal.SIGHUP), what="the helper ignoring SIGHUP")
+    # Both members of the group, one by one: the test's own process group is pytest's.
+    os.kill(helper, signal.SIGHUP)
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    wait_until(lambda: any(e.get("event") == "reloaded" for e in daemon.log_events()), what="the reload")
+    assert send_lines(sock, b"after\n")["accepted"] == 1
+    wait_until(lambda: {b"before", b"after"} <= {r.data for r in fake_aws.all_records()}, what="both lines")
+    assert _child_of(daemon.proc.pid) == helper, "the helper was replaced"
+    assert not any(e.get("event") == "sender_exited" for e in daemon.log_events())
+    assert daemon.stop() == 0
+
+
+def _child_of(pid: int) -> int | None:
+    """The process's child (a child belongs to the thread that started it)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = f.read().split()
+        except OSError:
+            continue
+        if children:
+            return int(children[0])
+    return None

@@ -235,3 +235,10 @@ def test_followed_files_in_the_table_and_prometheus() -> None:
     assert 'spoold_file_offset_bytes{destination="app",path="/var/log/a\\"b.log"} 10' in text
     assert "# TYPE spoold_file_size_bytes gauge" in text
     assert '/var/log/a"b.log at 10 of 25 (15B behind, read never)' in render_table(snap)
+
+
+def test_files_must_not_match_the_spool() -> None:
+    with pytest.raises(ConfigError, match=r'destination "app": files: /tmp/x/\* matches /tmp/x/spool.db'):
+        parse(files=["/tmp/x/*"])
+    with pytest.raises(ConfigError, match="spool.db-wal"):
+        parse(files=["/tmp/x/*-wal"])
