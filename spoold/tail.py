@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
-from spoold.committer import Committer
+from spoold.committer import Committer, RateLimitedLog
 from spoold.config import Destination
 from spoold.errors import SpoolError
 from spoold.spool import FilePosition, Spool, Worker
@@ -193,6 +193,7 @@ class Tailer:
         # Finished files still matched (renamed in the glob): their size and mtime when closed.
         self.closed: dict[tuple[int, int], tuple[int, int]] = {}
         self.unreadable: set[str] = set()
+        self._log = RateLimitedLog()
         self.read_bytes = max(READ_BYTES, dest.max_line_bytes + 1)
         self.scope = trio.CancelScope()
         self.log = logger.bind(dest=dest.name)
@@ -278,6 +279,13 @@ class Tailer:
                 continue  # the next poll's read reports it
             if not same_file(f.fp, f.fp_len, head):
                 self._restart(f, "replaced")
+        gone = [k for k in self.closed if k not in found]
+        if gone:  # finished files since deleted or rotated out of the globs: nothing left to resume
+            await self.worker.run(self.spool.tail_forget, self.name, gone)
+            for k in gone:
+                self.closed.pop(k, None)
+                self.records.pop(k, None)
+                self.paths.pop(k, None)
         for key, (path, st, patterns) in found.items():
             if key in self.files:
                 continue
@@ -356,7 +364,7 @@ class Tailer:
             self.stats.too_long += cut.too_long
             if callable(self.reject):
                 self.reject("line too long", cut.too_long)
-            self.log.warning("file_line_too_long", path=f.path, lines=cut.too_long, max_line_bytes=self.dest.max_line_bytes)
+            self._log("file_lines_too_long", cut.too_long, dest=self.name, max_line_bytes=self.dest.max_line_bytes)
         start = f.scan
         if cut.boundary >= 0:
             if f.fp_len < FINGERPRINT_BYTES and f.size > f.fp_len:

@@ -279,3 +279,28 @@ def test_a_pattern_added_later_starts_at_start_at(make_daemon, fake_aws, tmp_pat
     wait_until(lambda: {b"c-1", b"b-new"} <= set(_arrived(fake_aws)), DEADLINE, "c.log and b.txt's new line")
     assert daemon.stop() == 0
     assert sorted(_arrived(fake_aws).elements()) == [b"a-1", b"b-new", b"c-1"]
+
+
+def _positions(daemon: Any) -> list[tuple[str, int]]:
+    conn = sqlite3.connect(daemon.tmp / "spool.db")
+    try:
+        return sorted(conn.execute("SELECT path, offset FROM files"))
+    finally:
+        conn.close()
+
+
+def test_a_rotated_file_is_finished_then_forgotten_once_deleted(make_daemon, fake_aws, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    app = logs / "app.log"
+    daemon = make_daemon(_dest(tmp_path, fake_aws, files=[str(logs / "app.log*")])).start()
+    app.write_bytes(b"r-1\nr-2 unfinished")
+    wait_until(lambda: b"r-1" in set(_arrived(fake_aws)), DEADLINE, "the first line")
+    os.rename(app, logs / "app.log.1")  # rename and create: the old file is finished, its last line counts
+    app.write_bytes(b"n-1\n")
+    wait_until(lambda: {b"r-2 unfinished", b"n-1"} <= set(_arrived(fake_aws)), DEADLINE, "the rotated file's end")
+    assert _positions(daemon) == [(str(app), 4), (str(app), 18)]  # both known by the name first seen
+    os.unlink(logs / "app.log.1")
+    wait_until(lambda: _positions(daemon) == [(str(app), 4)], DEADLINE, "the deleted file forgotten")
+    assert daemon.stop() == 0
+    assert sorted(_arrived(fake_aws).elements()) == [b"n-1", b"r-1", b"r-2 unfinished"]
