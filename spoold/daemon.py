@@ -282,8 +282,8 @@ class Daemon:
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                # Files first: once the socket exists, the files there have been found, which
-                # decides start_at (tests and operators can rely on it).
+                # Files first: when the socket accepts (and "ready" is logged), the files that
+                # start_at applies to have been found.
                 if rt.tailer is not None:
                     await nursery.start(rt.tailer.run)
                 if rt.tsock is not None:

@@ -209,10 +209,7 @@ class Tailer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with self.scope:
-            try:
-                await self._start()
-            finally:
-                task_status.started()
+            await self._start(task_status)
             next_scan = trio.current_time() + RESCAN
             while True:
                 busy = False
@@ -223,9 +220,7 @@ class Tailer:
                     next_scan = trio.current_time() + RESCAN
                 if not busy:
                     await trio.sleep(POLL)
-        for f in self.files.values():
-            os.close(f.fd)
-        self.files.clear()
+        self.files_close()
 
     # -- finding files --------------------------------------------------------------------
     def _glob(self) -> dict[tuple[int, int], tuple[str, os.stat_result, set[str]]]:
@@ -242,7 +237,40 @@ class Tailer:
                     found.setdefault((st.st_dev, st.st_ino), (path, st, set()))[2].add(pattern)
         return found
 
-    async def _start(self) -> None:
+    async def _start(self, task_status: trio.TaskStatus[None]) -> None:
+        """The first scan, then started (the daemon opens the socket next). A spool that fails
+        here is tried again without holding the daemon's start."""
+        started = False
+        while True:
+            try:
+                await self._begin()
+                break
+            except SpoolError as exc:  # a failing disk: the files wait; try again
+                self.log.error("files_start_failed", error=str(exc), retry_in=RETRY_AFTER * 5)
+                self.files_close()
+                if not started:
+                    started = True
+                    task_status.started()
+                await trio.sleep(RETRY_AFTER * 5)
+        if not started:
+            task_status.started()
+
+    def files_close(self) -> None:
+        for f in self.files.values():
+            os.close(f.fd)
+        self.files.clear()
+
+    async def _forget(self, keys: list[tuple[int, int]]) -> None:
+        try:
+            await self.worker.run(self.spool.tail_forget, self.name, keys)
+        except SpoolError as exc:  # only bookkeeping: the next start prunes them again
+            self.log.error("files_forget_failed", error=str(exc))
+        for k in keys:
+            self.closed.pop(k, None)
+            self.records.pop(k, None)
+            self.paths.pop(k, None)
+
+    async def _begin(self) -> None:
         known, rows = await self.worker.run(self.spool.tail_state, self.name)
         self.records = {(dev, ino): (fp, fp_len, off) for _d, dev, ino, fp, fp_len, _p, off in rows}
         self.paths = {(dev, ino): p for _d, dev, ino, _fp, _n, p, _o in rows}
@@ -254,10 +282,7 @@ class Tailer:
         self.log.info("files_following", files=len(self.files), new_patterns=new, start_at=self.dest.start_at)
         gone = [k for k in self.records if k not in found]
         if gone:  # rotated out of the globs or deleted while we were stopped
-            await self.worker.run(self.spool.tail_forget, self.name, gone)
-            for k in gone:
-                self.records.pop(k, None)
-                self.paths.pop(k, None)
+            await self._forget(gone)
 
     async def _scan(self, known: set[str] | None, first: list[FilePosition]) -> set[tuple[int, int]]:
         """Match the globs: follow new files, note renamed, unmatched and replaced ones. At
@@ -281,11 +306,7 @@ class Tailer:
                 self._restart(f, "replaced")
         gone = [k for k in self.closed if k not in found]
         if gone:  # finished files since deleted or rotated out of the globs: nothing left to resume
-            await self.worker.run(self.spool.tail_forget, self.name, gone)
-            for k in gone:
-                self.closed.pop(k, None)
-                self.records.pop(k, None)
-                self.paths.pop(k, None)
+            await self._forget(gone)
         for key, (path, st, patterns) in found.items():
             if key in self.files:
                 continue
@@ -407,9 +428,7 @@ class Tailer:
         self.log.info("file_finished", path=f.path, offset=f.offset, deleted=f.deleted, matched=f.matched)
         if f.deleted or not f.matched:
             # Its last position is committed (we waited for it): nothing is left to resume.
-            await self.worker.run(self.spool.tail_forget, self.name, [f.key])
-            self.records.pop(f.key, None)
-            self.paths.pop(f.key, None)
+            await self._forget([f.key])
         else:
             try:
                 st = os.stat(f.path)
@@ -424,6 +443,3 @@ def _nlink(fd: int) -> int:
     except OSError:
         return 0
 
-
-__all__ = ["Cut", "SpoolError", "Tailer", "cut_lines", "end_of_last_line", "fingerprint", "is_finished",
-           "same_file", "start_offset"]

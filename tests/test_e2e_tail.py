@@ -43,9 +43,19 @@ def _arrived(srv: Any) -> collections.Counter[bytes]:
     return collections.Counter(r.data for r in srv.all_records())
 
 
+def _started(daemon: Any) -> Any:
+    """Start and wait for "ready": the files that start_at applies to are found by then (the
+    socket file exists earlier)."""
+    daemon.start()
+    wait_until(lambda: sum(e.get("event") == "ready" for e in daemon.log_events()) == daemon.runs
+               or daemon.proc.poll() is not None, DEADLINE, "ready")
+    assert daemon.proc.poll() is None, daemon.log()[-3000:]
+    return daemon
+
+
 def _dest(tmp: Path, srv: Any, **keys: Any) -> dict[str, Any]:
-    return {"endpoint_url": srv.url, "retry_base": "10ms", "retry_cap": "200ms", "files": [str(tmp / "logs" / "*.log*")],
-            **keys}
+    return {"endpoint_url": srv.url, "retry_base": "10ms", "retry_cap": "200ms",
+            "files": [str(tmp / "logs" / "*.log*")], **keys}
 
 
 class Writer(threading.Thread):
@@ -102,7 +112,7 @@ def test_rotation_and_kill9_lose_and_duplicate_nothing(make_daemon, fake_aws, tm
     logs.mkdir()
     (tmp_path / "copies").mkdir()
     fake_aws.faults.down = True
-    daemon = make_daemon(_dest(tmp_path, fake_aws, start_at="beginning")).start()
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, start_at="beginning")))
     app = Writer(logs, "app")
     ct = Writer(logs, "ct")
     app.start()
@@ -118,14 +128,14 @@ def test_rotation_and_kill9_lose_and_duplicate_nothing(make_daemon, fake_aws, tm
             # written between a copy and its truncation are lost by every tailer, by design.
             with ct.lock:
                 size = os.path.getsize(logs / "ct.log")
-                wait_until(lambda: any(f["path"].endswith("ct.log") and f["offset"] == size
-                                       for f in _files(daemon)), DEADLINE, "ct.log read to its end")
+                wait_until(lambda size=size: any(f["path"].endswith("ct.log") and f["offset"] == size
+                                                 for f in _files(daemon)), DEADLINE, "ct.log read to its end")
                 shutil.copy(logs / "ct.log", tmp_path / "copies" / f"ct.log.{round_}")
                 os.truncate(logs / "ct.log", 0)
             threading.Event().wait(rng.uniform(0.1, 0.6))
             daemon.kill()
             threading.Event().wait(rng.uniform(0.0, 0.3))  # the writers go on while it is down
-            daemon.start()
+            _started(daemon)
     finally:
         app.stop.set()
         ct.stop.set()
@@ -153,7 +163,7 @@ def test_inode_reuse_is_read_from_its_start(make_daemon, fake_aws, tmp_path):
     logs.mkdir()
     old = logs / "a.log"
     old.write_bytes(b"".join(f"old-{i:03d} {'o' * 40}\n".encode() for i in range(30)))
-    daemon = make_daemon(_dest(tmp_path, fake_aws, start_at="beginning")).start()
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, start_at="beginning")))
     wait_until(lambda: len(fake_aws.all_records()) >= 30, DEADLINE, "the old file's lines")
     assert daemon.stop() == 0
     inode = old.stat().st_ino
@@ -170,7 +180,7 @@ def test_inode_reuse_is_read_from_its_start(make_daemon, fake_aws, tmp_path):
         p.unlink()
     lines = [f"new-{i:03d}".encode() for i in range(100)]
     new.write_bytes(b"".join(line + b"\n" for line in lines))  # longer than the old offset
-    daemon.start()
+    _started(daemon)
     wait_until(lambda: set(_arrived(fake_aws)) >= set(lines), DEADLINE, "every line of the new file")
     assert daemon.stop() == 0
     assert any(e.get("event") == "file_followed" and e.get("reason") == "inode_reused" for e in daemon.log_events())
@@ -179,7 +189,7 @@ def test_inode_reuse_is_read_from_its_start(make_daemon, fake_aws, tmp_path):
 def test_deleted_file_is_finished_and_a_new_one_read_while_running(make_daemon, fake_aws, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
-    daemon = make_daemon(_dest(tmp_path, fake_aws)).start()
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws)))
     f = open(logs / "a.log", "ab", buffering=0)
     f.write(b"one\ntwo\n")
     wait_until(lambda: {b"one", b"two"} <= set(_arrived(fake_aws)), DEADLINE, "a file new while running, from 0")
@@ -197,8 +207,8 @@ def test_start_at_end_and_beginning(make_daemon, fake_aws, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "a.log").write_bytes(b"before-1\nbefore-2\nhalf")
-    daemon = make_daemon(_dest(tmp_path, fake_aws, stream="end"),
-                         _dest(tmp_path, fake_aws, stream="beginning", start_at="beginning")).start()
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, stream="end"),
+                         _dest(tmp_path, fake_aws, stream="beginning", start_at="beginning")))
     with open(logs / "a.log", "ab") as f:
         f.write(b"-done\nafter-1\n")
     want_end = {b"half-done", b"after-1"}  # the unfinished line counts from its start
@@ -208,7 +218,7 @@ def test_start_at_end_and_beginning(make_daemon, fake_aws, tmp_path):
     assert daemon.stop() == 0
     # A file created while stopped is new: read from its start, whatever start_at says.
     (logs / "b.log").write_bytes(b"later-1\n")
-    daemon.start()
+    _started(daemon)
     wait_until(lambda: b"later-1" in {r.data for r in fake_aws.records("end")}, DEADLINE, "the new file")
     assert daemon.stop() == 0
     assert sorted(r.data for r in fake_aws.records("end")) == sorted(want_end | {b"later-1"})
@@ -217,8 +227,8 @@ def test_start_at_end_and_beginning(make_daemon, fake_aws, tmp_path):
 def test_partial_last_line_waits_then_counts_when_rotated_away(make_daemon, fake_aws, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
-    daemon = make_daemon(_dest(tmp_path, fake_aws, files=[str(logs / "app.log")],
-                               max_line_bytes=100)).start()
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, files=[str(logs / "app.log")],
+                                        max_line_bytes=100)))
     f = open(logs / "app.log", "ab", buffering=0)
     f.write(b"complete\n" + b"L" * 500 + b"\nparti")
     wait_until(lambda: b"complete" in set(_arrived(fake_aws)), DEADLINE, "the complete line")
@@ -244,8 +254,8 @@ def test_a_full_spool_pauses_reading_and_the_file_waits(make_daemon, fake_aws, t
     lines = [f"{i:07d} {'p' * 200}".encode() for i in range(15_000)]  # about 3 MiB, the spool 1 MiB
     (logs / "big.log").write_bytes(b"".join(line + b"\n" for line in lines))
     fake_aws.faults.down = True
-    daemon = make_daemon(_dest(tmp_path, fake_aws, start_at="beginning"),
-                         spool={"max_bytes": "1MiB", "when_full": "block"}).start()
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, start_at="beginning"),
+                         spool={"max_bytes": "1MiB", "when_full": "block"}))
     wait_until(lambda: (_files(daemon) or [{}])[0].get("offset", 0) > 0, DEADLINE, "reading to start")
     # Reading stops below the limit (give it time to go wrong, then look: a condition cannot
     # prove that something does not happen).
@@ -266,14 +276,14 @@ def test_a_pattern_added_later_starts_at_start_at(make_daemon, fake_aws, tmp_pat
     logs.mkdir()
     (logs / "a.log").write_bytes(b"a-1\n")
     (logs / "b.txt").write_bytes(b"b-old\n")
-    daemon = make_daemon(_dest(tmp_path, fake_aws, files=[str(logs / "*.log")], start_at="beginning")).start()
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, files=[str(logs / "*.log")], start_at="beginning")))
     wait_until(lambda: b"a-1" in set(_arrived(fake_aws)), DEADLINE, "a.log")
     assert daemon.stop() == 0
     text = daemon.config.read_text()
     daemon.config.write_text(text.replace('start_at = "beginning"', 'start_at = "end"').replace(
         json.dumps([str(logs / "*.log")]), json.dumps([str(logs / "*.log"), str(logs / "*.txt")])))
     (logs / "c.log").write_bytes(b"c-1\n")  # new under a known pattern: from its start
-    daemon.start()
+    _started(daemon)
     with open(logs / "b.txt", "ab") as f:
         f.write(b"b-new\n")
     wait_until(lambda: {b"c-1", b"b-new"} <= set(_arrived(fake_aws)), DEADLINE, "c.log and b.txt's new line")
@@ -293,7 +303,7 @@ def test_a_rotated_file_is_finished_then_forgotten_once_deleted(make_daemon, fak
     logs = tmp_path / "logs"
     logs.mkdir()
     app = logs / "app.log"
-    daemon = make_daemon(_dest(tmp_path, fake_aws, files=[str(logs / "app.log*")])).start()
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, files=[str(logs / "app.log*")])))
     app.write_bytes(b"r-1\nr-2 unfinished")
     wait_until(lambda: b"r-1" in set(_arrived(fake_aws)), DEADLINE, "the first line")
     os.rename(app, logs / "app.log.1")  # rename and create: the old file is finished, its last line counts

@@ -214,9 +214,10 @@ def test_positions_are_committed_with_the_lines_and_survive_reopening(tmp_path: 
 def test_a_failed_commit_writes_no_position(tmp_path: Path) -> None:
     s = Spool(tmp_path / "spool.db")
     s.open_writer()
-    with pytest.raises(Exception):
+    lines: list[bytes] = [b"ok", None]  # type: ignore[list-item]
+    with pytest.raises(TypeError):
         # A line that is not bytes fails the insert after the position was written: both roll back.
-        s.commit([("app", [b"ok", None], 3)], [], 1.0, None, [("app", 1, 2, b"f", 1, "/a", 9)])  # type: ignore[list-item]
+        s.commit([("app", lines, 3)], [], 1.0, None, [("app", 1, 2, b"f", 1, "/a", 9)])
     assert s.tail_state("app") == (set(), [])
     s.close()
 
