@@ -94,7 +94,8 @@ def _check_config(path: str) -> int:
 
     cfg = config.load(path)
     for d in cfg.destinations:
-        print(f"{d.name}: {d.kind} -> {d.stream_arn or d.stream} at {d.endpoint_url} ({d.region}), socket {d.socket}")
+        print(f"{d.name}: {d.kind} -> {d.stream_arn or d.stream} at {d.endpoint_url} ({d.region})"
+              + (f", socket {d.socket}" if d.socket else "") + (f", files {' '.join(d.files)}" if d.files else ""))
     print(f"{path}: OK")
     return EXIT_OK
 

@@ -20,7 +20,7 @@ import trio
 
 from spoold.config import SpoolConfig
 from spoold.errors import SpoolError
-from spoold.spool import DestStats, Spool, Worker
+from spoold.spool import DestStats, FilePosition, Spool, Worker
 
 if TYPE_CHECKING:
     from spoold.batching import Entry
@@ -40,11 +40,12 @@ LOG_EVERY = 10.0
 class Ticket:
     """One submission's fate: filled in after its commit, then ``done`` is set."""
 
-    __slots__ = ("lines", "nbytes", "done", "accepted", "rejected", "reason")
+    __slots__ = ("lines", "nbytes", "done", "accepted", "rejected", "reason", "files")
 
-    def __init__(self, lines: list[bytes], nbytes: int) -> None:
+    def __init__(self, lines: list[bytes], nbytes: int, files: list[FilePosition] | None = None) -> None:
         self.lines = lines
         self.nbytes = nbytes
+        self.files = files
         self.done = trio.Event()
         self.accepted = 0
         self.rejected = 0
@@ -114,10 +115,12 @@ class Committer:
         self._closed = False
 
     # -- for connections ------------------------------------------------------------------
-    async def submit(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket:
+    async def submit(self, dest: str, lines: list[bytes], nbytes: int,
+                     files: list[FilePosition] | None = None) -> Ticket:
         """Queue lines for the next commit; waits while too much is pending or the spool is full
-        (``when_full = "block"``). Await ``ticket.done`` for the outcome."""
-        ticket = Ticket(lines, nbytes)
+        (``when_full = "block"``). Await ``ticket.done`` for the outcome. ``files``: where the
+        followed files these lines come from were read up to, written in the same transaction."""
+        ticket = Ticket(lines, nbytes, files)
         while not self._closed and (
             self._pending_bytes > MAX_PENDING_BYTES
             or (self.cfg.when_full == "block" and self._full(dest, nbytes))
@@ -286,7 +289,12 @@ class Committer:
         self._committing_bytes += committing
         grouped: dict[str, list[bytes]] = {}
         sizes: dict[str, int] = {}
+        files: list[FilePosition] = []
         for dest, ticket in pending:
+            if ticket.files:
+                files += ticket.files
+            if not ticket.lines:  # only a file position (the lines read were all refused)
+                continue
             grouped.setdefault(dest, []).extend(ticket.lines)
             sizes[dest] = sizes.get(dest, 0) + ticket.nbytes
         appends = [(d, lines, sizes[d]) for d, lines in grouped.items()]
@@ -295,7 +303,8 @@ class Committer:
         # that do not know of them yet, and delete rows that a flusher is about to lease.
         async with self._rows_lock:
             try:
-                made = await self.worker.run(self.spool.commit, appends, [d[0] for d in deletes], now, progress)
+                made = await self.worker.run(self.spool.commit, appends, [d[0] for d in deletes], now, progress,
+                                             files)
             except SpoolError as exc:
                 failed: SpoolError | None = exc
             else:

@@ -8,6 +8,7 @@ must be an integer from 1 to 64``). Durations may be numbers of seconds or strin
 
 from __future__ import annotations
 
+import fnmatch
 import grp
 import os
 import re
@@ -63,7 +64,7 @@ class SpoolConfig:
 class Destination:
     name: str
     kind: str
-    socket: Path
+    socket: Path | None
     stream: str
     region: str
     endpoint_url: str
@@ -91,6 +92,8 @@ class Destination:
     role_arn: str | None = None
     external_id: str | None = None
     role_session_name: str | None = None
+    files: tuple[str, ...] = ()
+    start_at: str = "end"
 
     @property
     def signing_service(self) -> str:
@@ -197,6 +200,8 @@ def parse(doc: dict[str, Any], path: Path, env: dict[str, str]) -> Config:
             raise ConfigError(f'{path}: destination[{n}].name: "{d.name}" is used by another destination')
         seen_names.add(d.name)
     _check_socket_paths(path, spool.path, control, dests)
+    for d in dests:
+        _check_files(path, spool.path, d)
     return Config(path=path, spool=spool, destinations=dests, shutdown_grace=grace,
                   sender=sender, log_level=level,
                   log_format=fmt, control_socket=control, metrics_listen=metrics)
@@ -216,12 +221,22 @@ def _check_socket_paths(path: Path, spool: Path, control: Path, dests: tuple[Des
     }
     sockets = [("[control].socket", "the control socket ([control].socket)", control)]
     sockets += [(f'destination "{d.name}": socket', f'the socket of destination "{d.name}"', d.socket)
-                for d in dests]
+                for d in dests if d.socket is not None]
     for key, description, sock in sockets:
         where = os.path.realpath(sock)
         if where in taken:
             raise ConfigError(f"{path}: {key}: {sock} is also {taken[where]}; choose another path")
         taken[where] = description
+
+
+def _check_files(path: Path, spool: Path, dest: Destination) -> None:
+    """Following the spool's own files would feed the spool into itself."""
+    own = [os.path.abspath(spool) + suffix for suffix in ("", "-wal", "-shm", ".lock")]
+    for pattern in dest.files:
+        hit = next((f for f in own if fnmatch.fnmatchcase(f, pattern)), None)
+        if hit is not None:
+            raise ConfigError(f'{path}: destination "{dest.name}": files: {pattern} matches {hit}, '
+                              "a file of the spool ([spool].path)")
 
 
 def _destination(t: _Table, env: dict[str, str]) -> Destination:
@@ -234,7 +249,13 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
     if kind is None:
         raise t.error("kind", f"required, one of {', '.join(KINDS)}")
     credentials = _credentials(t, kind, env)
-    socket = Path(t.string("socket", required=True))
+    files, start_at = _files(t)
+    socket_s = t.string("socket", default=None)
+    if socket_s is None and not files:
+        raise t.error("socket", "required (or files, to follow log files)")
+    if socket_s == "":
+        raise t.error("socket", "must not be empty")
+    socket = Path(socket_s) if socket_s is not None else None
     socket_type = t.choice("socket_type", ("stream", "datagram"), "stream")
     mode_s = t.string("socket_mode", default="0660")
     if not re.fullmatch(r"0?[0-7]{3}", mode_s):
@@ -360,10 +381,32 @@ def _destination(t: _Table, env: dict[str, str]) -> Destination:
         retry_base=t.duration("retry_base", 0.1, minimum=0.001, maximum=60.0),
         retry_cap_throttle=t.duration("retry_cap_throttle", 5.0, minimum=0.001, maximum=3600.0),
         retry_cap=t.duration("retry_cap", 60.0, minimum=0.001, maximum=3600.0),
+        files=files,
+        start_at=start_at,
         **credentials,
     )
     t.done()
     return dest
+
+
+def _files(t: _Table) -> tuple[tuple[str, ...], str]:
+    """``files`` (absolute paths or globs of log files to follow) and ``start_at``."""
+    value = t._get("files")
+    if value is None:
+        files: tuple[str, ...] = ()
+    else:
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise t.error("files", 'must be a non-empty list of paths or globs, such as ["/var/log/app/*.log"]')
+        for v in value:
+            if not v.startswith("/") or "\0" in v:
+                raise t.error("files", f"{v!r} is not an absolute path")
+            if v.endswith("/"):
+                raise t.error("files", f"{v!r} names a folder: give the files, such as {v}*.log")
+        files = tuple(dict.fromkeys(value))
+    start_at = t.choice("start_at", ("end", "beginning"), "end")
+    if "start_at" in t.data and not files:
+        raise t.error("start_at", "only valid with files")
+    return files, start_at
 
 
 def default_session_name(hostname: str) -> str:

@@ -39,6 +39,7 @@ from spoold.sender import InlineSender, ProcessSender, Sender, client_limits, ma
 from spoold.signing import CredentialSources, use_systemd_credentials
 from spoold.spool import Spool, SpoolLock, Worker, dead_letter_json, disk_bytes
 from spoold.status import render_prometheus
+from spoold.tail import Tailer
 
 logger = structlog.get_logger()
 
@@ -64,11 +65,12 @@ RELOAD_REASON_MAX = 300
 class DestRuntime:
     """One destination's running parts: socket, ingest, flusher, and their cancel scope."""
 
-    def __init__(self, dest: Destination, sock: stdsocket.socket, activated: bool,
-                 ingest: Ingest, flusher: Flusher) -> None:
+    def __init__(self, dest: Destination, sock: stdsocket.socket | None, activated: bool,
+                 ingest: Ingest, flusher: Flusher, tailer: Tailer | None = None) -> None:
         self.dest = dest
         self.sock = sock
-        self.tsock = trio.socket.from_stdlib_socket(sock)
+        self.tsock = trio.socket.from_stdlib_socket(sock) if sock is not None else None
+        self.tailer = tailer
         self.activated = activated
         self.ingest = ingest
         self.flusher = flusher
@@ -77,8 +79,16 @@ class DestRuntime:
         self.done = trio.Event()
         self.samples: deque[tuple[float, int, int]] = deque()
 
+    def stop_reading(self) -> None:
+        self.ingest.stop_reading()
+        if self.tailer is not None:
+            self.tailer.stop_reading()
+
+    def lines_in(self) -> int:
+        return self.ingest.stats.lines_in + (self.tailer.stats.lines if self.tailer is not None else 0)
+
     def sample(self, now: float) -> None:
-        self.samples.append((now, self.ingest.stats.lines_in, self.flusher.machine.lines_sent))
+        self.samples.append((now, self.lines_in(), self.flusher.machine.lines_sent))
         while self.samples and now - self.samples[0][0] > RATE_WINDOW:
             self.samples.popleft()
 
@@ -187,8 +197,10 @@ class Daemon:
             logger.warning("activation_socket_unmatched", names=sorted(unknown),
                            hint="FileDescriptorName= must equal a destination name")
 
-    def _socket_for(self, dest: Destination) -> tuple[stdsocket.socket, bool]:
+    def _socket_for(self, dest: Destination) -> tuple[stdsocket.socket | None, bool]:
         sock = self._activated.pop(dest.name, None)
+        if dest.socket is None and sock is None:  # files only
+            return None, False
         if sock is not None:
             want = stdsocket.SOCK_DGRAM if dest.socket_type == "datagram" else stdsocket.SOCK_STREAM
             if sock.type != want:
@@ -237,7 +249,10 @@ class Daemon:
             sock, activated = self._socket_for(dest)
         flusher = Flusher(dest, self.cfg.spool, self.spool, self.reader, self.committer, self.client,
                           self.credentials.for_destination(dest), self.rng, await self._sender_for(dest))
-        rt = DestRuntime(dest, sock, activated, Ingest(dest, self.committer), flusher)
+        ingest = Ingest(dest, self.committer)
+        tailer = (Tailer(dest, self.committer, self.spool, self.writer, ingest.stats.reject)
+                  if dest.files else None)
+        rt = DestRuntime(dest, sock, activated, ingest, flusher, tailer)
         self.dests[dest.name] = rt
         await self._services.start(self._run_dest, rt)
 
@@ -266,7 +281,14 @@ class Daemon:
     async def _run_ingest(self, rt: DestRuntime, *,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            await rt.ingest.serve(rt.tsock, task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                # Files first: when the socket accepts (and "ready" is logged), the files that
+                # start_at applies to have been found.
+                if rt.tailer is not None:
+                    await nursery.start(rt.tailer.run)
+                if rt.tsock is not None:
+                    await nursery.start(rt.ingest.serve, rt.tsock)
+                task_status.started()
         finally:
             rt.ingest_done.set()
 
@@ -274,7 +296,7 @@ class Daemon:
         """Stop one destination without losing a line: its socket stops being read, what was read
         is committed, then its flusher stops (unsent rows stay spooled)."""
         assert self.committer is not None
-        rt.ingest.stop_reading()
+        rt.stop_reading()
         await rt.ingest_done.wait()
         rt.scope.cancel()
         await rt.done.wait()
@@ -283,7 +305,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         assert self.committer is not None
         for rt in self.dests.values():
-            rt.ingest.stop_reading()
+            rt.stop_reading()
         for rt in self.dests.values():
             await rt.ingest_done.wait()
         self.committer.close()
@@ -303,8 +325,10 @@ class Daemon:
             sock.close()
 
     def _release_socket(self, rt: DestRuntime) -> None:
+        if rt.tsock is None:
+            return
         rt.tsock.close()
-        if not rt.activated:  # systemd owns an activated socket's path
+        if not rt.activated and rt.dest.socket is not None:  # systemd owns an activated socket's path
             try:
                 Path(rt.dest.socket).unlink()
             except OSError:
@@ -348,7 +372,7 @@ class Daemon:
             keep = again is not None and (again.socket, again.socket_type) == (dest.socket, dest.socket_type)
             if keep and again is not None:
                 logger.info("destination_restarting", dest=name)
-                if not rt.activated:
+                if not rt.activated and again.socket is not None:
                     await trio.to_thread.run_sync(_set_socket_access, again)
                 await self._start_dest(again, rt.sock, rt.activated)
             else:
@@ -420,12 +444,15 @@ class Daemon:
         for name, rt in self.dests.items():
             rate_in, rate_out = rt.rates()
             configured[name] = dict(
-                kind=rt.dest.kind, stream=rt.dest.stream_arn or rt.dest.stream, socket=str(rt.dest.socket),
-                lines_in=rt.ingest.stats.lines_in, connections=rt.ingest.stats.connections,
+                kind=rt.dest.kind, stream=rt.dest.stream_arn or rt.dest.stream,
+                socket=str(rt.dest.socket) if rt.dest.socket else None,
+                lines_in=rt.lines_in(), connections=rt.ingest.stats.connections,
                 rejected=dict(rt.ingest.stats.rejected), connections_closed=dict(rt.ingest.stats.closed),
                 lines_in_per_s=round(rate_in, 1), lines_out_per_s=round(rate_out, 1),
                 identity=self.credentials.for_destination(rt.dest).describe(),
                 **rt.flusher.snapshot())
+            if rt.tailer is not None:
+                configured[name]["files"] = rt.tailer.snapshot()
         listeners = {"control": self.control.server.stats()}
         if self.cfg.metrics_listen:
             listeners["metrics"] = self.metrics.server.stats()

@@ -37,7 +37,7 @@ from spoold.errors import SpoolCorrupt, SpoolError, SpoolLocked
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # 2: the progress table (a version 1 file gets it when opened)
+SCHEMA_VERSION = 3  # 2: the progress table; 3: files and tailed (older files get them when opened)
 # The biggest row the writer makes: big enough to amortise per-row costs, small enough that a
 # partial send after a crash resends little and that memory per leased row stays modest.
 CHUNK_MAX_BYTES = 1024 * 1024
@@ -78,6 +78,25 @@ CREATE TABLE IF NOT EXISTS progress (
     done INTEGER NOT NULL,
     sent BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    dest TEXT NOT NULL,
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    fp BLOB NOT NULL,
+    fp_len INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    UNIQUE (dest, dev, ino)
+);
+CREATE TABLE IF NOT EXISTS tailed (
+    id INTEGER PRIMARY KEY,
+    dest TEXT NOT NULL,
+    pattern TEXT NOT NULL,
+    since REAL NOT NULL,
+    UNIQUE (dest, pattern)
+);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     dest TEXT NOT NULL,
@@ -89,11 +108,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 
-_TABLES = ("meta", "chunks", "progress", "dead_letters", "sqlite_sequence")
+_TABLES = ("meta", "chunks", "progress", "files", "tailed", "dead_letters", "sqlite_sequence")
 # Schema versions this one opens after a migration (_migrate).
-_MIGRATES = frozenset({"1"})
+_MIGRATES = frozenset({"1", "2"})
+_FILE_UPSERT = ("INSERT INTO files (dest, dev, ino, fp, fp_len, path, offset, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (dest, dev, ino) DO UPDATE SET fp = excluded.fp, fp_len = excluded.fp_len, "
+                "path = excluded.path, offset = excluded.offset, updated = excluded.updated")
 # Positions of the clear bits of each byte value, low bit first: the unsent lines of a bitmap.
 _CLEAR_BITS = [tuple(b for b in range(8) if not v >> b & 1) for v in range(256)]
+
+
+# A followed file's position: (dest, dev, inode, fingerprint, fingerprint length, path, offset).
+FilePosition = tuple[str, int, int, bytes, int, str, int]
 
 
 @dataclass
@@ -226,7 +252,8 @@ def _has_progress(conn: sqlite3.Connection) -> bool:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Version 1 to 2: the progress table (made by _SCHEMA's CREATE IF NOT EXISTS) is all."""
+    """Versions 1 and 2 to 3: the progress, files and tailed tables (made by _SCHEMA's CREATE
+    IF NOT EXISTS) are all."""
     old = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
     conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
     structlog.get_logger().info("spool_migrated", from_schema=int(old), to_schema=SCHEMA_VERSION)
@@ -417,6 +444,8 @@ class Spool:
         copied = lost = 0
         try:
             for table, columns in (("chunks", "dest, created, lines, bytes, data"),
+                                   ("files", "dest, dev, ino, fp, fp_len, path, offset, updated"),
+                                   ("tailed", "dest, pattern, since"),
                                    ("dead_letters", "dest, created, failed, error, data")):
                 ids = _readable_ids(old, table)
                 marks = ", ".join("?" * (len(columns.split(",")) + 1))
@@ -481,17 +510,21 @@ class Spool:
     # -- the writer ---------------------------------------------------------------------
     def commit(
         self, appends: list[tuple[str, list[bytes], int]], deletes: list[int], now: float,
-        progress: dict[int, list[int]] | None = None,
+        progress: dict[int, list[int]] | None = None, files: list[FilePosition] | None = None,
     ) -> list[tuple[int, str, list[bytes], int]]:
         """One transaction: append each (dest, lines, bytes) as rows, delete rows by id, and
         record ``progress``: per row id, the lines the service accepted, as flat ranges
         [start0, stop0, start1, stop1, ...] of line positions in the row (see _record_progress).
+        ``files``: where followed files were read up to, written in order (the last of a file
+        wins), so that a file's offset is on disk exactly when the lines before it are.
 
         Returns the appended rows as (id, dest, lines, bytes). Lines of one dest may be split
         over several rows of at most CHUNK_MAX_BYTES.
         """
         def work(conn: sqlite3.Connection) -> list[tuple[int, str, list[bytes], int]]:
             made: list[tuple[int, str, list[bytes], int]] = []
+            if files:
+                conn.executemany(_FILE_UPSERT, ((*f, now) for f in files))
             for dest, lines, nbytes in appends:
                 for part, size in _split(lines, nbytes):
                     cur = conn.execute(
@@ -514,6 +547,35 @@ class Spool:
             return made
 
         return self._transaction("writing the spool", work)
+
+    # -- followed files: where each was read up to ----------------------------------------
+    def tail_state(self, dest: str) -> tuple[set[str], list[FilePosition]]:
+        """The patterns (paths or globs) ``dest`` has followed before, and each file's recorded
+        position."""
+        assert self._w is not None
+        try:
+            seen = {p for (p,) in self._w.execute("SELECT pattern FROM tailed WHERE dest = ?", (dest,))}
+            rows = self._w.execute("SELECT dest, dev, ino, fp, fp_len, path, offset FROM files WHERE dest = ?",
+                                   (dest,)).fetchall()
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "reading file positions") from exc
+        return seen, [(d, dev, ino, bytes(fp), fp_len, path, off) for d, dev, ino, fp, fp_len, path, off in rows]
+
+    def tail_begin(self, dest: str, patterns: list[str], files: list[FilePosition], now: float) -> None:
+        """The first time ``dest`` follows ``patterns``: the positions start_at gave the files
+        that were already there, and the mark that files they match later are new (read from
+        their start)."""
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT OR IGNORE INTO tailed (dest, pattern, since) VALUES (?, ?, ?)",
+                             ((dest, p, now) for p in patterns))
+            conn.executemany(_FILE_UPSERT, ((*f, now) for f in files))
+
+        self._transaction("recording file positions", work)
+
+    def tail_forget(self, dest: str, keys: list[tuple[int, int]]) -> None:
+        """Files gone for good (deleted and read to the end, or not found at start)."""
+        self._transaction("forgetting files", lambda conn: conn.executemany(
+            "DELETE FROM files WHERE dest = ? AND dev = ? AND ino = ?", ((dest, dev, ino) for dev, ino in keys)))
 
     def drop(self, dest: str, above: int, older_than: float | None, limit_rows: int,
              spare: frozenset[int] = frozenset(), progress: dict[int, list[int]] | None = None,

@@ -120,6 +120,11 @@ def render_table(snap: dict[str, Any]) -> str:
                   for n, d in sorted(snap.get("destinations", {}).items()) if d.get("identity")]
     if identities:
         footer += "\nsigning as:\n" + "\n".join(identities)
+    followed = [f"  {n}: {f['path']} at {f['offset']} of {f['size']} ({_size(f.get('lag_bytes') or 0)} behind, "
+                f"read {_age(time.time() - f['last_read']) + ' ago' if f.get('last_read') else 'never'})"
+                for n, d in sorted(snap.get("destinations", {}).items()) for f in d.get("files") or ()]
+    if followed:
+        footer += "\nfollowed files:\n" + "\n".join(followed)
     return "\n".join(line.rstrip() for line in lines) + "\n" + footer + "\n"
 
 
@@ -187,6 +192,17 @@ def render_prometheus(snap: dict[str, Any]) -> str:
     for name, d in sorted(dests.items()):
         for reason, n in sorted((d.get("rejected") or {}).items()):
             out.append(f'spoold_lines_rejected_total{{destination="{_escape(name)}",reason="{_escape(reason)}"}} {n}')
+    for key, metric, help_ in (("offset", "spoold_file_offset_bytes", "Where a followed file was read up to."),
+                               ("size", "spoold_file_size_bytes", "Size of a followed file."),
+                               ("lag_bytes", "spoold_file_lag_bytes", "Bytes of a followed file not read yet."),
+                               ("last_read", "spoold_file_last_read_timestamp_seconds",
+                                "When lines were last read from a followed file.")):
+        out.append(f"# HELP {metric} {help_}")
+        out.append(f"# TYPE {metric} gauge")
+        for name, d in sorted(dests.items()):
+            for f in d.get("files") or ():
+                out.append(f'{metric}{{destination="{_escape(name)}",path="{_escape(f["path"])}"}} '
+                           f'{float(f.get(key) or 0):.17g}')
     out.append("# HELP spoold_connections_closed_total Writers' connections the daemon refused or closed, by reason.")
     out.append("# TYPE spoold_connections_closed_total counter")
     for name, d in sorted(dests.items()):

@@ -377,7 +377,7 @@ async def test_a_version_1_spool_is_migrated_and_keeps_its_rows(tmp_path):
         await s.committer.commit_once()
     finally:
         await s.close()
-    assert on_disk(path)["schema"] == str(SCHEMA_VERSION) == "2"
+    assert on_disk(path)["schema"] == str(SCHEMA_VERSION) == "3"
     assert offline_status(path)["destinations"]["d"]["spooled_lines"] == 20
 
 
@@ -386,9 +386,9 @@ async def test_a_newer_schema_is_refused(tmp_path):
 
     path = tmp_path / "spool.db"
     conn = sqlite3.connect(path)
-    conn.executescript(V1_SCHEMA.replace("'schema', '1'", "'schema', '3'"))
+    conn.executescript(V1_SCHEMA.replace("'schema', '1'", "'schema', '9'"))
     conn.close()
-    with pytest.raises(SpoolCorrupt, match="schema 3"):
+    with pytest.raises(SpoolCorrupt, match="schema 9"):
         Spool(path).open_writer()
 
 
