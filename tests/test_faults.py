@@ -974,6 +974,9 @@ def test_network_fault_is_bounded_and_loses_nothing(fault, make_daemon, fake_aws
         warm = make_lines(f"{fault}-warm", 20)
         assert send_lines(sock, b"\n".join(warm))["accepted"] == 20
         wait_delivered(fake_aws, warm)
+        # The endpoint has them; wait until the daemon has their answers too, or a fault that
+        # cuts the proxy's connections could lose an answer and make a (legitimate) duplicate.
+        wait_until(lambda: dest_status(daemon)["lines_sent"] >= len(warm), what="the warm-up answers")
         base_records = len(fake_aws.all_records())
         NETWORK_FAULTS[fault](proxy, fake_aws)
         fault_start = time.monotonic()
