@@ -266,11 +266,12 @@ def client_main(p: dict[str, Any]) -> int:
 # ---- the endpoint subprocess -------------------------------------------------------------------
 
 class Endpoint:
-    def __init__(self, tmp: Path, fail_rate: float, latency_s: float) -> None:
+    def __init__(self, tmp: Path, fail_rate: float, latency_s: float, options: list[str] | None = None) -> None:
+        """Start tests/bench/endpoint.py; ``options`` replace the fault options (fleet mode)."""
         self.port_file = tmp / "endpoint.port"
         self.log = open(tmp / "endpoint.log", "wb")
-        cmd = [sys.executable, str(HERE / "endpoint.py"), "--port", "0", "--port-file", str(self.port_file),
-               "--record-fail-rate", str(fail_rate), "--latency", str(latency_s)]
+        cmd = [sys.executable, str(HERE / "endpoint.py"), "--port", "0", "--port-file", str(self.port_file)]
+        cmd += options if options is not None else ["--record-fail-rate", str(fail_rate), "--latency", str(latency_s)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      preexec_fn=die_with_parent)
         end = time.monotonic() + 20

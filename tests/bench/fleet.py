@@ -59,13 +59,12 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench.bench import HERE, ROOT, DaemonProc, Endpoint, MiB, die_with_parent, family_cpu, log
+from tests.bench.bench import DaemonProc, Endpoint, MiB, family_cpu, log
 from tests.fakeaws import shard_ranges
 
 HOT_KEY = "hot"  # the partition key of the hot lines in --mode hot
@@ -136,10 +135,7 @@ class FleetEndpoint(Endpoint):
     """tests/bench/endpoint.py in fleet mode, as a subprocess (bench.Endpoint's client methods)."""
 
     def __init__(self, tmp: Path, args: argparse.Namespace) -> None:
-        self.port_file = tmp / "endpoint.port"
-        self.log = open(tmp / "endpoint.log", "wb")
-        cmd = [sys.executable, str(HERE / "endpoint.py"), "--port", "0", "--port-file", str(self.port_file),
-               "--shards", str(args.shards), "--burst", str(args.burst), "--reservoir", "1000",
+        cmd = ["--shards", str(args.shards), "--burst", str(args.burst), "--reservoir", "1000",
                "--whole-code", args.whole_code, "--fleet"]
         if args.shard_records > 0:
             cmd += ["--shard-records", str(args.shard_records)]
@@ -151,16 +147,7 @@ class FleetEndpoint(Endpoint):
             cmd.append("--hold")
         if args.yds_shard_ids:
             cmd.append("--yds-shard-ids")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     preexec_fn=die_with_parent)
-        end = time.monotonic() + 20
-        while not self.port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > end:
-                raise SystemExit(f"endpoint did not start; see {tmp / 'endpoint.log'}")
-            time.sleep(0.02)
-        self.port = int(self.port_file.read_text())
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._conn = None
+        super().__init__(tmp, 0.0, 0.0, options=cmd)
 
     def release(self) -> int:
         """Let the held requests through; the endpoint's release time (monotonic ns)."""
