@@ -7,6 +7,7 @@ lines rejected; 2 misuse, an invalid config, or ``send`` could not connect.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import socket
 import sys
@@ -15,6 +16,8 @@ from typing import BinaryIO
 
 from spoold import __version__
 from spoold.errors import ConfigError, SpooldError
+
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Bytes per write when `spoold send` streams a file.
@@ -113,7 +116,28 @@ def _dead_letters(args: argparse.Namespace) -> int:
     return control.dead_letters_command(cfg, args.action, args.dest, args.limit, args.json, args.timeout)
 
 
+def _lean_process() -> None:
+    """Memory settings for the long-running daemon (not for the short commands)."""
+    # sqlite-utils imports numpy when it happens to be installed, for column types spoold never
+    # uses: 12 MiB of RSS on every host that has it. A None entry in sys.modules makes that
+    # optional import fail as if numpy were absent.
+    sys.modules.setdefault("numpy", None)  # type: ignore[assignment]
+    # glibc raises its mmap threshold each time a large block is freed, so after a burst of
+    # long lines (unfinished lines held for slow writers, multi-MiB request bodies) blocks of
+    # 128 KiB and more come from the heap, and the heap does not shrink. A fixed threshold
+    # keeps every large block in its own mapping, returned to the system when freed: with
+    # 1,000 writers holding 255 KiB each, the peak fell from 150-190 MiB to 124 MiB.
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def _run(path: str) -> int:
+    _lean_process()
     import trio
 
     from spoold import config, daemon, logs
