@@ -110,15 +110,33 @@ class Pace:
         self._refill(now)
         return self.tokens
 
-    def ready_at(self, now: float) -> float:
-        """When the bucket is out of debt; marks the pace as binding (records are waiting)."""
-        self._refill(now)
+    def fork(self, now: float, rate: float) -> Pace:
+        """A new pace at ``rate`` that has learned what this one has (in or out of slow start)."""
+        pace = Pace(now, max(MIN_RATE, rate))
+        pace.slow_start = self.slow_start
+        return pace
+
+    def wait(self, now: float) -> None:
+        """Records wait for pace (the wait clock runs)."""
         self.bound_at = now
         if self.wait_from is None:
             self.wait_from = now
+
+    def ready_at(self, now: float) -> float:
+        """When the bucket is out of debt; marks the pace as binding (records are waiting)."""
+        self._refill(now)
+        self.wait(now)
         if self.tokens > 0:
             return now
         return now + (-self.tokens + 1e-9) / self.rate
+
+    def ready_for(self, now: float, want: float) -> float:
+        """When the bucket holds ``want`` unit-seconds (at most its burst); marks the pace as
+        binding, as ready_at does."""
+        self._refill(now)
+        self.bound_at = now
+        short = min(want, self.rate * BURST) - self.tokens
+        return now if short <= 0 else now + short / self.rate
 
     def spend(self, now: float, units: float) -> None:
         self._refill(now)
