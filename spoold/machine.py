@@ -60,7 +60,7 @@ SHARD_AHEAD_BATCHES = 8
 # KPL aggregates under byte throttling: at most this many seconds of the pace each, never
 # below the floor (an aggregate larger than a shard's remaining budget is throttled forever).
 AGGREGATE_PACE_SECONDS = 0.25
-AGGREGATE_MIN_BYTES = 64 * 1024
+AGGREGATE_MIN_BYTES = 16 * 1024
 
 # Whole-request errors that an operator must fix; retrying alone cannot (records stay spooled).
 FATAL_CODES = frozenset({
@@ -504,7 +504,7 @@ class Outbox:
         kept = dict(zip((s.shard_id for s in old.shards), self._paces)) if old is not None else {}
         base = self.pace if not self._paces else self._paces[0]
         rate = (sum(p.rate for p in self._paces) if self._paces else self.pace.rate) / len(shards)
-        self._paces = [kept.get(s.shard_id) or base.fork(now, rate) for s in shards]
+        self._paces = [kept.get(s.shard_id) or base.fork(now, rate, 1.0 / len(shards)) for s in shards]
         self._queues = [deque() for _ in shards]
         self._starts = [s.start for s in shards]
         self._ehks = [str(self.rng.randint(s.start, s.end)) for s in shards]

@@ -81,8 +81,11 @@ def cost(records: int, nbytes: int) -> float:
 class Pace:
     """One AIMD-controlled token bucket (a destination, or one shard of it)."""
 
-    def __init__(self, now: float, rate: float = INITIAL_RATE) -> None:
+    def __init__(self, now: float, rate: float = INITIAL_RATE, share: float = 1.0) -> None:
         self.rate = rate
+        # This bucket's share of its destination (one of n shards: 1/n), which scales the
+        # additive increase: a destination's paces together grow as fast as one would.
+        self.share = share
         self.tokens = rate * BURST
         self.updated = now
         self.slow_start = True
@@ -110,9 +113,9 @@ class Pace:
         self._refill(now)
         return self.tokens
 
-    def fork(self, now: float, rate: float) -> Pace:
+    def fork(self, now: float, rate: float, share: float) -> Pace:
         """A new pace at ``rate`` that has learned what this one has (in or out of slow start)."""
-        pace = Pace(now, max(MIN_RATE, rate))
+        pace = Pace(now, max(MIN_RATE * share, rate), share)
         pace.slow_start = self.slow_start
         return pace
 
@@ -184,7 +187,7 @@ class Pace:
         self._epoch_start = now - CUT_INTERVAL + FIRST_EPOCH
         self._offered = self._accepted = self._throttled = 0
         self.cuts += 1
-        self.rate = max(MIN_RATE, self.rate * (1.0 - min(MAX_CUT, fraction)))
+        self.rate = max(MIN_RATE * self.share, self.rate * (1.0 - min(MAX_CUT, fraction)))
         self.tokens = min(self.tokens, self.rate * BURST)
 
     def _end_epoch(self, now: float) -> None:
@@ -211,7 +214,7 @@ class Pace:
                 return
             self._cut_fraction = fraction
             self.cuts += 1
-            self.rate = max(MIN_RATE, self.rate * (1.0 - min(MAX_CUT, excess)))
+            self.rate = max(MIN_RATE * self.share, self.rate * (1.0 - min(MAX_CUT, excess)))
             self.tokens = min(self.tokens, self.rate * BURST)
             return
         self._cut_fraction = None
@@ -221,7 +224,7 @@ class Pace:
             # The step doubles with each calm epoch in a row (BIC's max probing): small while
             # the stream stays near its limit, fast once capacity frees up (other hosts
             # finished), and never more than doubling the rate at once.
-            step = (INCREASE_PER_S + INCREASE_SHARE_PER_S * self.rate) * span * 2.0 ** min(self._calm, 20)
+            step = (INCREASE_PER_S * self.share + INCREASE_SHARE_PER_S * self.rate) * span * 2.0 ** min(self._calm, 20)
             self.rate = min(MAX_RATE, self.rate + min(step, self.rate))
             self._calm += 1
 
