@@ -61,6 +61,10 @@ SHARD_AHEAD_BATCHES = 8
 # below the floor (an aggregate larger than a shard's remaining budget is throttled forever).
 AGGREGATE_PACE_SECONDS = 0.25
 AGGREGATE_MIN_BYTES = 16 * 1024
+# Paced per shard, aggregates stay at most this big: one the size of a shard's second (1 MiB)
+# passes only a full bucket, which a shared shard seldom has, while aggregates of 64 KiB already
+# keep the record count (1,000/s) far from binding before the bytes (1 MiB/s) do.
+AGGREGATE_MAX_PACED_BYTES = 64 * 1024
 
 # Whole-request errors that an operator must fix; retrying alone cannot (records stay spooled).
 FATAL_CODES = frozenset({
@@ -808,8 +812,11 @@ class Outbox:
         lim = self.limits
         if lim.aggregation != "kpl":
             return
-        rate = sum(p.rate for p in self._paces) / len(self._paces) if self._paces else self.pace.rate
-        size = int(rate * SHARD_BYTES * AGGREGATE_PACE_SECONDS)
+        if self._paces:
+            rate = sum(p.rate for p in self._paces) / len(self._paces)
+            size = min(AGGREGATE_MAX_PACED_BYTES, int(rate * SHARD_BYTES * AGGREGATE_PACE_SECONDS))
+        else:
+            size = int(self.pace.rate * SHARD_BYTES * AGGREGATE_PACE_SECONDS)
         self.encoder.max_record_bytes = max(AGGREGATE_MIN_BYTES, min(lim.max_record_bytes, size))
 
     # -- acknowledgement: the one place that counts lines as accepted ---------------------------
