@@ -256,8 +256,10 @@ class Outbox:
         self._routed = False
         self._rotor = 0
         enc = encoder
-        self._routable = (enc.kind != "firehose" and not enc.partition_key_field
-                          and enc.explicit_hash_key is None and enc.aggregation != "kpl")
+        self._routable = enc.kind != "firehose" and not enc.partition_key_field and enc.explicit_hash_key is None
+        # An aggregate's sub-records carry its partition key, which must hash into the shard that
+        # takes it (KCL drops the others): such aggregates spread as their random keys fall.
+        self._spread_only = enc.aggregation == "kpl"
         self._effects = Effects()
         # Figures
         self.lines_sent = 0
@@ -558,7 +560,7 @@ class Outbox:
                     takes.append(i)
                 else:
                     ready = min(ready, t)
-        spread = not self._routed
+        spread = not self._routed or self._spread_only
         take_any = False
         if anyq:
             want = len(anyq) * unit * MIN_BATCH_SHARE

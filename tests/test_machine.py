@@ -464,7 +464,8 @@ def test_kpl_aggregates_follow_the_shard_pace_from_the_start() -> None:
     offer(m, 1, [b"x" * 1000] * 200)
     s = send(m, 0.0)
     assert all(e.size <= AGGREGATE_MIN_BYTES + 200 for e in s.batch)
-    assert s.shards is not None and -1 not in s.shards, "an aggregate goes to its key's shard"
+    assert s.shards is not None and set(s.shards) == {-1}, "paced per shard, spread as their keys fall"
+    assert all(e.hash_key is None for e in s.batch), "never routed: sub-records must hash where it goes"
     now = 0.0
     for _ in range(30):  # all accepted: the pace and the aggregates grow
         now += 0.05
