@@ -166,7 +166,7 @@ def moto_server() -> Iterator[Any]:
 
 
 def _fake_aws(seed: int) -> Iterator[Any]:
-    from tests.fakeaws import FakeAWS
+    from tests.tools.fakeaws import FakeAWS
 
     srv = FakeAWS(access_key=TEST_KEYS["AWS_ACCESS_KEY_ID"], secret_key=TEST_KEYS["AWS_SECRET_ACCESS_KEY"],
                   verify=True, store=True, seed=seed)

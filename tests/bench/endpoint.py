@@ -1,4 +1,4 @@
-"""The benchmark's loopback endpoint: tests/fakeaws.py's FakeAWS plus what a benchmark needs.
+"""The benchmark's loopback endpoint: tests/tools/fakeaws.py's FakeAWS plus what a benchmark needs.
 
 On top of FakeAWS (same HTTP server, same Kinesis/Firehose handling, same fault injection), per
 stream:
@@ -38,7 +38,7 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a script: make the repository root importable (for tests.fakeaws).
+    # Run as a script: make the repository root importable (for tests.tools.fakeaws).
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import argparse
@@ -52,7 +52,7 @@ from typing import Any
 
 import orjson
 
-from tests.fakeaws import (
+from tests.tools.fakeaws import (
     ACCOUNT_ID,
     KINESIS_MAX_REQUEST_BYTES,
     SEQUENCE_BASE,

@@ -46,7 +46,7 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a script: make the repository root importable (for tests.bench.bench, tests.fakeaws).
+    # Run as a script: make the repository root importable (for tests.bench.bench, tests.tools.fakeaws).
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import argparse
@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bench import DaemonProc, Endpoint, MiB, family_cpu, log
-from tests.fakeaws import shard_ranges
+from tests.tools.fakeaws import shard_ranges
 
 HOT_KEY = "hot"  # the partition key of the hot lines in --mode hot
 MAX_DAEMONS = 64

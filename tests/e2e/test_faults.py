@@ -1,8 +1,8 @@
 """The fault suite: the real daemon against loopback endpoints that break on purpose.
 
 Each test runs `spoold run` as a subprocess, writes through its Unix socket, injects one kind of
-fault, and checks what arrived at the endpoint (tests/fakeaws.py, directly or through
-tests/faultproxy.py) against what the daemon acknowledged. Everything listens on 127.0.0.1,
+fault, and checks what arrived at the endpoint (tests/tools/fakeaws.py, directly or through
+tests/tools/faultproxy.py) against what the daemon acknowledged. Everything listens on 127.0.0.1,
 every wait has a deadline, and every fault ends by itself.
 
 Figures (lines acknowledged, lost, duplicated; rates, CPU, RSS) are printed at the end of the
@@ -38,9 +38,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import DEADLINE, TEST_KEYS, Daemon, send_lines, wait_until
-from tests.faultproxy import FaultProxy
+from tests.tools.faultproxy import FaultProxy
 
-FIGURES_FILE = Path(__file__).with_name("fault-figures.json")
+FIGURES_FILE = Path(__file__).resolve().parents[1] / "fault-figures.json"
 # Short backoffs, so that recovery after a fault takes well under a second.
 FAST_RETRY = {"retry_base": "20ms", "retry_cap": "300ms", "retry_cap_throttle": "100ms"}
 MiB = 1024 * 1024

@@ -15,7 +15,7 @@ In-process use (the server runs on its own thread with its own event loop)::
 
 As a script (benchmarks, subprocess tests); stops on SIGTERM/SIGINT or when its parent dies::
 
-    python tests/fakeaws.py --port 0 --port-file PATH [--no-verify] [--no-store] ...
+    python tests/tools/fakeaws.py --port 0 --port-file PATH [--no-verify] [--no-store] ...
     curl http://127.0.0.1:PORT/_stats
 
 Order in which a request meets the faults (each read when the request gets there):
@@ -45,11 +45,12 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # `python tests/fakeaws.py` puts tests/ first on sys.path, where a helper named like a stdlib
-    # module would shadow it. Put the repository root there instead, as `-m tests.fakeaws` would.
+    # `python tests/tools/fakeaws.py` puts tests/tools/ first on sys.path, where a helper named like
+    # a stdlib module would shadow it. Put the repository root there instead, as
+    # `-m tests.tools.fakeaws` would.
     _HERE = os.path.dirname(os.path.abspath(__file__))
     if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
-        sys.path[0] = os.path.dirname(_HERE)
+        sys.path[0] = os.path.dirname(os.path.dirname(_HERE))
 
 import argparse
 import asyncio

@@ -1,5 +1,5 @@
 """Following log files, end to end: the real daemon on real files, kill -9 included, lines
-delivered to the loopback endpoint (tests/fakeaws.py), the spool read back with sqlite3."""
+delivered to the loopback endpoint (tests/tools/fakeaws.py), the spool read back with sqlite3."""
 
 from __future__ import annotations
 

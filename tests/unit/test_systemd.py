@@ -28,7 +28,7 @@ import pytest
 
 from spoold import systemd
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
 # Generous: a child process only imports spoold.systemd, but CI machines can be slow.
 CHILD_TIMEOUT = 30.0

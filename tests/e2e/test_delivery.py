@@ -1,4 +1,4 @@
-"""The real daemon against the fault-injecting loopback endpoint (tests/fakeaws.py).
+"""The real daemon against the fault-injecting loopback endpoint (tests/tools/fakeaws.py).
 
 Each test checks what arrived against what was acknowledged, and that only failed entries were
 sent again (the endpoint counts every record it was offered)."""
