@@ -159,7 +159,7 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
 @pytest.fixture
 def moto_server() -> Iterator[Any]:
-    from spoold.demo import MotoServer
+    from spoold.testing import MotoServer
 
     with MotoServer() as srv:
         yield srv
