@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from tests.conftest import TEST_KEYS, send_lines, wait_until
+from tests.tools.client import send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ import boto3
 from botocore.config import Config
 
 from spoold.config import default_session_name
-from tests.conftest import TEST_KEYS, send_lines, wait_until
+from tests.tools.client import send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS
 from tests.tools.fakeaws import STS_TARGET, FakeAWS, Role
 
 ROLE = "arn:aws:iam::123456789012:role/central-writer"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_KEYS, send_lines, wait_until
+from tests.tools.client import send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS
 
 
 def _lines(n: int, tag: str = "l") -> list[bytes]:

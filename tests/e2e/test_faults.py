@@ -37,7 +37,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DEADLINE, TEST_KEYS, Daemon, send_lines, wait_until
+from tests.tools.client import DEADLINE, send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS, Daemon
 from tests.tools.faultproxy import FaultProxy
 
 FIGURES_FILE = Path(__file__).resolve().parents[1] / "fault-figures.json"

@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TEST_KEYS, send_lines, wait_until
+from tests.tools.client import send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS
 from tests.tools.fakeaws import FakeAWS
 
 # A destination key with this value is removed from the config make_daemon writes (it sets

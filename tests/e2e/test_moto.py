@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from spoold.testing import read_stream
-from tests.conftest import DEADLINE, send_lines, wait_until
+from tests.tools.client import DEADLINE, send_lines, wait_until
 
 
 def test_round_trip_binary_and_near_limit_lines(make_daemon, moto_server):

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import wait_until
+from tests.tools.client import wait_until
 
 DEADLINE = 120.0
 

@@ -481,7 +481,7 @@ def test_refused_reload_shows_in_status_until_a_good_reload(
 ) -> None:
     """What `systemctl status` shows: a refused SIGHUP puts the reason in STATUS= with its READY=1,
     the heartbeat's STATUS= keeps it, and the next good reload clears it."""
-    from tests.conftest import DEADLINE, wait_until
+    from tests.tools.client import DEADLINE, wait_until
 
     receiver.settimeout(DEADLINE)
     daemon = make_daemon({"endpoint_url": fake_aws.url},
