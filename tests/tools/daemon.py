@@ -16,6 +16,15 @@ from tests.tools.client import DEADLINE, wait_until
 TEST_KEYS = {"AWS_ACCESS_KEY_ID": "AKIDSPOOLDTEST", "AWS_SECRET_ACCESS_KEY": "spoold-test-secret"}
 
 
+def spooled_ids(path: Path) -> list[int]:
+    """The ids of the rows in the spool file at ``path``."""
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute("SELECT id FROM chunks")]
+    finally:
+        conn.close()
+
+
 def destination_toml(**keys: Any) -> str:
     out = ["[[destination]]"]
     for key, value in keys.items():
