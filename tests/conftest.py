@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 # Re-exported: some tests import the helpers from here.
 from tests.tools.client import DEADLINE, send_lines, wait_until  # noqa: F401
 from tests.tools.daemon import TEST_KEYS, Daemon, destination_toml
+from tests.tools.notify import ENV_VARS, notify_socket, socket_dir
 
 
 @pytest.fixture
@@ -29,7 +31,8 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             keys = {"name": f"d{n}", "kind": "kinesis", "socket": str(tmp_path / f"d{n}.sock"),
                     "stream": "test-stream", "region": "us-east-1", "linger": "20ms", **dest}
             text += "\n" + destination_toml(**keys)
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        # Neither this machine's AWS setup nor, when the suite runs under systemd, its notify socket.
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in ENV_VARS}
         full_env.update(TEST_KEYS)
         full_env["AWS_CONFIG_FILE"] = full_env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no-aws-files")
         full_env.update(env or {})
@@ -74,3 +77,17 @@ def fake_aws() -> Iterator[Any]:
 def second_aws() -> Iterator[Any]:
     """A second, independent endpoint (a healthy destination beside a failing one)."""
     yield from _fake_aws(8)
+
+
+@pytest.fixture
+def sockdir(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path, or a shorter directory when tmp_path is too long for a socket address."""
+    with socket_dir(tmp_path) as path:
+        yield path
+
+
+@pytest.fixture
+def receiver(sockdir: Path) -> Iterator[socket.socket]:
+    """A notify socket bound as systemd binds /run/systemd/notify."""
+    with notify_socket(sockdir / "notify") as sock:
+        yield sock
