@@ -62,6 +62,7 @@ from tests.tools.fakeaws import (
     _Ctx,
     _Request,
     _validation,
+    add_server_arguments,
     serve_until_stopped,
 )
 
@@ -590,17 +591,8 @@ class FleetAWS(BenchAWS):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--port-file")
-    parser.add_argument("--access-key", default="AKIDSPOOLDTEST")
-    parser.add_argument("--secret-key", default="spoold-test-secret")
+    add_server_arguments(parser)
     parser.add_argument("--verify", action="store_true", help="check SigV4 signatures (off by default)")
-    parser.add_argument("--record-fail-rate", type=float, default=0.0)
-    parser.add_argument("--throttle-rate", type=float, default=0.0)
-    parser.add_argument("--http500-rate", type=float, default=0.0)
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
-    parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--reservoir", type=int, default=50_000, help="latency samples kept per stream")
     fleet = parser.add_argument_group("fleet mode (FleetAWS)")
     fleet.add_argument("--fleet", action="store_true", help="fleet mode even without budgets")

@@ -1445,23 +1445,29 @@ def serve_until_stopped(server: FakeAWS, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every script that serves a FakeAWS (this one, tests/bench/endpoint.py):
+    where it listens, its key, and the faults serve_until_stopped applies."""
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free one)")
     parser.add_argument("--port-file", help="write the bound port here once listening")
     parser.add_argument("--access-key", default="AKIDSPOOLDTEST")
     parser.add_argument("--secret-key", default="spoold-test-secret")
-    parser.add_argument(
-        "--key", action="append", default=[], metavar="ACCESS=SECRET", help="another static key"
-    )
-    parser.add_argument("--no-verify", action="store_true", help="do not check SigV4 signatures")
-    parser.add_argument("--no-store", action="store_true", help="count records, do not keep them")
     parser.add_argument("--record-fail-rate", type=float, default=0.0)
     parser.add_argument("--throttle-rate", type=float, default=0.0)
     parser.add_argument("--http500-rate", type=float, default=0.0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    add_server_arguments(parser)
+    parser.add_argument(
+        "--key", action="append", default=[], metavar="ACCESS=SECRET", help="another static key"
+    )
+    parser.add_argument("--no-verify", action="store_true", help="do not check SigV4 signatures")
+    parser.add_argument("--no-store", action="store_true", help="count records, do not keep them")
     args = parser.parse_args(argv)
 
     server = FakeAWS(
