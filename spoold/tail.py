@@ -328,9 +328,13 @@ class Tailer:
         return set(found)
 
     def _open(self, key: tuple[int, int], path: str, first_configured: bool) -> Followed:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # Non-blocking: a fifo put in the file's place since the glob would block the open
+        # (in a thread no cancel reaches) until a writer came. Reads of a regular file ignore it.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{path} is not a regular file any more")
             if (st.st_dev, st.st_ino) != key:  # replaced between the glob and the open
                 raise OSError(f"{path} was replaced while being opened")
             head = os.pread(fd, FINGERPRINT_BYTES, 0)
