@@ -462,6 +462,38 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert ours == [], output
 
 
+def _unit_groups() -> set[str]:
+    """The groups the units make systemd look up when it starts them."""
+    groups = set()
+    for unit in ("spoold.service", "spoold.socket"):
+        for line in (UNITS / unit).read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key in ("Group", "SupplementaryGroups", "SocketGroup"):
+                groups.update(value.split())
+    return groups
+
+
+def _created_groups(text: str) -> set[str]:
+    """Groups that the shell commands in ``text`` create (comment markers stripped)."""
+    made = set()
+    for line in text.splitlines():
+        words = line.lstrip("# ").split(" #")[0].split()
+        if words[:1] == ["groupadd"] or (words[:1] == ["useradd"] and "--user-group" in words):
+            made.add(words[-1])
+    return made
+
+
+def test_every_group_the_units_need_is_created_by_the_install_steps() -> None:
+    # systemd fails a unit whose group is missing (216/GROUP): the steps must create each one.
+    needed = _unit_groups()
+    assert {"spoold", "spoold-writers"} <= needed
+    service = (UNITS / "spoold.service").read_text().replace("\\\n#", "")
+    docs = {name: (REPO / name).read_text().replace("\\\n", "") for name in ("README.md", "docs/operations.md")}
+    for where, text in (("spoold.service's install comment", service), *docs.items()):
+        missing = needed - _created_groups(text)
+        assert not missing, f"{where} never creates {sorted(missing)}, which the units need"
+
+
 # Runs in a child: the kernel's PR_SET_MDWE applies the policy of MemoryDenyWriteExecute=yes
 # (no W+X mappings, no mprotect to executable) and cannot be undone, hence the child.
 MDWE_PROBE = r"""
