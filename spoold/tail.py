@@ -337,6 +337,10 @@ class Tailer:
             self.files[key] = f
             if first_configured:
                 first.append(f.position(self.name))
+                # Also known here: a file closed before a line of it was read (finished after a
+                # rename) and opened again resumes at start_at's offset, not at 0.
+                self.records[key] = (f.fp, f.fp_len, f.offset)
+                self.paths[key] = f.first_path
         return set(found)
 
     def _open(self, key: tuple[int, int], path: str, first_configured: bool) -> Followed:

@@ -377,3 +377,24 @@ def test_a_long_line_is_counted_once_however_often_its_read_is_refused(make_daem
     wait_until(lambda: set(_arrived(fake_aws)) >= good, DEADLINE, "every other line")
     assert _status(daemon)["destinations"]["d0"]["rejected"] == {"line too long": 1}
     assert daemon.stop() == 0
+
+
+def test_a_file_started_at_its_end_and_reopened_after_rotation_is_not_read_from_its_start(
+        make_daemon, fake_aws, tmp_path):
+    """start_at = "end" skips what a file held when its pattern was first configured. The file is
+    rotated (renamed, still matched) and finished with nothing read; the application then writes
+    one more line to it: the file is opened again and resumed, its old lines still skipped."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    old = [f"old-{i:03d}".encode() for i in range(50)]
+    app = logs / "app.log"
+    app.write_bytes(b"".join(line + b"\n" for line in old))
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, files=[str(logs / "app.log*")])))
+    with open(app, "ab", buffering=0) as f:
+        os.rename(app, logs / "app.log.1")
+        wait_until(lambda: any(e.get("event") == "file_finished" for e in daemon.log_events()), DEADLINE,
+                   "the rotated file finished")
+        f.write(b"late\n")  # the application had not reopened its log yet
+    wait_until(lambda: b"late" in set(_arrived(fake_aws)), DEADLINE, "the late line")
+    assert daemon.stop() == 0
+    assert sorted(_arrived(fake_aws).elements()) == [b"late"]
