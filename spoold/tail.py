@@ -50,6 +50,9 @@ FINISH_GRACE = 5.0
 END_LOOKBACK = 64 * 1024
 # How long to wait before trying again when the spool refused lines (full, or a write error).
 RETRY_AFTER = 1.0
+# One submission holds at most this share of what the destination may ever store in the spool,
+# so that it fits while the destination's part of a small spool is partly used.
+SUBMIT_SHARE = 4
 
 
 # -- the pure part ------------------------------------------------------------------------
@@ -98,6 +101,15 @@ def cut_lines(data: bytes, max_line: int, skipping: bool, final: bool) -> Cut:
         lines.append(data[start:])
         boundary = len(data)
     return Cut(lines, boundary, max(boundary, 0), too_long, False)
+
+
+def fitting(data: bytes, limit: int) -> int:
+    """The length of the longest prefix of ``data`` that ends a line and holds at most ``limit``
+    bytes (one line at least, whatever its size); 0 when ``data`` has no line end."""
+    nl = data.rfind(b"\n", 0, limit)
+    if nl < 0:
+        nl = data.find(b"\n")
+    return nl + 1
 
 
 def fingerprint(head: bytes) -> bytes:
@@ -325,6 +337,10 @@ class Tailer:
             self.files[key] = f
             if first_configured:
                 first.append(f.position(self.name))
+                # Also known here: a file closed before a line of it was read (finished after a
+                # rename) and opened again resumes at start_at's offset, not at 0.
+                self.records[key] = (f.fp, f.fp_len, f.offset)
+                self.paths[key] = f.first_path
         return set(found)
 
     def _open(self, key: tuple[int, int], path: str, first_configured: bool) -> Followed:
@@ -391,11 +407,13 @@ class Tailer:
             return True
         final = may_finish and f.scan + len(data) >= f.size
         cut = cut_lines(data, self.dest.max_line_bytes, f.skipping, final)
-        if cut.too_long:
-            self.stats.too_long += cut.too_long
-            if callable(self.reject):
-                self.reject("line too long", cut.too_long)
-            self._log("file_lines_too_long", cut.too_long, dest=self.name, max_line_bytes=self.dest.max_line_bytes)
+        limit = max(1, self.committer.most_per_submission() // SUBMIT_SHARE)
+        more = len(data) == self.read_bytes
+        if cut.boundary > 0 and sum(map(len, cut.lines)) + len(cut.lines) > limit:
+            # More than the spool could ever take at once (a small spool shared by several
+            # destinations): the lines that fit now, the rest at the next read.
+            cut = cut_lines(data[:fitting(data, limit)], self.dest.max_line_bytes, f.skipping, False)
+            final, more = False, True
         start = f.scan
         if cut.boundary >= 0:
             if len(head) > f.fp_len:
@@ -407,6 +425,12 @@ class Tailer:
             f.offset = offset
             self.records[f.key] = (f.fp, f.fp_len, offset)
             self.paths[f.key] = f.first_path
+        # Counted once their read is stored: a read the spool refused is read again.
+        if cut.too_long:
+            self.stats.too_long += cut.too_long
+            if callable(self.reject):
+                self.reject("line too long", cut.too_long)
+            self._log("file_lines_too_long", cut.too_long, dest=self.name, max_line_bytes=self.dest.max_line_bytes)
         f.scan = start + cut.used if cut.skipping or cut.boundary >= 0 else f.scan
         f.skipping = cut.skipping
         if cut.lines or cut.too_long:
@@ -414,7 +438,7 @@ class Tailer:
         if final:
             await self._finish(f)
             return False
-        return len(data) == self.read_bytes
+        return more
 
     async def _submit(self, f: Followed, lines: list[bytes], position: FilePosition) -> bool:
         nbytes = sum(map(len, lines)) + len(lines)

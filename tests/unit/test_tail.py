@@ -18,6 +18,7 @@ from spoold.tail import (
     cut_lines,
     end_of_last_line,
     fingerprint,
+    fitting,
     is_finished,
     same_file,
     start_offset,
@@ -134,6 +135,17 @@ def test_cutting_a_file_in_reads_of_any_size_gives_the_same_lines() -> None:
                 break
         assert got == want, size
         assert too_long == sum(1 for ln in lines if len(ln) > limit)
+
+
+@pytest.mark.parametrize(("data", "limit", "want"), [
+    (b"aa\nbb\ncc\n", 6, 6),  # two lines fit exactly
+    (b"aa\nbb\ncc\n", 5, 3),
+    (b"aaaaaa\nb\n", 3, 7),  # a first line longer than the limit still goes, alone
+    (b"aa\nbb", 100, 3),  # the unfinished line waits
+    (b"aaaa", 2, 0),
+])
+def test_fitting(data: bytes, limit: int, want: int) -> None:
+    assert fitting(data, limit) == want
 
 
 # ---------------------------------------------------------------- identity and rotation
