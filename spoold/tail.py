@@ -328,9 +328,13 @@ class Tailer:
         return set(found)
 
     def _open(self, key: tuple[int, int], path: str, first_configured: bool) -> Followed:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # Non-blocking: a fifo put in the file's place since the glob would block the open
+        # (in a thread no cancel reaches) until a writer came. Reads of a regular file ignore it.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{path} is not a regular file any more")
             if (st.st_dev, st.st_ino) != key:  # replaced between the glob and the open
                 raise OSError(f"{path} was replaced while being opened")
             head = os.pread(fd, FINGERPRINT_BYTES, 0)
@@ -374,11 +378,17 @@ class Tailer:
         if f.scan >= f.size and not may_finish:
             return False
         try:
-            data = await trio.to_thread.run_sync(os.pread, f.fd, self.read_bytes, f.scan)
+            data, head = await trio.to_thread.run_sync(_read, f.fd, self.read_bytes, f.scan)
         except OSError as exc:  # an I/O error: tried again at the next poll
             self.log.error("file_read_failed", path=f.path, offset=f.scan, error=exc.strerror or str(exc))
             await trio.sleep(RETRY_AFTER)
             return False
+        if not same_file(f.fp, f.fp_len, head):
+            # Truncated and written past the offset again since the last poll (copytruncate):
+            # the read may hold another file's bytes from the middle of a line. Its first bytes,
+            # read after the data, tell: then nothing of the read is used.
+            self._restart(f, "replaced")
+            return True
         final = may_finish and f.scan + len(data) >= f.size
         cut = cut_lines(data, self.dest.limits.max_line_bytes, f.skipping, final)
         if cut.too_long:
@@ -389,10 +399,8 @@ class Tailer:
                       max_line_bytes=self.dest.limits.max_line_bytes)
         start = f.scan
         if cut.boundary >= 0:
-            if f.fp_len < FINGERPRINT_BYTES and f.size > f.fp_len:
-                head = await trio.to_thread.run_sync(os.pread, f.fd, FINGERPRINT_BYTES, 0)
-                if same_file(f.fp, f.fp_len, head):
-                    f.fp, f.fp_len = fingerprint(head), len(head)
+            if len(head) > f.fp_len:
+                f.fp, f.fp_len = fingerprint(head), len(head)
             offset = start + cut.boundary
             position = (self.name, f.dev, f.ino, f.fp, f.fp_len, f.first_path, offset)
             if not await self._submit(f, cut.lines, position):
@@ -436,6 +444,12 @@ class Tailer:
                 self.closed[f.key] = (st.st_size, st.st_mtime_ns)
             except OSError:
                 pass
+
+
+def _read(fd: int, size: int, offset: int) -> tuple[bytes, bytes]:
+    """``size`` bytes at ``offset``, then the file's first bytes (in this order: a file truncated
+    and rewritten before the first read is told by the second)."""
+    return os.pread(fd, size, offset), os.pread(fd, FINGERPRINT_BYTES, 0)
 
 
 def _nlink(fd: int) -> int:

@@ -20,9 +20,9 @@ from botocore.config import Config
 
 from spoold.aggregation import AggregateBuilder
 from tests.bench.endpoint import FleetAWS, TokenBucket, subrecords
-from tests.fakeaws import ACCOUNT_ID, HASH_SPACE
+from tests.tools.fakeaws import ACCOUNT_ID, HASH_SPACE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FLEET = ROOT / "tests" / "bench" / "fleet.py"
 PTEE = "ProvisionedThroughputExceededException"
 SHARD0_KEY = "0"  # ExplicitHashKeys that pick shard 0 and shard 1 of two

@@ -15,7 +15,7 @@ In-process use (the server runs on its own thread with its own event loop)::
 
 As a script (benchmarks, subprocess tests); stops on SIGTERM/SIGINT or when its parent dies::
 
-    python tests/fakeaws.py --port 0 --port-file PATH [--no-verify] [--no-store] ...
+    python tests/tools/fakeaws.py --port 0 --port-file PATH [--no-verify] [--no-store] ...
     curl http://127.0.0.1:PORT/_stats
 
 Order in which a request meets the faults (each read when the request gets there):
@@ -45,11 +45,12 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # `python tests/fakeaws.py` puts tests/ first on sys.path, where a helper named like a stdlib
-    # module would shadow it. Put the repository root there instead, as `-m tests.fakeaws` would.
+    # `python tests/tools/fakeaws.py` puts tests/tools/ first on sys.path, where a helper named like
+    # a stdlib module would shadow it. Put the repository root there instead, as
+    # `-m tests.tools.fakeaws` would.
     _HERE = os.path.dirname(os.path.abspath(__file__))
     if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
-        sys.path[0] = os.path.dirname(_HERE)
+        sys.path[0] = os.path.dirname(os.path.dirname(_HERE))
 
 import argparse
 import asyncio
@@ -1444,23 +1445,29 @@ def serve_until_stopped(server: FakeAWS, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every script that serves a FakeAWS (this one, tests/bench/endpoint.py):
+    where it listens, its key, and the faults serve_until_stopped applies."""
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free one)")
     parser.add_argument("--port-file", help="write the bound port here once listening")
     parser.add_argument("--access-key", default="AKIDSPOOLDTEST")
     parser.add_argument("--secret-key", default="spoold-test-secret")
-    parser.add_argument(
-        "--key", action="append", default=[], metavar="ACCESS=SECRET", help="another static key"
-    )
-    parser.add_argument("--no-verify", action="store_true", help="do not check SigV4 signatures")
-    parser.add_argument("--no-store", action="store_true", help="count records, do not keep them")
     parser.add_argument("--record-fail-rate", type=float, default=0.0)
     parser.add_argument("--throttle-rate", type=float, default=0.0)
     parser.add_argument("--http500-rate", type=float, default=0.0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    add_server_arguments(parser)
+    parser.add_argument(
+        "--key", action="append", default=[], metavar="ACCESS=SECRET", help="another static key"
+    )
+    parser.add_argument("--no-verify", action="store_true", help="do not check SigV4 signatures")
+    parser.add_argument("--no-store", action="store_true", help="count records, do not keep them")
     args = parser.parse_args(argv)
 
     server = FakeAWS(

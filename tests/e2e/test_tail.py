@@ -1,5 +1,5 @@
 """Following log files, end to end: the real daemon on real files, kill -9 included, lines
-delivered to the loopback endpoint (tests/fakeaws.py), the spool read back with sqlite3."""
+delivered to the loopback endpoint (tests/tools/fakeaws.py), the spool read back with sqlite3."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import wait_until
+from tests.tools.client import wait_until
 
 DEADLINE = 120.0
 
@@ -314,3 +314,29 @@ def test_a_rotated_file_is_finished_then_forgotten_once_deleted(make_daemon, fak
     wait_until(lambda: _positions(daemon) == [(str(app), 4)], DEADLINE, "the deleted file forgotten")
     assert daemon.stop() == 0
     assert sorted(_arrived(fake_aws).elements()) == [b"n-1", b"r-1", b"r-2 unfinished"]
+
+
+def test_truncated_and_regrown_past_the_offset_between_two_polls(make_daemon, fake_aws, tmp_path):
+    """copytruncate, then the application writes more than the old offset before the next poll:
+    reading at the old offset would take a piece of a line and then, once the first bytes are
+    seen to differ, read again what it had read. The new content is read once, from its start."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    fake_aws.faults.down = True  # nothing leaves the spool: it holds what was read
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws)))
+    path = logs / "ct.log"
+    old = [f"old-{i:04d}".encode() for i in range(60)]
+    path.write_bytes(b"".join(line + b"\n" for line in old))
+    size = path.stat().st_size
+    wait_until(lambda: any(f["offset"] == size for f in _files(daemon)), DEADLINE, "the file read to its end")
+    new = [f"new-{i:04d} {'n' * 23}".encode() for i in range(200)]  # the old offset falls inside a line
+    with open(path, "r+b", buffering=0) as f:
+        f.truncate(0)  # and, microseconds later, far past the old offset
+        f.write(b"".join(line + b"\n" for line in new))
+    wait_until(lambda: set(new) <= set(_spooled(daemon))
+               and any(e.get("event") == "file_truncated" for e in daemon.log_events()), DEADLINE, "the new lines")
+    wait_until(lambda: any(f["offset"] == path.stat().st_size for f in _files(daemon)), DEADLINE, "the new end")
+    spooled = _spooled(daemon)
+    assert daemon.stop() == 0
+    assert set(spooled) - {b""} == set(old) | set(new), sorted(set(spooled) - set(old) - set(new))[:3]
+    assert max(spooled.values()) == 1, [line for line, n in spooled.items() if n > 1][:3]

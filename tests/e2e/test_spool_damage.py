@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from tests.conftest import send_lines, wait_until
+from tests.tools.client import send_lines, wait_until
 
 
 def _fill(make_daemon, fake_aws, n_batches: int = 40):

@@ -10,12 +10,13 @@ import json
 
 import pytest
 
-from tests.conftest import TEST_KEYS, send_lines, wait_until
+from tests.tools.client import send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS
 
 
 @pytest.fixture
 def sharded_aws():
-    from tests.fakeaws import FakeAWS
+    from tests.tools.fakeaws import FakeAWS
 
     with FakeAWS(access_key=TEST_KEYS["AWS_ACCESS_KEY_ID"], secret_key=TEST_KEYS["AWS_SECRET_ACCESS_KEY"],
                  shards=4, seed=3) as srv:
@@ -65,7 +66,7 @@ def _shard_of(key: str, shards) -> str:
 
 
 def _shards(srv) -> dict[str, tuple[int, int]]:
-    from tests.fakeaws import shard_id, shard_ranges
+    from tests.tools.fakeaws import shard_id, shard_ranges
 
     return {shard_id(i): rng for i, rng in enumerate(shard_ranges(4))}
 

@@ -23,15 +23,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TEST_KEYS, send_lines, wait_until
-from tests.fakeaws import FakeAWS
+from tests.tools.client import send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS
+from tests.tools.fakeaws import FakeAWS
 
 # A destination key with this value is removed from the config make_daemon writes (it sets
 # stream and region for every destination; yds and stream_arn destinations must not have them).
 DROP = "<drop this key>"
 # How long a healthy destination may take while another one is failing: far less than DEADLINE.
 PROMPTLY = 5.0
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 YDS_STREAM = "/ru-central1/b1gfolder/etn0db/mystream"
 ARN = "arn:aws:kinesis:us-east-1:123456789012:stream/arnstream"
 # 2**127 + 5 falls in the third of four even shards: shardId-000000000002.

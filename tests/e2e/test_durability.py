@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEADLINE, send_lines, wait_until
+from tests.tools.client import DEADLINE, send_lines, wait_until
 
 WRITERS = 4
 CONNECTIONS = 25  # per writer

@@ -23,7 +23,8 @@ from spoold.errors import RetryableSendError
 from spoold.protocol import Api
 from spoold.sender import MAX_FRAME, ProcessSender, _frames, uncycled
 from spoold.signing import sign
-from tests.conftest import DEADLINE, TEST_KEYS, send_lines, wait_until
+from tests.tools.client import DEADLINE, send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS
 
 
 def _reply(request: httpx.Request) -> httpx.Response:

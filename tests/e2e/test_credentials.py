@@ -29,8 +29,9 @@ import boto3
 from botocore.config import Config
 
 from spoold.config import default_session_name
-from tests.conftest import TEST_KEYS, send_lines, wait_until
-from tests.fakeaws import STS_TARGET, FakeAWS, Role
+from tests.tools.client import send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS
+from tests.tools.fakeaws import STS_TARGET, FakeAWS, Role
 
 ROLE = "arn:aws:iam::123456789012:role/central-writer"
 EXTERNAL_ID = "spoold-ext-4711"

@@ -23,7 +23,7 @@ from spoold.tail import (
     start_offset,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BASE = {"name": "app", "kind": "kinesis", "stream": "s", "region": "us-east-1"}
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import destination_toml, send_lines, wait_until
+from tests.tools.client import send_lines, wait_until
+from tests.tools.daemon import destination_toml
 
 
 def _status(daemon, *args: str) -> subprocess.CompletedProcess[str]:

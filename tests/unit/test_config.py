@@ -16,7 +16,7 @@ from spoold.errors import ConfigError
 from spoold.sender import many_records_per_request
 
 MiB = 1024 * 1024
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SPOOL = '[spool]\npath = "/var/lib/spoold/spool.db"\n'
 KINESIS = """[[destination]]
 name = "a"

@@ -1,4 +1,4 @@
-"""The real daemon against the fault-injecting loopback endpoint (tests/fakeaws.py).
+"""The real daemon against the fault-injecting loopback endpoint (tests/tools/fakeaws.py).
 
 Each test checks what arrived against what was acknowledged, and that only failed entries were
 sent again (the endpoint counts every record it was offered)."""
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_KEYS, send_lines, wait_until
+from tests.tools.client import send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS
 
 
 def _lines(n: int, tag: str = "l") -> list[bytes]:

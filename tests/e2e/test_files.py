@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEADLINE, Daemon, send_lines, wait_until
+from tests.tools.client import DEADLINE, send_lines, wait_until
+from tests.tools.daemon import Daemon
 
 IN_CREATE = 0x100
 

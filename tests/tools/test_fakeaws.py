@@ -1,4 +1,4 @@
-"""tests/fakeaws.py checked against independent clients: boto3, botocore's signer, raw sockets."""
+"""tests/tools/fakeaws.py checked against independent clients: boto3, botocore's signer, raw sockets."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from tests.fakeaws import HASH_SPACE, FakeAWS, Record, Role
+from tests.tools.fakeaws import HASH_SPACE, FakeAWS, Record, Role
 
 ACCESS = "AKIDSPOOLDTEST"
 SECRET = "spoold-test-secret"

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import send_lines, wait_until
+from tests.tools.client import send_lines, wait_until
 
 BIG = b"B" * (1024 * 1024 + 10)  # over the endpoint's 1 MiB record limit: ValidationException
 

@@ -20,7 +20,7 @@ import pytest
 
 from spoold import config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 CONFIG_DOC = DOCS / "configuration.md"
 README = ROOT / "README.md"

@@ -1,4 +1,4 @@
-"""A loopback TCP proxy that breaks the network between spoold and tests/fakeaws.py.
+"""A loopback TCP proxy that breaks the network between spoold and tests/tools/fakeaws.py.
 
     with FaultProxy(upstream_port=srv.port) as proxy:   # listens on 127.0.0.1, an ephemeral port
         proxy.set(latency=5.0)                          # point the daemon at proxy.url

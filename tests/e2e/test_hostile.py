@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from spoold import ingest
-from tests.conftest import DEADLINE, Daemon, send_lines, wait_until
+from tests.tools.client import DEADLINE, send_lines, wait_until
+from tests.tools.daemon import Daemon
 
 MiB = 1024 * 1024
 OTHER_UIDS = (65534, 65533, 65532)

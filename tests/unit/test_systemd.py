@@ -11,40 +11,24 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
-import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from spoold import systemd
+from tests.tools.notify import ENV_VARS, RECV_TIMEOUT, receive
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
 # Generous: a child process only imports spoold.systemd, but CI machines can be slow.
 CHILD_TIMEOUT = 30.0
-# How long a test waits for a datagram that should already be queued.
-RECV_TIMEOUT = 5.0
-# sun_path is 108 bytes including the NUL; leave room for the file name.
-MAX_SOCKET_DIR = 80
-
-ENV_VARS = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-)
 
 
 @pytest.fixture(autouse=True)
@@ -52,41 +36,6 @@ def _outside_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
     # The suite itself may run under systemd (a CI runner's unit); start every test outside it.
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def sockdir(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path, or a shorter directory when tmp_path is too long for a socket address."""
-    if len(str(tmp_path)) <= MAX_SOCKET_DIR:
-        yield tmp_path
-        return
-    short = Path(tempfile.mkdtemp(prefix="spoold-", dir="/tmp"))
-    try:
-        yield short
-    finally:
-        shutil.rmtree(short)
-
-
-@pytest.fixture
-def receiver(sockdir: Path) -> Iterator[socket.socket]:
-    """A bound notify socket with SO_PASSCRED, as systemd's own is."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    with sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        sock.settimeout(RECV_TIMEOUT)
-        sock.bind(str(sockdir / "notify"))
-        yield sock
-
-
-def _receive(sock: socket.socket) -> tuple[bytes, int]:
-    """One datagram and the sender's pid from SCM_CREDENTIALS, as systemd reads them."""
-    creds_size = struct.calcsize("3i")
-    data, ancdata, _flags, _address = sock.recvmsg(4096, socket.CMSG_SPACE(creds_size))
-    pid = -1
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-            pid, _uid, _gid = struct.unpack("3i", payload[:creds_size])
-    return data, pid
 
 
 # --- notify --------------------------------------------------------------------------------
@@ -99,7 +48,7 @@ def test_notify_sends_one_datagram_to_a_path(
 
     assert systemd.notify("READY=1", "STATUS=listening on 2 sockets") is True
 
-    data, pid = _receive(receiver)
+    data, pid = receive(receiver)
     assert data == b"READY=1\nSTATUS=listening on 2 sockets"
     # NotifyAccess=main: systemd accepts the message only from the main PID.
     assert pid == os.getpid()
@@ -292,6 +241,7 @@ for target, source in enumerate(map(int, sources), start=3):
 os.environ["LISTEN_PID"] = str(os.getpid() if mode == "self" else os.getppid())
 
 from spoold import systemd
+from tests.tools.notify import ENV_VARS, RECV_TIMEOUT, receive
 
 fds = systemd.listen_fds(unset_environment=unset == "unset")
 sockets = [systemd.socket_from_fd(fd) for _, fd in fds]
@@ -471,51 +421,6 @@ def test_socket_from_fd_rejects_a_pipe() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
-
-
-# --- the daemon's messages -----------------------------------------------------------------
-
-
-def test_refused_reload_shows_in_status_until_a_good_reload(
-    receiver: socket.socket, make_daemon: Callable[..., Any], fake_aws: Any
-) -> None:
-    """What `systemctl status` shows: a refused SIGHUP puts the reason in STATUS= with its READY=1,
-    the heartbeat's STATUS= keeps it, and the next good reload clears it."""
-    from tests.conftest import DEADLINE, wait_until
-
-    receiver.settimeout(DEADLINE)
-    daemon = make_daemon({"endpoint_url": fake_aws.url},
-                         env={"NOTIFY_SOCKET": receiver.getsockname(), "WATCHDOG_USEC": "400000"})
-    daemon.start(wait=False)
-
-    def next_message(pred: Callable[[str], bool]) -> str:
-        while True:
-            data, pid = _receive(receiver)
-            if pid == daemon.proc.pid and pred(text := data.decode()):
-                return text
-
-    ready = next_message(lambda m: "READY=1" in m)
-    assert "reload refused" not in ready
-    good = daemon.config.read_text()
-    daemon.config.write_text(good + "\nbogus_key = 1\n")
-    daemon.proc.send_signal(signal.SIGHUP)
-    next_message(lambda m: "RELOADING=1" in m)
-    refused = next_message(lambda m: "READY=1" in m)
-    status = [s for s in refused.split("\n") if s.startswith("STATUS=")]
-    assert len(status) == 1 and status[0].startswith("STATUS=reload refused: ") and "bogus_key" in status[0], refused
-    # The heartbeat (every 0.2 s with this watchdog) must not wipe it.
-    beat = next_message(lambda m: "WATCHDOG=1" in m and "READY=1" not in m)
-    assert "STATUS=reload refused: " in beat and "bogus_key" in beat, beat
-
-    daemon.config.write_text(good)
-    daemon.proc.send_signal(signal.SIGHUP)
-    next_message(lambda m: "RELOADING=1" in m)
-    cleared = next_message(lambda m: "READY=1" in m)
-    assert "STATUS=" in cleared and "reload refused" not in cleared, cleared
-    beat = next_message(lambda m: "WATCHDOG=1" in m)
-    assert "reload refused" not in beat
-    wait_until(lambda: any(e.get("event") == "reloaded" for e in daemon.log_events()), what="the good reload")
-    assert daemon.stop() == 0
 
 
 # --- the unit files ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from spoold import control
-from tests.conftest import DEADLINE, send_lines, wait_until
+from tests.tools.client import DEADLINE, send_lines, wait_until
 
 SEED = 1414
 # Requests per kind; each is one short connection.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
-from spoold.demo import read_stream
-from tests.conftest import send_lines, wait_until
+from spoold.testing import read_stream
+from tests.tools.client import DEADLINE, send_lines, wait_until
 
 
 def test_round_trip_binary_and_near_limit_lines(make_daemon, moto_server):
@@ -51,3 +53,15 @@ def test_partition_key_from_json_field(make_daemon, moto_server):
     assert len(by_data[b"not json"]) == 16  # random fallback
     assert len(by_data[b'{"other": 1}']) == 16
     daemon.stop()
+
+
+def test_demo_delivers_every_line_exactly_once(tmp_path):
+    # The README's first command: moto, the daemon and `spoold send`, each for real.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no-aws-files")
+    done = subprocess.run([sys.executable, "-m", "spoold", "demo"], env=env, capture_output=True,
+                          timeout=DEADLINE * 2)
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert "read back 1001 records" in out
+    assert "every line arrived exactly once, byte for byte: yes" in out

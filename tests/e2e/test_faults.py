@@ -1,8 +1,8 @@
 """The fault suite: the real daemon against loopback endpoints that break on purpose.
 
 Each test runs `spoold run` as a subprocess, writes through its Unix socket, injects one kind of
-fault, and checks what arrived at the endpoint (tests/fakeaws.py, directly or through
-tests/faultproxy.py) against what the daemon acknowledged. Everything listens on 127.0.0.1,
+fault, and checks what arrived at the endpoint (tests/tools/fakeaws.py, directly or through
+tests/tools/faultproxy.py) against what the daemon acknowledged. Everything listens on 127.0.0.1,
 every wait has a deadline, and every fault ends by itself.
 
 Figures (lines acknowledged, lost, duplicated; rates, CPU, RSS) are printed at the end of the
@@ -37,10 +37,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DEADLINE, TEST_KEYS, Daemon, send_lines, wait_until
-from tests.faultproxy import FaultProxy
+from tests.tools.client import DEADLINE, send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS, Daemon
+from tests.tools.faultproxy import FaultProxy
 
-FIGURES_FILE = Path(__file__).with_name("fault-figures.json")
+FIGURES_FILE = Path(__file__).resolve().parents[1] / "fault-figures.json"
 # Short backoffs, so that recovery after a fault takes well under a second.
 FAST_RETRY = {"retry_base": "20ms", "retry_cap": "300ms", "retry_cap_throttle": "100ms"}
 MiB = 1024 * 1024
@@ -1186,188 +1187,3 @@ def test_debug_logs_hold_no_credentials_or_record_contents(make_daemon, fake_aws
     assert any(e.get("level") == "debug" for e in events), "the log is not at DEBUG: the test proves nothing"
     assert not found, f"the log holds {sorted(found)}"
     figures["passed"] = True
-
-
-# -- regressions this suite found, pinned down without timing ------------------------------------
-# The spool's writer thread is held on a gate so that a commit is "in progress" for as long as
-# the test needs: what the fault tests above hit by chance happens here every time.
-async def _gated(worker: Any, gate: threading.Event) -> None:
-    await worker.run(gate.wait)
-
-
-async def _committer(tmp_path: Path, when_full: str, offered: list[int], cursor: list[int]) -> Any:
-    """A Committer on a real spool and writer thread, with a flusher that leases every row."""
-    from spoold.committer import Committer
-    from spoold.config import SpoolConfig
-    from spoold.spool import Spool, Worker
-
-    spool = Spool(tmp_path / "spool.db")
-    worker = Worker("test-writer")
-    stats = await worker.run(spool.open_writer)
-
-    def on_rows(rows: list[tuple[int, str, list[bytes], int]], created: float) -> None:
-        for row_id, *_ in rows:  # a flusher with room leases every row it is offered
-            offered.append(row_id)
-            cursor[0] = max(cursor[0], row_id)
-
-    cfg = SpoolConfig(path=tmp_path / "spool.db", max_bytes=MiB, when_full=when_full)
-    return Committer(spool, worker, cfg, stats, on_rows, lambda dest: cursor[0])
-
-
-async def test_reject_counts_bytes_being_committed(tmp_path):
-    """A submission that arrives while another is being committed must count it: before the
-    fix the bytes on the writer thread were in neither pending nor total, and both fit."""
-    import trio
-    import trio.testing
-
-    c = await _committer(tmp_path, "reject", [], [0])
-    gate = threading.Event()
-    line = b"x" * (LINE_4K)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
-        nursery.start_soon(_gated, c.worker, gate)
-        await trio.testing.wait_all_tasks_blocked()
-        first = await c.submit("d", [line] * 200, 200 * 4096)  # 800 KiB
-        await trio.testing.wait_all_tasks_blocked()  # the commit loop took it: it waits on the gate
-        second = await c.submit("d", [line] * 100, 100 * 4096)  # 400 KiB more: over 1 MiB
-        gate.set()
-        await first.done.wait()
-        await second.done.wait()
-        nursery.cancel_scope.cancel()
-    await c.worker.run(c.spool.close)
-    c.worker.stop()
-    assert (first.accepted, second.rejected, second.reason) == (200, 100, "spool full")
-    assert c.total_bytes <= MiB
-
-
-async def test_drop_oldest_never_drops_a_row_being_offered(tmp_path):
-    """A drop must not run between a commit and the hand-over of its rows to the flusher: it
-    went by the flusher's old cursor and deleted the new row, which was then leased and sent
-    too (counted as dropped and delivered; the spool's counts went negative)."""
-    import trio
-    import trio.testing
-
-    offered: list[int] = []
-    c = await _committer(tmp_path, "drop_oldest", offered, [0])
-    gate = threading.Event()
-    line = b"x" * (LINE_4K)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(c.run)
-        base = await c.submit("d", [line] * 100, 100 * 4096)
-        await base.done.wait()  # a row on disk, leased: the flusher's cursor is on it
-        nursery.start_soon(_gated, c.worker, gate)
-        await trio.testing.wait_all_tasks_blocked()
-        first = await c.submit("d", [line] * 150, 150 * 4096)
-        await trio.testing.wait_all_tasks_blocked()  # its commit waits on the gate
-        tickets = []
-        submitted = trio.Event()
-
-        async def second() -> None:
-            tickets.append(await c.submit("d", [line] * 100, 100 * 4096))  # does not fit: drops
-            submitted.set()
-
-        nursery.start_soon(second)
-        await trio.testing.wait_all_tasks_blocked()
-        gate.set()
-        await first.done.wait()
-        await submitted.wait()
-        await tickets[0].done.wait()
-        nursery.cancel_scope.cancel()
-    await c.worker.run(c.spool.close)
-    c.worker.stop()
-    rows = spooled_ids(c.spool.path)
-    assert c.dropped == {}, f"dropped {c.dropped} lines of rows the flusher had leased: {offered}"
-    assert sorted(rows) == sorted(offered), "every row offered to the flusher is still spooled"
-    assert c.stats["d"].lines == 350
-
-
-def spooled_ids(path: Path) -> list[int]:
-    conn = sqlite3.connect(path)
-    try:
-        return [r[0] for r in conn.execute("SELECT id FROM chunks")]
-    finally:
-        conn.close()
-
-
-def test_drop_spares_the_rows_a_read_returned(tmp_path):
-    """The flusher's read and a drop on the other thread: rows the read returned are being
-    leased (the flusher's cursor does not show it yet), so a drop above the old cursor must
-    spare them."""
-    from spoold.spool import Spool
-
-    spool = Spool(tmp_path / "spool.db")
-    spool.open_writer()
-    spool.open_reader()
-    try:
-        ids = [spool.commit([("d", [b"row%d" % i], 5)], [], time.time())[0][0] for i in range(3)]
-        rows = spool.read("d", 0, 1)  # about 1 byte: the first row only
-        assert [r.id for r in rows] == ids[:1]
-        assert [r[0] for r in spool.drop("d", 0, None, 10)] == ids[1:], "the row read is spared"
-        assert [r.id for r in spool.read("d", 0, 1 << 20)] == ids[:1]
-        assert spool.drop("d", 0, None, 10) == []
-        # A read from a lower cursor (a new flusher after a reload) sets what is protected anew.
-        more = [spool.commit([("d", [b"more%d" % i], 6)], [], time.time())[0][0] for i in range(2)]
-        assert [r.id for r in spool.read("d", ids[0], 1 << 20)] == more
-        assert spool.drop("d", 0, None, 10) == []
-        assert [r.id for r in spool.read("d", 0, 1)] == ids[:1]
-        assert [r[0] for r in spool.drop("d", 0, None, 10)] == more
-    finally:
-        spool.close()
-
-
-def test_commit_deletes_many_ids_and_reports_only_those_still_there(tmp_path, monkeypatch):
-    """Deletes go by id lists, several statements' worth here; ids already gone (dropped or
-    expired meanwhile) are not reported deleted, so they are not subtracted twice."""
-    from spoold import spool as spool_mod
-
-    monkeypatch.setattr(spool_mod, "DELETE_IDS_MAX", 7)
-    spool = spool_mod.Spool(tmp_path / "spool.db")
-    spool.open_writer()
-    try:
-        ids = [spool.commit([("d", [b"row%d" % i], 5)], [], time.time())[0][0] for i in range(30)]
-        assert spool.drop("d", 0, None, 3) == [(i, 1, 5) for i in ids[:3]]  # gone already
-        kept = ids[25:]
-        made = spool.commit([("d", [b"new"], 4)], ids[:25] + [10_000], time.time())
-        assert spool.last_deleted == set(ids[3:25])
-        assert sorted(spooled_ids(spool.path)) == sorted(kept + [made[0][0]])
-    finally:
-        spool.close()
-
-
-def test_page_size_applies_to_new_spools_and_an_existing_one_keeps_its_own(tmp_path):
-    """page_size is set when the file is created (SQLite cannot change it in WAL mode): a new
-    spool gets it, and an existing one keeps the size it has, reports it, and reads as before."""
-    from spoold.spool import Spool
-
-    def file_page_size(path: Path) -> int:
-        conn = sqlite3.connect(path)
-        try:
-            return int(conn.execute("PRAGMA page_size").fetchone()[0])
-        finally:
-            conn.close()
-
-    path = tmp_path / "spool.db"
-    spool = Spool(path, page_size=16384)
-    spool.open_writer()
-    checkpoint_pages = spool._w.execute("PRAGMA wal_autocheckpoint").fetchone()[0]  # type: ignore[union-attr]
-    assert checkpoint_pages == 1000
-    big = Spool(tmp_path / "big.db", page_size=65536)
-    big.open_writer()
-    try:  # the WAL is checkpointed at 16 MB however big the pages
-        assert big._w.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 256  # type: ignore[union-attr]
-        assert file_page_size(tmp_path / "big.db") == 65536
-    finally:
-        big.close()
-    spool.commit([("d", [b"x" * 100] * 500, 50500)], [], time.time())
-    spool.close()
-    assert file_page_size(path) == 16384
-
-    again = Spool(path, page_size=4096)
-    again.open_writer()
-    try:
-        assert again.page_size == 16384, "the file's own page size is reported"
-        again.open_reader()
-        assert [(r.nbytes, len(r.lines)) for r in again.read("d", 0, 1 << 20)] == [(50500, 500)]
-    finally:
-        again.close()
-    assert file_page_size(path) == 16384
