@@ -30,7 +30,7 @@ BASE = {"name": "app", "kind": "kinesis", "stream": "s", "region": "us-east-1"}
 
 def parse(**keys: Any) -> config.Destination:
     doc = {"spool": {"path": "/tmp/x/spool.db"}, "destination": [{**BASE, **keys}]}
-    return config.parse(doc, Path("spoold.toml"), {}).destinations[0]
+    return config.parse(doc, Path("spoold.toml")).destinations[0]
 
 
 # ---------------------------------------------------------------- config
@@ -39,18 +39,17 @@ def parse(**keys: Any) -> config.Destination:
 def test_files_without_a_socket() -> None:
     d = parse(files=["/var/log/app/*.log", "/var/log/x.log"])
     assert d.socket is None
-    assert d.files == ("/var/log/app/*.log", "/var/log/x.log")
-    assert d.start_at == "end"
+    assert d.files == config.FilesConfig(("/var/log/app/*.log", "/var/log/x.log"), "end")
 
 
 def test_files_and_a_socket_and_start_at() -> None:
     d = parse(files=["/var/log/a.log"], socket="/run/a.sock", start_at="beginning")
-    assert d.socket == Path("/run/a.sock") and d.start_at == "beginning"
+    assert d.socket is not None and d.socket.path == Path("/run/a.sock") and d.files.start_at == "beginning"
 
 
 def test_a_socket_alone_has_no_files() -> None:
     d = parse(socket="/run/a.sock")
-    assert d.files == () and d.start_at == "end"
+    assert d.files == config.FilesConfig((), "end")
 
 
 @pytest.mark.parametrize(("keys", "wanted"), [
