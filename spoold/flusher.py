@@ -61,7 +61,7 @@ class Flusher:
             return False
         m.holding = True  # start no request meanwhile
         try:
-            with trio.move_on_after(self.dest.request_timeout + 1.0):
+            with trio.move_on_after(self.dest.limits.request_timeout + 1.0):
                 while m.in_flight:  # noqa: ASYNC110 (bounded, and only when the spool is full)
                     await trio.sleep(RELEASE_POLL)
             if m.in_flight:
@@ -82,7 +82,7 @@ class Flusher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             task_status.started()
-            if self.dest.kind != "firehose" and not self.dest.ordered:  # before the first batch: paced per shard
+            if self.dest.kind != "firehose" and not self.dest.records.ordered:  # before the first batch: per shard
                 nursery.start_soon(self._shard_map_loop, await self._refresh_shard_map())
             m = self.machine
             while True:
@@ -130,7 +130,8 @@ class Flusher:
                             trio.current_time(), time.time())
             else:
                 body = self.api.body(send.batch, self.machine.encoder.hex_keys)
-                outcomes = await self.sender.put(self.url, await self._signed(body), body, self.dest.request_timeout,
+                signed = await self._signed(body)
+                outcomes = await self.sender.put(self.url, signed, body, self.dest.limits.request_timeout,
                                                  self.api.firehose, len(send.batch))
                 m.on_reply(send, outcomes, trio.current_time(), time.time())
         except SendError as exc:
@@ -155,7 +156,7 @@ class Flusher:
 
     async def _signed(self, body: bytes, target: str | None = None) -> dict[str, str]:
         try:
-            with trio.fail_after(self.dest.request_timeout):
+            with trio.fail_after(self.dest.limits.request_timeout):
                 creds = await self.credentials.get()
         except trio.TooSlowError:
             raise RetryableSendError("getting AWS credentials timed out", code="NoCredentials") from None
@@ -167,7 +168,7 @@ class Flusher:
     async def _post(self, body: bytes, target: str | None = None) -> httpx.Response:
         """A request on the daemon's own client (ordered mode, shard maps)."""
         signed = await self._signed(body, target)
-        return await post(self.client, self.url, signed, body, self.dest.request_timeout)
+        return await post(self.client, self.url, signed, body, self.dest.limits.request_timeout)
 
     async def _shard_map_loop(self, delay: float) -> None:
         while True:
@@ -175,18 +176,17 @@ class Flusher:
             delay = await self._refresh_shard_map()
 
     async def _refresh_shard_map(self) -> float:
-        """Fetch the shard map into the machine; the seconds until the next fetch."""
+        """Fetch the shard map into the machine (a failure keeps the last one); seconds until the next."""
         operation, body = shard_map_request(self.dest.kind, self.api.stream_field, self.api.stream)
         pages: list[dict[str, Any]] = []
         try:
-            with trio.fail_after(self.dest.request_timeout * 2):
+            with trio.fail_after(self.dest.limits.request_timeout * 2):
                 while body is not None:
                     response = await self._post(json.dumps(body).encode(), target=KINESIS_PREFIX + operation)
                     pages.append(reply_document(response.status_code, response.content))
                     body = next_shard_page(operation, self.api.stream_field, self.api.stream, pages[-1])
             self.machine.set_shard_map(ShardMap.from_pages(operation, pages), trio.current_time())
         except (SendError, ValueError, KeyError, trio.TooSlowError) as exc:
-            # The last map stays (none: paced per destination); logged once however long it lasts.
             if not self._map_failed:
                 self.log.warning("shard_map_unavailable", error=str(exc) or repr(exc),
                                  hint="paced per destination until ListShards (DescribeStream on YDS) works")

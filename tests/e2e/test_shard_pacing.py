@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TEST_KEYS, send_lines, wait_until
-from tests.fakeaws import FakeAWS
+from tests.tools.fakeaws import FakeAWS
 
 PTEE = "ProvisionedThroughputExceededException"
 RETRY = {"retry_base": "5ms", "retry_cap": "50ms", "retry_cap_throttle": "50ms", "linger": "5ms"}
