@@ -71,6 +71,11 @@ SLOW_START_EXIT_SHARE = 0.25
 SLOW_START_EXIT_CUT = 0.5
 # Slow start doubles the pace this often while it binds.
 SLOW_START_DOUBLING = 0.1
+# Leaving slow start, the pace is at most this many times what the stream accepted from us since
+# the first reply: hosts that grew together took about as much each (a shard's burst hides the
+# limit at first), whatever their rates when their first throttle came, so they leave about equal
+# rather than keep a lucky host's lead.
+SLOW_START_DELIVERED = 2.0
 
 
 def cost(records: int, nbytes: int) -> float:
@@ -102,6 +107,8 @@ class Pace:
         self.floor = 0.0
         self._cut_fraction: float | None = None  # the throttled share that caused the last cut
         self._futile = 0  # cuts in a row after which that share did not fall
+        self._first_reply: float | None = None  # slow start: since when replies came
+        self._delivered = 0.0  # slow start: unit-seconds accepted since then
 
     def _refill(self, now: float) -> None:
         if now > self.updated:
@@ -157,6 +164,11 @@ class Pace:
         """A reply to a request of ``records`` records (``units`` of cost): ``accepted`` of them
         were accepted and ``throttled`` throttled."""
         self.throttled += throttled
+        if self.slow_start:
+            if self._first_reply is None:
+                self._first_reply = now
+            elif records:
+                self._delivered += units * accepted / records
         self._offered += records
         self._accepted += accepted
         self._throttled += throttled
@@ -183,6 +195,9 @@ class Pace:
 
     def _leave_slow_start(self, now: float, fraction: float) -> None:
         self.slow_start = False
+        if self._first_reply is not None and now - self._first_reply >= SLOW_START_DOUBLING:
+            delivered = self._delivered / (now - self._first_reply)
+            self.rate = min(self.rate, max(SLOW_START_DELIVERED * delivered, MIN_RATE * self.share))
         # A short first epoch: the overshoot of slow start is the costliest moment to wait out.
         self._epoch_start = now - CUT_INTERVAL + FIRST_EPOCH
         self._offered = self._accepted = self._throttled = 0
