@@ -8,21 +8,18 @@ import json
 import os
 import random
 import shutil
-import sqlite3
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from tests.tools.client import wait_until
+from tests.tools.daemon import spool_query
 
 DEADLINE = 120.0
 
 
 def _status(daemon: Any) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "spoold", "status", "--json", "--config", str(daemon.config)],
-                         capture_output=True, text=True, env=daemon.env, timeout=60)
+    out = daemon.cli("status", "--json")
     return json.loads(out.stdout) if out.returncode == 0 and out.stdout else {}
 
 
@@ -31,12 +28,8 @@ def _files(daemon: Any, dest: str = "d0") -> list[dict[str, Any]]:
 
 
 def _spooled(daemon: Any) -> collections.Counter[bytes]:
-    conn = sqlite3.connect(daemon.tmp / "spool.db")
-    try:
-        return collections.Counter(line for (data,) in conn.execute("SELECT data FROM chunks")
-                                   for line in bytes(data).split(b"\n"))
-    finally:
-        conn.close()
+    return collections.Counter(line for (data,) in spool_query(daemon.tmp / "spool.db", "SELECT data FROM chunks")
+                               for line in bytes(data).split(b"\n"))
 
 
 def _arrived(srv: Any) -> collections.Counter[bytes]:
@@ -292,11 +285,7 @@ def test_a_pattern_added_later_starts_at_start_at(make_daemon, fake_aws, tmp_pat
 
 
 def _positions(daemon: Any) -> list[tuple[str, int]]:
-    conn = sqlite3.connect(daemon.tmp / "spool.db")
-    try:
-        return sorted(conn.execute("SELECT path, offset FROM files"))
-    finally:
-        conn.close()
+    return sorted(spool_query(daemon.tmp / "spool.db", "SELECT path, offset FROM files"))
 
 
 def test_a_rotated_file_is_finished_then_forgotten_once_deleted(make_daemon, fake_aws, tmp_path):
