@@ -303,3 +303,87 @@ def test_a_rotated_file_is_finished_then_forgotten_once_deleted(make_daemon, fak
     wait_until(lambda: _positions(daemon) == [(str(app), 4)], DEADLINE, "the deleted file forgotten")
     assert daemon.stop() == 0
     assert sorted(_arrived(fake_aws).elements()) == [b"n-1", b"r-1", b"r-2 unfinished"]
+
+
+def test_truncated_and_regrown_past_the_offset_between_two_polls(make_daemon, fake_aws, tmp_path):
+    """copytruncate, then the application writes more than the old offset before the next poll:
+    reading at the old offset would take a piece of a line and then, once the first bytes are
+    seen to differ, read again what it had read. The new content is read once, from its start."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    fake_aws.faults.down = True  # nothing leaves the spool: it holds what was read
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws)))
+    path = logs / "ct.log"
+    old = [f"old-{i:04d}".encode() for i in range(60)]
+    path.write_bytes(b"".join(line + b"\n" for line in old))
+    size = path.stat().st_size
+    wait_until(lambda: any(f["offset"] == size for f in _files(daemon)), DEADLINE, "the file read to its end")
+    new = [f"new-{i:04d} {'n' * 23}".encode() for i in range(200)]  # the old offset falls inside a line
+    with open(path, "r+b", buffering=0) as f:
+        f.truncate(0)  # and, microseconds later, far past the old offset
+        f.write(b"".join(line + b"\n" for line in new))
+    wait_until(lambda: set(new) <= set(_spooled(daemon))
+               and any(e.get("event") == "file_truncated" for e in daemon.log_events()), DEADLINE, "the new lines")
+    wait_until(lambda: any(f["offset"] == path.stat().st_size for f in _files(daemon)), DEADLINE, "the new end")
+    spooled = _spooled(daemon)
+    assert daemon.stop() == 0
+    assert set(spooled) - {b""} == set(old) | set(new), sorted(set(spooled) - set(old) - set(new))[:3]
+    assert max(spooled.values()) == 1, [line for line, n in spooled.items() if n > 1][:3]
+
+
+def test_a_read_larger_than_the_destinations_share_of_the_spool_is_taken_in_parts(make_daemon, fake_aws, tmp_path):
+    """Two destinations share a 1 MiB spool, so each has about 512 KiB of its own: one read of
+    1 MiB of lines could never be stored whole (when_full = "block" would wait for ever). The
+    file is spooled in parts that fit, and every line arrives."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = [f"{i:06d} {'s' * 240}".encode() for i in range(6000)]  # about 1.5 MiB
+    (logs / "big.log").write_bytes(b"".join(line + b"\n" for line in lines))
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, stream="files", start_at="beginning"),
+                                  {"endpoint_url": fake_aws.url, "stream": "socket"},
+                                  spool={"max_bytes": "1MiB", "when_full": "block"}))
+    wait_until(lambda: {r.data for r in fake_aws.records("files")} >= set(lines), 60.0, "the whole file")
+    assert daemon.stop() == 0
+    assert {r.data for r in fake_aws.records("files")} == set(lines)
+
+
+def test_a_long_line_is_counted_once_however_often_its_read_is_refused(make_daemon, fake_aws, tmp_path):
+    """when_full = "reject": a read the full spool refuses is read again a second later. The line
+    too long in it is rejected once, not at every try."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = [f"{i:06d} {'r' * 190}".encode() for i in range(6000)]  # about 1.2 MiB, the spool 1 MiB
+    lines[5600] = b"L" * 500
+    (logs / "app.log").write_bytes(b"".join(line + b"\n" for line in lines))
+    fake_aws.faults.down = True
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, start_at="beginning", max_line_bytes=300),
+                                  spool={"max_bytes": "1MiB", "when_full": "reject"}))
+    wait_until(lambda: sum(e.get("event") == "file_lines_not_spooled" for e in daemon.log_events()) >= 3,
+               DEADLINE, "three refused tries")
+    assert _status(daemon)["destinations"]["d0"].get("rejected", {}).get("line too long", 0) <= 1
+    fake_aws.faults.down = False
+    good = set(lines) - {lines[5600]}
+    wait_until(lambda: set(_arrived(fake_aws)) >= good, DEADLINE, "every other line")
+    assert _status(daemon)["destinations"]["d0"]["rejected"] == {"line too long": 1}
+    assert daemon.stop() == 0
+
+
+def test_a_file_started_at_its_end_and_reopened_after_rotation_is_not_read_from_its_start(
+        make_daemon, fake_aws, tmp_path):
+    """start_at = "end" skips what a file held when its pattern was first configured. The file is
+    rotated (renamed, still matched) and finished with nothing read; the application then writes
+    one more line to it: the file is opened again and resumed, its old lines still skipped."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    old = [f"old-{i:03d}".encode() for i in range(50)]
+    app = logs / "app.log"
+    app.write_bytes(b"".join(line + b"\n" for line in old))
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, files=[str(logs / "app.log*")])))
+    with open(app, "ab", buffering=0) as f:
+        os.rename(app, logs / "app.log.1")
+        wait_until(lambda: any(e.get("event") == "file_finished" for e in daemon.log_events()), DEADLINE,
+                   "the rotated file finished")
+        f.write(b"late\n")  # the application had not reopened its log yet
+    wait_until(lambda: b"late" in set(_arrived(fake_aws)), DEADLINE, "the late line")
+    assert daemon.stop() == 0
+    assert sorted(_arrived(fake_aws).elements()) == [b"late"]

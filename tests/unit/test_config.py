@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spoold import config
+from spoold import config, host
 from spoold.config import Config, parse_duration, parse_size
 from spoold.errors import ConfigError
 from spoold.sender import many_records_per_request
@@ -58,7 +58,7 @@ def load(tmp_path: Path, text: str | bytes, environ: dict[str, str] | None = Non
         path.write_text(text, encoding="utf-8")
     else:
         path.write_bytes(text)
-    return config.load(path, {} if environ is None else environ)
+    return host.resolve(config.load(path), {} if environ is None else environ)
 
 
 def only(tmp_path: Path, dest: str, environ: dict[str, str] | None = None) -> config.Destination:
@@ -79,7 +79,7 @@ def test_example_config_parses(tmp_path: Path) -> None:
     assert text.count('socket_group = "spoold-writers"') == text.count("[[destination]]")
     local = tmp_path / "config.toml"
     local.write_text(text.replace('"spoold-writers"', f'"{os.getegid()}"'))
-    cfg = config.load(local, {})
+    cfg = host.resolve(config.load(local), {})
     by_name = {d.name: d for d in cfg.destinations}
     assert {d.kind for d in cfg.destinations} == {"kinesis", "firehose", "yds"}
     assert len(by_name) == len(cfg.destinations)
@@ -87,9 +87,9 @@ def test_example_config_parses(tmp_path: Path) -> None:
     assert yds.stream.startswith("/ru-central1/") and yds.endpoint_url == "https://yds.serverless.yandexcloud.net"
     for d in cfg.destinations:
         assert d.endpoint_url.startswith("https://")
-        assert d.max_line_bytes < d.max_record_bytes <= d.max_request_bytes
-    roles = [d for d in cfg.destinations if d.role_arn]
-    assert roles and all(d.external_id and d.role_session_name for d in roles)
+        assert d.limits.max_line_bytes < d.limits.max_record_bytes <= d.limits.max_request_bytes
+    roles = [d for d in cfg.destinations if d.credentials.role_arn]
+    assert roles and all(d.credentials.external_id and d.credentials.role_session_name for d in roles)
 
 
 def test_minimal_kinesis_defaults(tmp_path: Path) -> None:
@@ -109,39 +109,34 @@ def test_minimal_kinesis_defaults(tmp_path: Path) -> None:
     (d,) = cfg.destinations
     assert (d.name, d.kind, d.stream, d.stream_arn, d.region) == ("a", "kinesis", "s", None, "us-east-1")
     assert d.endpoint_url == "https://kinesis.us-east-1.amazonaws.com"
-    assert d.socket == Path("/run/a.sock") and d.socket_type == "stream" and d.socket_mode == 0o660
-    assert d.max_records_per_request == 500
-    assert d.max_request_bytes == 5 * MiB
-    assert d.max_record_bytes == MiB
-    assert d.max_line_bytes == MiB - 256
-    assert d.delimiter == b"" and d.pack_lines is False
-    assert (d.ordered, d.aggregation, d.partition_key_field, d.explicit_hash_key) == (False, "none", None, None)
-    assert (d.max_in_flight, d.linger, d.request_timeout) == (8, 0.2, 30.0)
-    assert (d.retry_base, d.retry_cap_throttle, d.retry_cap) == (0.1, 5.0, 60.0)
+    assert d.socket == config.SocketConfig(Path("/run/a.sock"), "stream", 0o660, None)
+    assert d.limits == config.Limits(500, 5 * MiB, MiB, MiB - 256, max_in_flight=8, linger=0.2, request_timeout=30.0)
+    assert d.records == config.RecordConfig(b"", False, None, None, ordered=False, aggregation="none")
+    assert d.retry == config.RetryConfig(base=0.1, cap_throttle=5.0, cap=60.0)
+    assert d.files == config.FilesConfig((), "end") and d.credentials == config.CredentialConfig()
     assert d.signing_service == "kinesis"
 
 
 def test_minimal_firehose_defaults(tmp_path: Path) -> None:
     d = only(tmp_path, FIREHOSE)
-    assert d.max_records_per_request == 500
-    assert d.max_request_bytes == 4 * MiB
-    assert d.max_record_bytes == 1_024_000
-    assert d.max_line_bytes == 1_024_000 - 1
-    assert d.delimiter == b"\n" and d.pack_lines is False
+    assert d.limits.max_records_per_request == 500
+    assert d.limits.max_request_bytes == 4 * MiB
+    assert d.limits.max_record_bytes == 1_024_000
+    assert d.limits.max_line_bytes == 1_024_000 - 1
+    assert d.records.delimiter == b"\n" and d.records.pack_lines is False
     assert d.endpoint_url == "https://firehose.us-east-1.amazonaws.com"
     assert d.signing_service == "firehose"
 
 
 def test_firehose_empty_delimiter_leaves_the_whole_record_for_the_line(tmp_path: Path) -> None:
     d = only(tmp_path, FIREHOSE + 'delimiter = ""\npack_lines = true\n')
-    assert d.delimiter == b"" and d.pack_lines is True
-    assert d.max_line_bytes == 1_024_000
+    assert d.records.delimiter == b"" and d.records.pack_lines is True
+    assert d.limits.max_line_bytes == 1_024_000
 
 
 def test_minimal_yds_defaults(tmp_path: Path) -> None:
     d = only(tmp_path, YDS)
-    assert (d.max_records_per_request, d.max_request_bytes, d.max_record_bytes) == (500, 5_000_000, 1_000_000)
-    assert d.max_line_bytes == 1_000_000 - 256
+    assert d.limits == config.Limits(500, 5_000_000, 1_000_000, 1_000_000 - 256, 8, 0.2, 30.0)
     assert d.signing_service == "kinesis"
 
 
@@ -183,7 +178,7 @@ def test_socket_group_by_number_or_existing_name(tmp_path: Path) -> None:
     name = grp.getgrgid(os.getgid()).gr_name
     for group in ("4242", name):
         (d,) = load(tmp_path, SPOOL + KINESIS + f'socket_group = "{group}"\n').destinations
-        assert d.socket_group == group
+        assert d.socket is not None and d.socket.group == group
 
 
 def test_durations_and_sizes_in_the_file(tmp_path: Path) -> None:
@@ -194,9 +189,9 @@ def test_durations_and_sizes_in_the_file(tmp_path: Path) -> None:
     assert cfg.spool.page_size == 16384
     assert cfg.shutdown_grace == 3.0
     (d,) = cfg.destinations
-    assert d.linger == 0.25 and d.retry_cap == 3600.0
-    assert d.max_request_bytes == 4 * MiB and d.max_record_bytes == 2048
-    assert d.max_line_bytes == 2048 - 256  # the default follows max_record_bytes
+    assert d.limits.linger == 0.25 and d.retry.cap == 3600.0
+    assert d.limits.max_request_bytes == 4 * MiB and d.limits.max_record_bytes == 2048
+    assert d.limits.max_line_bytes == 2048 - 256  # the default follows max_record_bytes
 
 
 # ---------------------------------------------------------------- regions and endpoints
@@ -371,7 +366,7 @@ def test_invalid_config(tmp_path: Path, text: str | bytes, wanted: list[str]) ->
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        config.load(tmp_path / "nope.toml", {})
+        config.load(tmp_path / "nope.toml")
     assert str(tmp_path / "nope.toml") in str(info.value)
 
 
@@ -453,11 +448,11 @@ def test_sender_process_leaves_packed_firehose_inline(tmp_path: Path) -> None:
 
 def test_kpl_defaults_to_one_aggregate_per_request(tmp_path: Path) -> None:
     (d,) = load(tmp_path, SPOOL + KINESIS + 'aggregation = "kpl"\n').destinations
-    assert d.max_request_bytes == d.max_record_bytes == MiB
+    assert d.limits.max_request_bytes == d.limits.max_record_bytes == MiB
     (d,) = load(tmp_path, SPOOL + KINESIS + 'aggregation = "kpl"\nmax_request_bytes = "5MiB"\n').destinations
-    assert d.max_request_bytes == 5 * MiB
+    assert d.limits.max_request_bytes == 5 * MiB
     (d,) = load(tmp_path, SPOOL + KINESIS).destinations
-    assert d.max_request_bytes == 5 * MiB
+    assert d.limits.max_request_bytes == 5 * MiB
 
 
 # ---------------------------------------------------------------- credential keys
@@ -473,7 +468,7 @@ def shared_files(tmp_path: Path, credentials: str = "", config_text: str = "") -
 
 def test_no_credential_keys_is_the_default_chain(tmp_path: Path) -> None:
     d = only(tmp_path, KINESIS)
-    assert (d.profile, d.role_arn, d.external_id, d.role_session_name) == (None, None, None, None)
+    assert d.credentials == config.CredentialConfig(None, None, None, None)
 
 
 def test_profile_from_either_shared_file(tmp_path: Path) -> None:
@@ -481,23 +476,23 @@ def test_profile_from_either_shared_file(tmp_path: Path) -> None:
                        "[profile ops]\nrole_arn = " + ROLE + "\nsource_profile = yc\nregion = eu-west-1\n"
                        "[default]\nregion = eu-west-1\n")
     for name in ("yc", "ops", "default"):
-        assert only(tmp_path, YDS + f'profile = "{name}"\n', env).profile == name
+        assert only(tmp_path, YDS + f'profile = "{name}"\n', env).credentials.profile == name
 
 
 def test_profile_in_a_systemd_credential(tmp_path: Path) -> None:
     (tmp_path / "aws").write_text("[audit]\naws_access_key_id = A\naws_secret_access_key = B\n")
     d = only(tmp_path, KINESIS + 'profile = "audit"\n', {"CREDENTIALS_DIRECTORY": str(tmp_path)})
-    assert d.profile == "audit"
+    assert d.credentials.profile == "audit"
 
 
 def test_role_with_defaults(tmp_path: Path) -> None:
     d = only(tmp_path, FIREHOSE + f'role_arn = "{ROLE}"\nexternal_id = "ext-1"\n')
-    assert (d.role_arn, d.external_id) == (ROLE, "ext-1")
-    assert d.role_session_name == config.default_session_name(__import__("socket").gethostname())
+    assert (d.credentials.role_arn, d.credentials.external_id) == (ROLE, "ext-1")
+    assert d.credentials.role_session_name == config.default_session_name(__import__("socket").gethostname())
     d = only(tmp_path, KINESIS + f'role_arn = "{ROLE}"\nrole_session_name = "app@host-1"\n')
-    assert (d.external_id, d.role_session_name) == (None, "app@host-1")
+    assert (d.credentials.external_id, d.credentials.role_session_name) == (None, "app@host-1")
     d = only(tmp_path, KINESIS + 'role_arn = "arn:aws-cn:iam::123456789012:role/path/to/r+w=1,x.y@z"\n')
-    assert d.role_arn == "arn:aws-cn:iam::123456789012:role/path/to/r+w=1,x.y@z"
+    assert d.credentials.role_arn == "arn:aws-cn:iam::123456789012:role/path/to/r+w=1,x.y@z"
 
 
 @pytest.mark.parametrize(("hostname", "name"), [
@@ -589,3 +584,122 @@ def test_region_from_the_destinations_profile(tmp_path: Path, monkeypatch: pytes
     assert (by_name["a"].region, by_name["a"].endpoint_url) == (
         "eu-north-1", "https://kinesis.eu-north-1.amazonaws.com")
     assert by_name["g"].region == "us-east-1"  # no profile: the default one's region
+
+
+# ---------------------------------------------------------------- parse is pure; resolve alone
+
+HOST_BOUND = (SPOOL + KINESIS_NO_REGION + 'stream = "s"\nsocket_group = "no-such-group-here"\nprofile = "team"\n'
+              + f'role_arn = "{ROLE}"\n')
+
+
+def test_parse_consults_nothing_of_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups, AWS files, botocore, the host name and the environment are resolve()'s: parse()
+    reads none of them, and leaves what they would give empty."""
+    import botocore.session
+    import grp
+    import socket
+
+    def consulted(*args: object, **kwargs: object) -> None:
+        raise AssertionError("parse() consulted the host")
+
+    for owner, name in ((grp, "getgrnam"), (grp, "getgrgid"), (socket, "gethostname"),
+                        (botocore.session, "Session"), (host, "check_profile"), (host, "default_region"),
+                        (os.path, "realpath")):
+        monkeypatch.setattr(owner, name, consulted)
+    monkeypatch.setattr(os, "environ", {})
+    (d,) = load_only(tmp_path, HOST_BOUND).destinations
+    assert (d.region, d.endpoint_url) == ("", "")
+    assert d.socket is not None and d.socket.group == "no-such-group-here"
+    assert d.credentials == config.CredentialConfig("team", ROLE, None, None)
+
+
+def load_only(tmp_path: Path, text: str) -> Config:
+    path = tmp_path / "spoold.toml"
+    path.write_text(text)
+    return config.load(path)
+
+
+def test_resolve_fills_in_what_the_host_gives(tmp_path: Path) -> None:
+    env = {**shared_files(tmp_path, "[team]\naws_access_key_id = A\naws_secret_access_key = B\n"),
+           "AWS_REGION": "eu-west-1"}
+    parsed = load_only(tmp_path, HOST_BOUND.replace("no-such-group-here", str(os.getegid())))
+    cfg = host.resolve(parsed, env)
+    (d,) = cfg.destinations
+    assert (d.region, d.endpoint_url) == ("eu-west-1", "https://kinesis.eu-west-1.amazonaws.com")
+    assert d.credentials.role_session_name == config.default_session_name(__import__("socket").gethostname())
+    assert d.limits == parsed.destinations[0].limits and d.socket == parsed.destinations[0].socket
+    assert host.resolve(cfg, env) == cfg  # resolving twice changes nothing
+
+
+def test_resolve_leaves_a_config_that_needs_nothing_of_the_host(tmp_path: Path) -> None:
+    parsed = load_only(tmp_path, SPOOL + KINESIS + FIREHOSE + YDS)
+    assert host.resolve(parsed, {}) == parsed
+
+
+# (id, AWS_REGION set, profile "team" in the shared files, the group exists, texts the message must contain)
+RESOLVE_ERRORS = [
+    ("group", True, True, False, ['destination "a": socket_group', "no-such-group-here"]),
+    ("profile", True, False, True, ['destination "a": profile', "no profile 'team'"]),
+    ("region", False, True, True, ['destination "a": region: required']),
+]
+
+
+@pytest.mark.parametrize(("region", "profile", "group", "wanted"), [c[1:] for c in RESOLVE_ERRORS],
+                         ids=[c[0] for c in RESOLVE_ERRORS])
+def test_resolve_names_the_file_and_the_key(tmp_path: Path, region: bool, profile: bool, group: bool,
+                                            wanted: list[str]) -> None:
+    parsed = load_only(tmp_path, HOST_BOUND.replace("no-such-group-here", str(os.getegid())) if group else HOST_BOUND)
+    env = shared_files(tmp_path, "[team]\naws_access_key_id = A\naws_secret_access_key = B\n" if profile else "")
+    if region:
+        env["AWS_REGION"] = "eu-west-1"
+    with pytest.raises(ConfigError) as info:
+        host.resolve(parsed, env)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'spoold.toml'}: ")
+    for part in wanted:
+        assert part in message, message
+
+
+def test_group_id() -> None:
+    import grp
+
+    assert host.group_id("4242") == 4242
+    name = grp.getgrgid(os.getgid()).gr_name
+    assert host.group_id(name) == os.getgid()
+    with pytest.raises(KeyError):
+        host.group_id("no-such-group-here")
+    with pytest.raises(ValueError):
+        host.group_id("nul\0name")
+
+
+def test_default_region_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert host.default_region({"AWS_REGION": "a-1", "AWS_DEFAULT_REGION": "b-1"}) == "a-1"
+    assert host.default_region({"AWS_DEFAULT_REGION": "b-1"}) == "b-1"
+    assert host.default_region({}) is None  # no_ambient_aws: no config file
+    env = shared_files(tmp_path, "", "[default]\nregion = us-east-2\n[profile b]\nregion = eu-north-1\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert host.default_region({}) == "us-east-2"
+    assert host.default_region({}, "b") == "eu-north-1"
+    assert host.default_region({"AWS_REGION": "a-1"}, "b") == "a-1"
+
+
+def test_check_profile(tmp_path: Path) -> None:
+    env = shared_files(tmp_path, "[keys]\naws_access_key_id = A\naws_secret_access_key = B\n",
+                       f"[profile role]\nrole_arn = {ROLE}\nsource_profile = keys\nregion = us-east-1\n"
+                       f"[profile orphan]\nrole_arn = {ROLE}\nsource_profile = gone\nregion = us-east-1\n"
+                       f"[profile noregion]\nrole_arn = {ROLE}\nsource_profile = keys\n")
+    for good in ("keys", "role"):
+        host.check_profile(good, env)
+    host.check_profile("noregion", {**env, "AWS_DEFAULT_REGION": "us-east-1"})
+    for bad, message in (("nope", "no profile 'nope'"), ("orphan", "source_profile 'gone'"),
+                         ("noregion", "assumes a role")):
+        with pytest.raises(ValueError, match=message):
+            host.check_profile(bad, env)
+
+
+def test_limits_of_kind_follow_the_given_sizes() -> None:
+    assert config.Limits.of_kind("kinesis") == config.Limits(500, 5 * MiB, MiB, MiB - 256)
+    assert config.Limits.of_kind("firehose", config.RecordConfig(delimiter=b"\r\n")).max_line_bytes == 1_024_000 - 2
+    kpl = config.Limits.of_kind("kinesis", config.RecordConfig(aggregation="kpl"), max_record_bytes=64 * 1024)
+    assert (kpl.max_request_bytes, kpl.max_line_bytes) == (64 * 1024, 64 * 1024 - 256)

@@ -11,7 +11,7 @@ import trio.testing
 
 import spoold.ingest as ingest
 from spoold.committer import Ticket
-from spoold.config import Destination
+from spoold.config import Destination, Limits, SocketConfig
 from spoold.framing import LineBuffer
 
 
@@ -36,8 +36,8 @@ def test_discard_partial_reports_the_line_once_it_ends() -> None:
     assert buf.take_discarded() == [11] and buf.take_oversized() == []
 
 
-DEST = Destination(name="d", kind="kinesis", socket=Path("/unused"), stream="s", region="r",
-                   endpoint_url="http://127.0.0.1:9")
+DEST = Destination(name="d", kind="kinesis", socket=SocketConfig(Path("/unused")), stream="s", region="r",
+                   endpoint_url="http://127.0.0.1:9", limits=Limits.of_kind("kinesis"))
 
 
 async def test_unfinished_lines_share_a_hard_budget(monkeypatch) -> None:

@@ -13,7 +13,7 @@ import trio.testing
 from botocore.credentials import Credentials, RefreshableCredentials
 from botocore.exceptions import ClientError
 
-from spoold.config import Destination
+from spoold.config import CredentialConfig, Destination, Limits, SocketConfig
 from spoold.errors import RetryableSendError
 from spoold.signing import (
     CREDENTIALS_REUSE,
@@ -40,8 +40,9 @@ def test_refresh_windows(lifetime: float, windows: tuple[float, float]) -> None:
 
 
 def dest(name: str, **keys: Any) -> Destination:
-    return Destination(name=name, kind="kinesis", socket=Path(f"/run/{name}.sock"), stream="s",
-                       region=keys.pop("region", "us-east-1"), endpoint_url="https://kinesis.example", **keys)
+    return Destination(name=name, kind="kinesis", socket=SocketConfig(Path(f"/run/{name}.sock")), stream="s",
+                       region=keys.pop("region", "us-east-1"), endpoint_url="https://kinesis.example",
+                       limits=Limits.of_kind("kinesis"), credentials=CredentialConfig(**keys))
 
 
 def test_destinations_with_the_same_identity_share_one_source() -> None:

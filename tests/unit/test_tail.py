@@ -18,6 +18,7 @@ from spoold.tail import (
     cut_lines,
     end_of_last_line,
     fingerprint,
+    fitting,
     is_finished,
     same_file,
     start_offset,
@@ -29,7 +30,7 @@ BASE = {"name": "app", "kind": "kinesis", "stream": "s", "region": "us-east-1"}
 
 def parse(**keys: Any) -> config.Destination:
     doc = {"spool": {"path": "/tmp/x/spool.db"}, "destination": [{**BASE, **keys}]}
-    return config.parse(doc, Path("spoold.toml"), {}).destinations[0]
+    return config.parse(doc, Path("spoold.toml")).destinations[0]
 
 
 # ---------------------------------------------------------------- config
@@ -38,18 +39,17 @@ def parse(**keys: Any) -> config.Destination:
 def test_files_without_a_socket() -> None:
     d = parse(files=["/var/log/app/*.log", "/var/log/x.log"])
     assert d.socket is None
-    assert d.files == ("/var/log/app/*.log", "/var/log/x.log")
-    assert d.start_at == "end"
+    assert d.files == config.FilesConfig(("/var/log/app/*.log", "/var/log/x.log"), "end")
 
 
 def test_files_and_a_socket_and_start_at() -> None:
     d = parse(files=["/var/log/a.log"], socket="/run/a.sock", start_at="beginning")
-    assert d.socket == Path("/run/a.sock") and d.start_at == "beginning"
+    assert d.socket is not None and d.socket.path == Path("/run/a.sock") and d.files.start_at == "beginning"
 
 
 def test_a_socket_alone_has_no_files() -> None:
     d = parse(socket="/run/a.sock")
-    assert d.files == () and d.start_at == "end"
+    assert d.files == config.FilesConfig((), "end")
 
 
 @pytest.mark.parametrize(("keys", "wanted"), [
@@ -134,6 +134,17 @@ def test_cutting_a_file_in_reads_of_any_size_gives_the_same_lines() -> None:
                 break
         assert got == want, size
         assert too_long == sum(1 for ln in lines if len(ln) > limit)
+
+
+@pytest.mark.parametrize(("data", "limit", "want"), [
+    (b"aa\nbb\ncc\n", 6, 6),  # two lines fit exactly
+    (b"aa\nbb\ncc\n", 5, 3),
+    (b"aaaaaa\nb\n", 3, 7),  # a first line longer than the limit still goes, alone
+    (b"aa\nbb", 100, 3),  # the unfinished line waits
+    (b"aaaa", 2, 0),
+])
+def test_fitting(data: bytes, limit: int, want: int) -> None:
+    assert fitting(data, limit) == want
 
 
 # ---------------------------------------------------------------- identity and rotation
