@@ -219,7 +219,7 @@ class Tailer:
         self.waiting = False  # files left unopened at the last scan, for want of descriptors
         self.unreadable: set[str] = set()
         self._log = RateLimitedLog()
-        self.read_bytes = max(READ_BYTES, dest.max_line_bytes + 1)
+        self.read_bytes = max(READ_BYTES, dest.limits.max_line_bytes + 1)
         self.scope = trio.CancelScope()
         self.log = logger.bind(dest=dest.name)
 
@@ -252,7 +252,7 @@ class Tailer:
         """The regular files the patterns match, by (dev, inode): a path, its stat, and which
         patterns match it."""
         found: dict[tuple[int, int], tuple[str, os.stat_result, set[str]]] = {}
-        for pattern in self.dest.files:
+        for pattern in self.dest.files.paths:
             for path in sorted(glob.glob(pattern)):
                 try:
                     st = os.stat(path)
@@ -301,10 +301,10 @@ class Tailer:
         self.paths = {(dev, ino): p for _d, dev, ino, _fp, _n, p, _o in rows}
         first: list[FilePosition] = []
         found = await self._scan(known, first)
-        new = [p for p in self.dest.files if p not in known]
+        new = [p for p in self.dest.files.paths if p not in known]
         if new:
             await self.worker.run(self.spool.tail_begin, self.name, new, first, time.time())
-        self.log.info("files_following", files=len(self.files), new_patterns=new, start_at=self.dest.start_at)
+        self.log.info("files_following", files=len(self.files), new_patterns=new, start_at=self.dest.files.start_at)
         gone = await trio.to_thread.run_sync(self._gone, self.records, self.paths, found)
         if gone:  # rotated out of the globs or deleted while we were stopped
             await self._forget(gone)
@@ -397,11 +397,11 @@ class Tailer:
                 raise OSError(f"{path} was replaced while being opened")
             head = os.pread(fd, FINGERPRINT_BYTES, 0)
             end = st.st_size
-            if first_configured and self.dest.start_at == "end" and st.st_size:
+            if first_configured and self.dest.files.start_at == "end" and st.st_size:
                 lookback = min(st.st_size, END_LOOKBACK)
                 end = end_of_last_line(os.pread(fd, lookback, st.st_size - lookback), st.st_size)
             offset, why = start_offset(self.records.get(key), head, st.st_size, first_configured,
-                                       self.dest.start_at, end)
+                                       self.dest.files.start_at, end)
             # A file resumed under another name than it had was renamed while we were stopped.
             first_path = self.paths.get(key, path) if why in ("resumed", "truncated") else path
         except BaseException:
@@ -449,13 +449,13 @@ class Tailer:
             self._restart(f, "replaced")
             return True
         final = may_finish and f.scan + len(data) >= f.size
-        cut = cut_lines(data, self.dest.max_line_bytes, f.skipping, final)
+        cut = cut_lines(data, self.dest.limits.max_line_bytes, f.skipping, final)
         limit = max(1, self.committer.most_per_submission() // SUBMIT_SHARE)
         more = len(data) == self.read_bytes
         if cut.boundary > 0 and sum(map(len, cut.lines)) + len(cut.lines) > limit:
             # More than the spool could ever take at once (a small spool shared by several
             # destinations): the lines that fit now, the rest at the next read.
-            cut = cut_lines(data[:fitting(data, limit)], self.dest.max_line_bytes, f.skipping, False)
+            cut = cut_lines(data[:fitting(data, limit)], self.dest.limits.max_line_bytes, f.skipping, False)
             final, more = False, True
         start = f.scan
         if cut.boundary >= 0:
@@ -473,7 +473,7 @@ class Tailer:
             self.stats.too_long += cut.too_long
             if callable(self.reject):
                 self.reject("line too long", cut.too_long)
-            self._log("file_lines_too_long", cut.too_long, dest=self.name, max_line_bytes=self.dest.max_line_bytes)
+            self._log("file_lines_too_long", cut.too_long, dest=self.name, max_line_bytes=self.dest.limits.max_line_bytes)
         f.scan = start + cut.used if cut.skipping or cut.boundary >= 0 else f.scan
         f.skipping = cut.skipping
         if cut.lines or cut.too_long:

@@ -17,7 +17,7 @@ BASE = {"name": "app", "kind": "kinesis", "stream": "s", "region": "us-east-1"}
 def _tailer(tmp_path: Path) -> Tailer:
     doc = {"spool": {"path": str(tmp_path / "spool.db")},
            "destination": [{**BASE, "files": [str(tmp_path / "*.log")]}]}
-    dest = config.parse(doc, Path("spoold.toml"), {}).destinations[0]
+    dest = config.parse(doc, Path("spoold.toml")).destinations[0]
     return Tailer(dest, None, None, None)  # type: ignore[arg-type]  # _open touches none of them
 
 
