@@ -93,12 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(path: str) -> int:
-    from spoold import config
+    from spoold import config, host
 
-    cfg = config.load(path)
+    cfg = host.resolve(config.load(path))
     for d in cfg.destinations:
         print(f"{d.name}: {d.kind} -> {d.stream_arn or d.stream} at {d.endpoint_url} ({d.region})"
-              + (f", socket {d.socket}" if d.socket else "") + (f", files {' '.join(d.files)}" if d.files else ""))
+              + (f", socket {d.socket.path}" if d.socket else "")
+              + (f", files {' '.join(d.files.paths)}" if d.files.paths else ""))
     print(f"{path}: OK")
     return EXIT_OK
 
@@ -140,9 +141,9 @@ def _run(path: str) -> int:
     _lean_process()
     import trio
 
-    from spoold import config, daemon, logs
+    from spoold import config, daemon, host, logs
 
-    cfg = config.load(path)
+    cfg = host.resolve(config.load(path))
     logs.configure(cfg.log_level, cfg.log_format)
     import structlog
 

@@ -150,6 +150,12 @@ class Committer:
         in_memory = self._pending_bytes + self._committing_bytes
         return self.total_bytes + in_memory + nbytes + self._reserved_for_others(dest) > self.cfg.max_bytes
 
+    def most_per_submission(self) -> int:
+        """The most bytes one submission can hold and ever fit: a destination's share of
+        max_bytes when the others keep theirs reserved (see _full)."""
+        n = len(list(self.destinations()))
+        return self.cfg.max_bytes - (n - 1) * (self.cfg.max_bytes // n) if n > 1 else self.cfg.max_bytes
+
     def _reserved_for_others(self, dest: str) -> int:
         names = [n for n in self.destinations()]
         if len(names) < 2:

@@ -28,7 +28,7 @@ import httpx
 import structlog
 import trio
 
-from spoold import __version__, config, logs, status, systemd
+from spoold import __version__, config, host, logs, status, systemd
 from spoold.committer import Committer
 from spoold.config import Config, Destination
 from spoold.control import ControlServer, DeadLetters, MetricsServer
@@ -204,10 +204,11 @@ class Daemon:
         if dest.socket is None and sock is None:  # files only
             return None, False
         if sock is not None:
-            want = stdsocket.SOCK_DGRAM if dest.socket_type == "datagram" else stdsocket.SOCK_STREAM
+            socket_type = dest.socket.type if dest.socket else "stream"
+            want = stdsocket.SOCK_DGRAM if socket_type == "datagram" else stdsocket.SOCK_STREAM
             if sock.type != want:
                 raise ConfigError(f'{self.cfg.path}: destination "{dest.name}": socket_type: '
-                                  f"{dest.socket_type} but systemd passed another kind of socket")
+                                  f"{socket_type} but systemd passed another kind of socket")
             return sock, True
         return bind_socket(dest), False
 
@@ -254,7 +255,7 @@ class Daemon:
                           self.credentials.for_destination(dest), self.rng, await self._sender_for(dest))
         ingest = Ingest(dest, self.committer)
         tailer = (Tailer(dest, self.committer, self.spool, self.writer, ingest.stats.reject)
-                  if dest.files else None)
+                  if dest.files.paths else None)
         rt = DestRuntime(dest, sock, activated, ingest, flusher, tailer)
         self.dests[dest.name] = rt
         await self._services.start(self._run_dest, rt)
@@ -333,7 +334,7 @@ class Daemon:
         rt.tsock.close()
         if not rt.activated and rt.dest.socket is not None:  # systemd owns an activated socket's path
             try:
-                Path(rt.dest.socket).unlink()
+                rt.dest.socket.path.unlink()
             except OSError:
                 pass
 
@@ -341,8 +342,9 @@ class Daemon:
     async def _reload(self) -> None:
         systemd.reloading()
         try:
-            # On a thread: group names are looked up (NSS, maybe LDAP), which may be slow.
-            new = await trio.to_thread.run_sync(config.load, self.cfg.path)
+            # On a thread: the file is read, and resolving looks up group names (NSS, maybe
+            # LDAP) and the AWS shared files, any of which may be slow.
+            new = await trio.to_thread.run_sync(lambda: host.resolve(config.load(self.cfg.path)))
         except ConfigError as exc:
             logger.error("reload_failed", error=str(exc), hint="the running configuration is kept")
             # Kept in every STATUS= until a reload succeeds: the heartbeat would otherwise
@@ -372,7 +374,7 @@ class Daemon:
             await self._stop_dest(rt)  # its cursor stays visible to drops until it has stopped
             del self.dests[name]
             again = wanted.get(name)
-            keep = again is not None and (again.socket, again.socket_type) == (dest.socket, dest.socket_type)
+            keep = again is not None and _binding(again) == _binding(dest)
             if keep and again is not None:
                 logger.info("destination_restarting", dest=name)
                 if not rt.activated and again.socket is not None:
@@ -448,7 +450,7 @@ class Daemon:
             rate_in, rate_out = rt.rates()
             configured[name] = dict(
                 kind=rt.dest.kind, stream=rt.dest.stream_arn or rt.dest.stream,
-                socket=str(rt.dest.socket) if rt.dest.socket else None,
+                socket=str(rt.dest.socket.path) if rt.dest.socket else None,
                 lines_in=rt.lines_in(), connections=rt.ingest.stats.connections,
                 rejected=dict(rt.ingest.stats.rejected), connections_closed=dict(rt.ingest.stats.closed),
                 lines_in_per_s=round(rate_in, 1), lines_out_per_s=round(rate_out, 1),
@@ -520,17 +522,24 @@ class Daemon:
                 await listener.aclose()
 
 
+def _binding(dest: Destination) -> tuple[Path, str] | None:
+    """What a kept socket must share with its reloaded destination (mode and group may change)."""
+    return (dest.socket.path, dest.socket.type) if dest.socket else None
+
+
 def _set_socket_access(dest: Destination) -> None:
     """A kept socket gets the reloaded socket_mode and socket_group; a failure is logged (the
     socket still works, with its old access)."""
+    sock = dest.socket
+    assert sock is not None
     try:
         # The group first: a mode opened up for a group the change then fails to give would
         # hand the socket to the old group.
-        if dest.socket_group:
-            os.chown(dest.socket, -1, config.group_id(dest.socket_group))
-        os.chmod(dest.socket, dest.socket_mode)
+        if sock.group:
+            os.chown(sock.path, -1, host.group_id(sock.group))
+        os.chmod(sock.path, sock.mode)
     except (OSError, KeyError, ValueError) as exc:
-        logger.error("socket_access_not_changed", dest=dest.name, socket=str(dest.socket), error=str(exc))
+        logger.error("socket_access_not_changed", dest=dest.name, socket=str(sock.path), error=str(exc))
 
 
 async def run(cfg: Config) -> None:

@@ -13,79 +13,17 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any
+
+from spoold.testing import MotoServer, read_stream
 
 DEMO_STREAM = "spoold-demo"
 DEMO_REGION = "us-east-1"
+# moto does not check the signatures the daemon makes with these.
 DEMO_KEYS = {"AWS_ACCESS_KEY_ID": "AKIDSPOOLDDEMO", "AWS_SECRET_ACCESS_KEY": "spoold-demo-secret"}
 # Seconds the demo waits for the daemon to start and for the records to arrive.
 DEMO_DEADLINE = 30.0
-
-
-class LockedApp:
-    """moto's Kinesis store is not thread-safe (concurrent PutRecords can lose records after a
-    200 answer), so requests are served one at a time."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.lock = threading.Lock()
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        with self.lock:
-            return list(self.app(environ, start_response))
-
-
-class MotoServer:
-    """moto's server on 127.0.0.1 and a free port, in a thread of this process."""
-
-    def __init__(self) -> None:
-        from moto.server import DomainDispatcherApplication, create_backend_app  # type: ignore[attr-defined]
-        from werkzeug.serving import WSGIRequestHandler, make_server
-
-        class QuietHandler(WSGIRequestHandler):
-            def log_request(self, *args: Any, **kwargs: Any) -> None:
-                pass
-
-        app = LockedApp(DomainDispatcherApplication(create_backend_app))
-        self.server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> MotoServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.thread.join(timeout=10)
-
-    def client(self, service: str = "kinesis", region: str = DEMO_REGION) -> Any:
-        import boto3
-
-        return boto3.client(
-            service, endpoint_url=self.url, region_name=region,
-            aws_access_key_id=DEMO_KEYS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=DEMO_KEYS["AWS_SECRET_ACCESS_KEY"],
-        )
-
-
-def read_stream(kinesis: Any, stream: str) -> list[tuple[str, bytes]]:
-    """Every record in every shard, from the start: (partition key, data)."""
-    out: list[tuple[str, bytes]] = []
-    shards = kinesis.describe_stream(StreamName=stream)["StreamDescription"]["Shards"]
-    for shard in shards:
-        it = kinesis.get_shard_iterator(StreamName=stream, ShardId=shard["ShardId"],
-                                        ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
-        while it:
-            reply = kinesis.get_records(ShardIterator=it, Limit=10000)
-            out.extend((r["PartitionKey"], r["Data"]) for r in reply["Records"])
-            if not reply["Records"]:
-                break
-            it = reply.get("NextShardIterator")
-    return out
 
 
 def main() -> int:
@@ -98,7 +36,7 @@ def main() -> int:
     lines = [f'{{"n": {i}, "msg": "hello from spoold", "host": "demo"}}'.encode() for i in range(1, 1001)]
     lines.append("non-UTF-8 bytes survive: \xff\xfe".encode("latin-1"))
     with tempfile.TemporaryDirectory(prefix="spoold-demo-") as tmp, MotoServer() as moto_srv:
-        kinesis = moto_srv.client()
+        kinesis = moto_srv.client(region=DEMO_REGION)
         kinesis.create_stream(StreamName=DEMO_STREAM, ShardCount=2)
         print(f"moto Kinesis on {moto_srv.url}; stream {DEMO_STREAM!r} with 2 shards")
         sock = Path(tmp) / "demo.sock"

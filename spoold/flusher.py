@@ -61,7 +61,7 @@ class Flusher:
             return False
         m.holding = True  # start no request meanwhile
         try:
-            with trio.move_on_after(self.dest.request_timeout + 1.0):
+            with trio.move_on_after(self.dest.limits.request_timeout + 1.0):
                 while m.in_flight:  # noqa: ASYNC110 (bounded, and only when the spool is full)
                     await trio.sleep(RELEASE_POLL)
             if m.in_flight:
@@ -82,8 +82,8 @@ class Flusher:
     # -- the loop ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            d = self.dest
-            if d.aggregation == "kpl" and d.partition_key_field and d.explicit_hash_key is None:
+            r = self.dest.records
+            if r.aggregation == "kpl" and r.partition_key_field and r.explicit_hash_key is None:
                 nursery.start_soon(self._shard_map_loop)
             task_status.started()
             m = self.machine
@@ -135,7 +135,7 @@ class Flusher:
             else:
                 body = self.api.body(send.batch, self.machine.encoder.hex_keys)
                 signed = await self._signed(body)
-                outcomes = await self.sender.put(self.url, signed, body, self.dest.request_timeout,
+                outcomes = await self.sender.put(self.url, signed, body, self.dest.limits.request_timeout,
                                                  self.api.firehose, len(send.batch))
                 m.on_reply(send, outcomes, trio.current_time(), time.time())
         except SendError as exc:
@@ -160,7 +160,7 @@ class Flusher:
 
     async def _signed(self, body: bytes, target: str | None = None) -> dict[str, str]:
         try:
-            with trio.fail_after(self.dest.request_timeout):
+            with trio.fail_after(self.dest.limits.request_timeout):
                 creds = await self.credentials.get()
         except trio.TooSlowError:
             raise RetryableSendError("getting AWS credentials timed out", code="NoCredentials") from None
@@ -172,7 +172,7 @@ class Flusher:
     async def _post(self, body: bytes, target: str | None = None) -> httpx.Response:
         """A request on the daemon's own client (ordered mode, shard maps)."""
         signed = await self._signed(body, target)
-        return await post(self.client, self.url, signed, body, self.dest.request_timeout)
+        return await post(self.client, self.url, signed, body, self.dest.limits.request_timeout)
 
     async def _shard_map_loop(self) -> None:
         while True:

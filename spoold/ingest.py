@@ -30,8 +30,9 @@ import structlog
 import trio
 
 from spoold.committer import Committer, RateLimitedLog, Ticket
-from spoold.config import Destination, group_id
+from spoold.config import Destination
 from spoold.framing import LineBuffer, split_datagram
+from spoold.host import group_id
 from spoold.listen import Acceptor
 from spoold.spool import make_private_dirs
 
@@ -167,9 +168,10 @@ class Slots:
 
 def bind_socket(dest: Destination) -> stdsocket.socket:
     """A listening (or, for datagrams, bound) Unix socket at dest.socket, created atomically."""
-    kind = stdsocket.SOCK_DGRAM if dest.socket_type == "datagram" else stdsocket.SOCK_STREAM
-    return bind_unix(Path(dest.socket), kind, dest.socket_mode, dest.socket_group,
-                     key=f'destination "{dest.name}": socket')
+    sock = dest.socket
+    assert sock is not None
+    kind = stdsocket.SOCK_DGRAM if sock.type == "datagram" else stdsocket.SOCK_STREAM
+    return bind_unix(sock.path, kind, sock.mode, sock.group, key=f'destination "{dest.name}": socket')
 
 
 def bind_unix(path: Path, kind: int, mode: int, group: str | None = None,
@@ -315,7 +317,7 @@ class Ingest:
 
     def open(self, uid: int) -> Conn:
         """Give a new connection of ``uid`` a slot (``_make_room`` made sure there is one)."""
-        conn = Conn(uid, LineBuffer(self.dest.max_line_bytes), trio.current_time())
+        conn = Conn(uid, LineBuffer(self.dest.limits.max_line_bytes), trio.current_time())
         self.slots.add(conn)
         return conn
 
@@ -354,7 +356,7 @@ class Ingest:
         # possible, so lines are submitted in small groups for the committer to batch. The
         # buffer holds a longest line and its newline: a longer datagram comes back truncated
         # (MSG_TRUNC) and is rejected whole, never stored cut.
-        max_line = self.dest.max_line_bytes
+        max_line = self.dest.limits.max_line_bytes
         buf = bytearray(max_line + 1)
         view = memoryview(buf)
         while True:
@@ -382,7 +384,7 @@ class Ingest:
     def _oversized(self, sizes: list[int]) -> None:
         self.stats.reject("line too long", len(sizes))
         self._ratelimited("line_rejected_too_long", len(sizes), size=max(sizes),
-                          max_line_bytes=self.dest.max_line_bytes)
+                          max_line_bytes=self.dest.limits.max_line_bytes)
 
     async def _connection(self, stream: trio.SocketStream, conn: Conn) -> None:
         self.stats.connections += 1

@@ -242,13 +242,14 @@ class Outbox:
     def for_destination(cls, dest: Destination, max_age: float, now: float,
                         rng: random.Random | None = None) -> Outbox:
         rng = rng or random.Random()
-        encoder = Encoder(dest.kind, delimiter=dest.delimiter, pack_lines=dest.pack_lines,
-                          max_record_bytes=dest.max_record_bytes, partition_key_field=dest.partition_key_field,
-                          explicit_hash_key=dest.explicit_hash_key, aggregation=dest.aggregation, rng=rng)
-        limits = Limits(max_records=dest.max_records_per_request, max_bytes=dest.max_request_bytes,
-                        max_in_flight=dest.max_in_flight, linger=dest.linger, ordered=dest.ordered,
-                        max_age=max_age, aggregation=dest.aggregation, max_record_bytes=dest.max_record_bytes)
-        policy = RetryPolicy(dest.retry_base, dest.retry_cap, dest.retry_cap_throttle)
+        rec, lim = dest.records, dest.limits
+        encoder = Encoder(dest.kind, delimiter=rec.delimiter, pack_lines=rec.pack_lines,
+                          max_record_bytes=lim.max_record_bytes, partition_key_field=rec.partition_key_field,
+                          explicit_hash_key=rec.explicit_hash_key, aggregation=rec.aggregation, rng=rng)
+        limits = Limits(max_records=lim.max_records_per_request, max_bytes=lim.max_request_bytes,
+                        max_in_flight=lim.max_in_flight, linger=lim.linger, ordered=rec.ordered,
+                        max_age=max_age, aggregation=rec.aggregation, max_record_bytes=lim.max_record_bytes)
+        policy = RetryPolicy(dest.retry.base, dest.retry.cap, dest.retry.cap_throttle)
         return cls(limits, encoder, policy, now, rng)
 
     # -- rows in ------------------------------------------------------------------------------

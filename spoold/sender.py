@@ -76,9 +76,10 @@ _READ = httpx.ByteStream(b"")
 
 def many_records_per_request(dest: Destination) -> bool:
     """One line per record in PutRecords/PutRecordBatch requests: the helper process pays off."""
-    if dest.ordered or dest.aggregation != "none":
+    records = dest.records
+    if records.ordered or records.aggregation != "none":
         return False
-    return not (dest.kind == "firehose" and dest.pack_lines)
+    return not (dest.kind == "firehose" and records.pack_lines)
 
 
 def uncycled(response: httpx.Response) -> httpx.Response:

@@ -103,9 +103,10 @@ class Identity:
 
     @classmethod
     def of(cls, dest: Destination) -> Identity:
-        if dest.role_arn is None:
-            return cls(profile=dest.profile)
-        return cls(dest.profile, dest.role_arn, dest.external_id, dest.role_session_name, dest.region)
+        c = dest.credentials
+        if c.role_arn is None:
+            return cls(profile=c.profile)
+        return cls(c.profile, c.role_arn, c.external_id, c.role_session_name, dest.region)
 
 
 def _refresh_windows(lifetime: float) -> tuple[float, float]:

@@ -50,6 +50,9 @@ FINISH_GRACE = 5.0
 END_LOOKBACK = 64 * 1024
 # How long to wait before trying again when the spool refused lines (full, or a write error).
 RETRY_AFTER = 1.0
+# One submission holds at most this share of what the destination may ever store in the spool,
+# so that it fits while the destination's part of a small spool is partly used.
+SUBMIT_SHARE = 4
 
 
 # -- the pure part ------------------------------------------------------------------------
@@ -98,6 +101,15 @@ def cut_lines(data: bytes, max_line: int, skipping: bool, final: bool) -> Cut:
         lines.append(data[start:])
         boundary = len(data)
     return Cut(lines, boundary, max(boundary, 0), too_long, False)
+
+
+def fitting(data: bytes, limit: int) -> int:
+    """The length of the longest prefix of ``data`` that ends a line and holds at most ``limit``
+    bytes (one line at least, whatever its size); 0 when ``data`` has no line end."""
+    nl = data.rfind(b"\n", 0, limit)
+    if nl < 0:
+        nl = data.find(b"\n")
+    return nl + 1
 
 
 def fingerprint(head: bytes) -> bytes:
@@ -194,7 +206,7 @@ class Tailer:
         self.closed: dict[tuple[int, int], tuple[int, int]] = {}
         self.unreadable: set[str] = set()
         self._log = RateLimitedLog()
-        self.read_bytes = max(READ_BYTES, dest.max_line_bytes + 1)
+        self.read_bytes = max(READ_BYTES, dest.limits.max_line_bytes + 1)
         self.scope = trio.CancelScope()
         self.log = logger.bind(dest=dest.name)
 
@@ -227,7 +239,7 @@ class Tailer:
         """The regular files the patterns match, by (dev, inode): a path, its stat, and which
         patterns match it."""
         found: dict[tuple[int, int], tuple[str, os.stat_result, set[str]]] = {}
-        for pattern in self.dest.files:
+        for pattern in self.dest.files.paths:
             for path in sorted(glob.glob(pattern)):
                 try:
                     st = os.stat(path)
@@ -276,10 +288,10 @@ class Tailer:
         self.paths = {(dev, ino): p for _d, dev, ino, _fp, _n, p, _o in rows}
         first: list[FilePosition] = []
         found = await self._scan(known, first)
-        new = [p for p in self.dest.files if p not in known]
+        new = [p for p in self.dest.files.paths if p not in known]
         if new:
             await self.worker.run(self.spool.tail_begin, self.name, new, first, time.time())
-        self.log.info("files_following", files=len(self.files), new_patterns=new, start_at=self.dest.start_at)
+        self.log.info("files_following", files=len(self.files), new_patterns=new, start_at=self.dest.files.start_at)
         gone = [k for k in self.records if k not in found]
         if gone:  # rotated out of the globs or deleted while we were stopped
             await self._forget(gone)
@@ -325,21 +337,29 @@ class Tailer:
             self.files[key] = f
             if first_configured:
                 first.append(f.position(self.name))
+                # Also known here: a file closed before a line of it was read (finished after a
+                # rename) and opened again resumes at start_at's offset, not at 0.
+                self.records[key] = (f.fp, f.fp_len, f.offset)
+                self.paths[key] = f.first_path
         return set(found)
 
     def _open(self, key: tuple[int, int], path: str, first_configured: bool) -> Followed:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # Non-blocking: a fifo put in the file's place since the glob would block the open
+        # (in a thread no cancel reaches) until a writer came. Reads of a regular file ignore it.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{path} is not a regular file any more")
             if (st.st_dev, st.st_ino) != key:  # replaced between the glob and the open
                 raise OSError(f"{path} was replaced while being opened")
             head = os.pread(fd, FINGERPRINT_BYTES, 0)
             end = st.st_size
-            if first_configured and self.dest.start_at == "end" and st.st_size:
+            if first_configured and self.dest.files.start_at == "end" and st.st_size:
                 lookback = min(st.st_size, END_LOOKBACK)
                 end = end_of_last_line(os.pread(fd, lookback, st.st_size - lookback), st.st_size)
             offset, why = start_offset(self.records.get(key), head, st.st_size, first_configured,
-                                       self.dest.start_at, end)
+                                       self.dest.files.start_at, end)
             # A file resumed under another name than it had was renamed while we were stopped.
             first_path = self.paths.get(key, path) if why in ("resumed", "truncated") else path
         except BaseException:
@@ -374,24 +394,30 @@ class Tailer:
         if f.scan >= f.size and not may_finish:
             return False
         try:
-            data = await trio.to_thread.run_sync(os.pread, f.fd, self.read_bytes, f.scan)
+            data, head = await trio.to_thread.run_sync(_read, f.fd, self.read_bytes, f.scan)
         except OSError as exc:  # an I/O error: tried again at the next poll
             self.log.error("file_read_failed", path=f.path, offset=f.scan, error=exc.strerror or str(exc))
             await trio.sleep(RETRY_AFTER)
             return False
+        if not same_file(f.fp, f.fp_len, head):
+            # Truncated and written past the offset again since the last poll (copytruncate):
+            # the read may hold another file's bytes from the middle of a line. Its first bytes,
+            # read after the data, tell: then nothing of the read is used.
+            self._restart(f, "replaced")
+            return True
         final = may_finish and f.scan + len(data) >= f.size
-        cut = cut_lines(data, self.dest.max_line_bytes, f.skipping, final)
-        if cut.too_long:
-            self.stats.too_long += cut.too_long
-            if callable(self.reject):
-                self.reject("line too long", cut.too_long)
-            self._log("file_lines_too_long", cut.too_long, dest=self.name, max_line_bytes=self.dest.max_line_bytes)
+        cut = cut_lines(data, self.dest.limits.max_line_bytes, f.skipping, final)
+        limit = max(1, self.committer.most_per_submission() // SUBMIT_SHARE)
+        more = len(data) == self.read_bytes
+        if cut.boundary > 0 and sum(map(len, cut.lines)) + len(cut.lines) > limit:
+            # More than the spool could ever take at once (a small spool shared by several
+            # destinations): the lines that fit now, the rest at the next read.
+            cut = cut_lines(data[:fitting(data, limit)], self.dest.limits.max_line_bytes, f.skipping, False)
+            final, more = False, True
         start = f.scan
         if cut.boundary >= 0:
-            if f.fp_len < FINGERPRINT_BYTES and f.size > f.fp_len:
-                head = await trio.to_thread.run_sync(os.pread, f.fd, FINGERPRINT_BYTES, 0)
-                if same_file(f.fp, f.fp_len, head):
-                    f.fp, f.fp_len = fingerprint(head), len(head)
+            if len(head) > f.fp_len:
+                f.fp, f.fp_len = fingerprint(head), len(head)
             offset = start + cut.boundary
             position = (self.name, f.dev, f.ino, f.fp, f.fp_len, f.first_path, offset)
             if not await self._submit(f, cut.lines, position):
@@ -399,6 +425,12 @@ class Tailer:
             f.offset = offset
             self.records[f.key] = (f.fp, f.fp_len, offset)
             self.paths[f.key] = f.first_path
+        # Counted once their read is stored: a read the spool refused is read again.
+        if cut.too_long:
+            self.stats.too_long += cut.too_long
+            if callable(self.reject):
+                self.reject("line too long", cut.too_long)
+            self._log("file_lines_too_long", cut.too_long, dest=self.name, max_line_bytes=self.dest.limits.max_line_bytes)
         f.scan = start + cut.used if cut.skipping or cut.boundary >= 0 else f.scan
         f.skipping = cut.skipping
         if cut.lines or cut.too_long:
@@ -406,7 +438,7 @@ class Tailer:
         if final:
             await self._finish(f)
             return False
-        return len(data) == self.read_bytes
+        return more
 
     async def _submit(self, f: Followed, lines: list[bytes], position: FilePosition) -> bool:
         nbytes = sum(map(len, lines)) + len(lines)
@@ -435,6 +467,12 @@ class Tailer:
                 self.closed[f.key] = (st.st_size, st.st_mtime_ns)
             except OSError:
                 pass
+
+
+def _read(fd: int, size: int, offset: int) -> tuple[bytes, bytes]:
+    """``size`` bytes at ``offset``, then the file's first bytes (in this order: a file truncated
+    and rewritten before the first read is told by the second)."""
+    return os.pread(fd, size, offset), os.pread(fd, FINGERPRINT_BYTES, 0)
 
 
 def _nlink(fd: int) -> int:

@@ -5,7 +5,7 @@
         [--plot out.png] [--profile]
 
 What one run does, in order, against ONE loopback endpoint (tests/bench/endpoint.py, a
-subprocess: tests/fakeaws.py plus line counting through KPL aggregates and latency sampling):
+subprocess: tests/tools/fakeaws.py plus line counting through KPL aggregates and latency sampling):
 
 1. spoold: writes a config (spool in a temporary folder, synchronous = "full", defaults
    otherwise, kind = "kinesis", endpoint_url = the endpoint) and runs the real daemon

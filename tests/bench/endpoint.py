@@ -1,4 +1,4 @@
-"""The benchmark's loopback endpoint: tests/fakeaws.py's FakeAWS plus what a benchmark needs.
+"""The benchmark's loopback endpoint: tests/tools/fakeaws.py's FakeAWS plus what a benchmark needs.
 
 On top of FakeAWS (same HTTP server, same Kinesis/Firehose handling, same fault injection), per
 stream:
@@ -38,7 +38,7 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a script: make the repository root importable (for tests.fakeaws).
+    # Run as a script: make the repository root importable (for tests.tools.fakeaws).
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import argparse
@@ -52,7 +52,7 @@ from typing import Any
 
 import orjson
 
-from tests.fakeaws import (
+from tests.tools.fakeaws import (
     ACCOUNT_ID,
     KINESIS_MAX_REQUEST_BYTES,
     SEQUENCE_BASE,
@@ -62,6 +62,7 @@ from tests.fakeaws import (
     _Ctx,
     _Request,
     _validation,
+    add_server_arguments,
     serve_until_stopped,
 )
 
@@ -590,17 +591,8 @@ class FleetAWS(BenchAWS):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--port-file")
-    parser.add_argument("--access-key", default="AKIDSPOOLDTEST")
-    parser.add_argument("--secret-key", default="spoold-test-secret")
+    add_server_arguments(parser)
     parser.add_argument("--verify", action="store_true", help="check SigV4 signatures (off by default)")
-    parser.add_argument("--record-fail-rate", type=float, default=0.0)
-    parser.add_argument("--throttle-rate", type=float, default=0.0)
-    parser.add_argument("--http500-rate", type=float, default=0.0)
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
-    parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--reservoir", type=int, default=50_000, help="latency samples kept per stream")
     fleet = parser.add_argument_group("fleet mode (FleetAWS)")
     fleet.add_argument("--fleet", action="store_true", help="fleet mode even without budgets")

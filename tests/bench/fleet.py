@@ -46,7 +46,7 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a script: make the repository root importable (for tests.bench.bench, tests.fakeaws).
+    # Run as a script: make the repository root importable (for tests.bench.bench, tests.tools.fakeaws).
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import argparse
@@ -58,14 +58,14 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from tests.bench.bench import DaemonProc, Endpoint, MiB, family_cpu, log
-from tests.fakeaws import shard_ranges
+from tests.tools.client import send_lines
+from tests.tools.fakeaws import shard_ranges
 
 HOT_KEY = "hot"  # the partition key of the hot lines in --mode hot
 MAX_DAEMONS = 64
@@ -106,27 +106,6 @@ def make_lines(args: argparse.Namespace, daemon: int) -> tuple[bytes, list[str]]
         keys.append(HOT_KEY if hot else f"{rng.getrandbits(64):016x}")
     payload = b"".join(line_of(daemon, seq, key, args.size) + b"\n" for seq, key in enumerate(keys))
     return payload, keys
-
-
-def send_all(path: Path, payload: bytes) -> dict[str, Any]:
-    """One connection: write every line, half-close, read the JSON acknowledgement."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(SEND_TIMEOUT)
-    try:
-        s.connect(str(path))
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    finally:
-        s.close()
-    if not answer:
-        raise SystemExit(f"{path}: the daemon closed the connection without an acknowledgement")
-    return json.loads(answer)  # type: ignore[no-any-return]
 
 
 # ---- processes ---------------------------------------------------------------------------------
@@ -226,7 +205,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         log(f"{len(daemons)} daemons up in {time.monotonic() - t_start:.1f} s; writing {args.lines} lines each")
         t0 = time.monotonic_ns()
         with concurrent.futures.ThreadPoolExecutor(len(daemons)) as pool:
-            acks = list(pool.map(send_all, [d.socket for d in daemons], payloads))
+            acks = list(pool.map(send_lines, [d.socket for d in daemons], payloads, [SEND_TIMEOUT] * len(payloads)))
         bad = [(i, a) for i, a in enumerate(acks) if a.get("accepted") != args.lines]
         if bad:
             raise SystemExit(f"daemons did not accept every line: {bad[:5]}")
