@@ -336,15 +336,8 @@ def _signing_key(secret: str, day: str, region: str, service: str) -> bytes:
     return key
 
 
-def sign_botocore(
-    credentials: ReadOnlyCredentials,
-    *,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    region: str,
-    service: str,
-) -> dict[str, str]:
+def sign_botocore(credentials: ReadOnlyCredentials, *, url: str, body: bytes, headers: dict[str, str], region: str,
+                  service: str) -> dict[str, str]:
     """sign() done by botocore's SigV4Auth alone: the reference, and the path for odd headers."""
     request = AWSRequest(method="POST", url=url, data=body, headers=dict(headers))
     SigV4Auth(credentials, service, region).add_auth(request)
