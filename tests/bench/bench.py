@@ -591,8 +591,9 @@ def boto3_baseline(url: str, lines: int, size: int, seconds: float) -> dict[str,
 
 def peers_python() -> str:
     """The peers' virtual environment's Python, created and filled on first use."""
-    sys.path.insert(0, str(HERE))
-    from peers import PEERS, PEERS_VENV
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.bench.peers import PEERS, PEERS_VENV
 
     python = os.path.join(PEERS_VENV, "bin", "python")
     if not os.path.exists(python):
@@ -604,9 +605,9 @@ def peers_python() -> str:
 
 def run_peers(ep: Endpoint, lines: int, size: int, seconds: float) -> list[dict[str, Any]]:
     """Each producer of tests/bench/peers.py in turn, alone on the machine with the endpoint."""
-    from peers import PRODUCERS
-
     python = peers_python()
+    from tests.bench.peers import PRODUCERS
+
     out = []
     for name in PRODUCERS:
         log(f"peer {name}: up to {lines:,} lines or {seconds:g}s ...")
@@ -621,8 +622,11 @@ def run_peers(ep: Endpoint, lines: int, size: int, seconds: float) -> list[dict[
         st = ep.stream(f"peer-{name}")
         r.update(producer=name, endpoint_lines=st["lines"], endpoint_records=st["records"],
                  endpoint_cpu=ep.cpu() - cpu0)
-        if st["lines"] and st["first_ns"]:
-            r["rate"] = st["lines"] / max((st["last_ns"] - st["first_ns"]) / 1e9, 1e-3)
+        span = (st["last_ns"] - st["first_ns"]) / 1e9 if st["first_ns"] else 0.0
+        if st["lines"] and (span >= 1.0 or r.get("seconds")):
+            # First to last acceptance; a run shorter than a second (one or two requests) by the
+            # producer's own clock instead.
+            r["rate"] = st["lines"] / (span if span >= 1.0 else r["seconds"])
         if r.get("cpu_s") is not None and st["lines"]:
             r["cpu_s_per_million"] = r["cpu_s"] / (st["lines"] / 1e6)
         log(f"  {r}")

