@@ -15,9 +15,13 @@ Every field is checked (unknown keys too); anything else is answered ``{"error":
 request must arrive within REQUEST_TIMEOUT and fit in MAX_REQUEST bytes.
 
 Both servers accept through :class:`spoold.listen.Acceptor` (which waits out fd exhaustion) and
-hold at most a fixed number of connections: one over the cap gets a one-line refusal and is
-closed at once, and is counted (status ``listeners``, metrics ``spoold_listener_refused_total``).
-No input on either socket can raise out of a connection handler.
+hold at most a fixed number of connections. When all are taken, the one that has waited longest
+without sending its request is closed to make room (counted with the timeouts): whoever can
+connect to the metrics port could otherwise hold every slot by reconnecting each REQUEST_TIMEOUT,
+while a scraper sends its request at once. When every connection has sent its request, one more
+gets a one-line refusal and is closed at once (status ``listeners``, metrics
+``spoold_listener_refused_total``). No input on either socket can raise out of a connection
+handler.
 
 Parsing and formatting are pure functions (:func:`parse_request`, :func:`parse_http_head`);
 :class:`Server` does the I/O around them.
@@ -201,6 +205,10 @@ class Server:
         self.active = 0
         self.counts = {"accepted": 0, "refused": 0, "bad_requests": 0, "timeouts": 0}
         self._next_log = 0.0
+        # Connections still waiting for their request, oldest first (dicts keep insertion order).
+        self._waiting: dict[trio.SocketStream, None] = {}
+        # Closed by the accept loop to make room: their slot is already given back.
+        self._closed_for_room: set[trio.SocketStream] = set()
 
     def stats(self) -> dict[str, int]:
         return {**self.counts, "open": self.active, "max": self.max_connections}
@@ -219,6 +227,8 @@ class Server:
             task_status.started()
             while True:
                 stream = await acceptor.accept()
+                if self.active >= self.max_connections and self._waiting:
+                    await self._close_longest_waiting()
                 if self.active >= self.max_connections:
                     self.counts["refused"] += 1
                     self.note("listener_busy", max_connections=self.max_connections)
@@ -232,6 +242,25 @@ class Server:
                 self.counts["accepted"] += 1
                 self.active += 1
                 nursery.start_soon(self._connection, stream)
+
+    async def _close_longest_waiting(self) -> None:
+        oldest = next(iter(self._waiting))
+        del self._waiting[oldest]
+        self._closed_for_room.add(oldest)
+        self.active -= 1
+        self.counts["timeouts"] += 1
+        self.note("listener_idle_closed", max_connections=self.max_connections)
+        await oldest.aclose()  # its handler's read ends with ClosedResourceError
+
+    async def read_request(self, stream: trio.SocketStream, end: bytes) -> bytes:
+        """The request, up to ``end``: TooSlowError after REQUEST_TIMEOUT, TooLong past
+        MAX_REQUEST. Meanwhile the connection may be closed to make room for a new one."""
+        self._waiting[stream] = None
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                return await _read_until(stream, end, MAX_REQUEST)
+        finally:
+            self._waiting.pop(stream, None)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
@@ -249,7 +278,10 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            self.active -= 1
+            if stream in self._closed_for_room:
+                self._closed_for_room.discard(stream)
+            else:
+                self.active -= 1
             await stream.aclose()
 
 
@@ -267,8 +299,7 @@ class ControlServer:
 
     async def _handle(self, stream: trio.SocketStream) -> bytes | None:
         try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                data = await _read_until(stream, b"\n", MAX_REQUEST)
+            data = await self.server.read_request(stream, b"\n")
         except trio.TooSlowError:
             self.server.counts["timeouts"] += 1
             return encode_reply({"error": f"no complete request within {REQUEST_TIMEOUT:g} s"})
@@ -312,8 +343,7 @@ class MetricsServer:
 
     async def _handle(self, stream: trio.SocketStream) -> bytes | None:
         try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                head = await _read_until(stream, b"\r\n\r\n", MAX_REQUEST)
+            head = await self.server.read_request(stream, b"\r\n\r\n")
         except trio.TooSlowError:
             self.server.counts["timeouts"] += 1
             return None

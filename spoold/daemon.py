@@ -13,6 +13,7 @@ writers never see it vanish), and the others never pause. [spool] changes need a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -35,6 +36,7 @@ from spoold.control import ControlServer, DeadLetters, MetricsServer
 from spoold.errors import ConfigError, SpoolError, SpoolLocked
 from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
+from spoold.listen import file_identity, unlink_if_same
 from spoold.sender import InlineSender, ProcessSender, Sender, many_records_per_request, new_transport
 from spoold.transport import Transport
 from spoold.signing import CredentialSources, use_systemd_credentials
@@ -118,6 +120,8 @@ class Daemon:
         self.rng = random.Random()
         self.started = time.time()
         self._activated: dict[str, stdsocket.socket] = {}
+        # The socket files this daemon created, by path: (st_dev, st_ino) when bound.
+        self._bound: dict[Path, tuple[int, int] | None] = {}
         self._services: trio.Nursery | None = None
         self.lock = SpoolLock(cfg.spool.path)
         self.control = ControlServer(self.snapshot, self.dead_letters, render_prometheus)
@@ -210,7 +214,10 @@ class Daemon:
                 raise ConfigError(f'{self.cfg.path}: destination "{dest.name}": socket_type: '
                                   f"{socket_type} but systemd passed another kind of socket")
             return sock, True
-        return bind_socket(dest), False
+        assert dest.socket is not None
+        sock = bind_socket(dest)
+        self._bound[dest.socket.path] = file_identity(dest.socket.path)
+        return sock, False
 
     async def _serve(self, signals: Any, task_status: trio.TaskStatus[None]) -> None:
         cfg = self.cfg
@@ -334,7 +341,7 @@ class Daemon:
         rt.tsock.close()
         if not rt.activated and rt.dest.socket is not None:  # systemd owns an activated socket's path
             try:
-                rt.dest.socket.path.unlink()
+                unlink_if_same(rt.dest.socket.path, self._bound.pop(rt.dest.socket.path, None))
             except OSError:
                 pass
 
@@ -501,11 +508,13 @@ class Daemon:
         assert path is not None
         sock = trio.socket.from_stdlib_socket(
             bind_unix(Path(path), stdsocket.SOCK_STREAM, 0o600, key="[control] socket"))
+        bound = file_identity(Path(path))
         try:
             await self.control.server.serve(trio.SocketListener(sock), task_status=task_status)
         finally:
             sock.close()
-            Path(path).unlink(missing_ok=True)  # noqa: ASYNC240 (one unlink at shutdown)
+            with contextlib.suppress(OSError):
+                unlink_if_same(Path(path), bound)  # one unlink at shutdown
 
     async def _serve_metrics(self, listen: tuple[str, int], *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -6,11 +6,17 @@ buffers, ``accept`` fails with EMFILE, ENFILE, ENOMEM or ENOBUFS; the connection
 kernel's backlog and a retry right away would fail again. As ``trio.serve_listeners`` does, we
 log it (at most once a period), sleep a little, and try again: the daemon keeps serving the
 connections it has, and accepts again once something closes.
+
+The socket files the daemon creates are unlinked at shutdown only if they still are the files it
+bound (:func:`unlink_if_same`): the path may have been taken over meanwhile by another process,
+whose socket must survive this one's exit.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
 
 import structlog
 import trio
@@ -50,3 +56,23 @@ class Acceptor:
                                  error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
                                  retry_in=ACCEPT_RETRY, failures=self.failures)
                 await trio.sleep(ACCEPT_RETRY)
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what is at ``path`` itself (a link is not followed); None if nothing."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def unlink_if_same(path: Path, identity: tuple[int, int] | None) -> bool:
+    """Unlink ``path`` if it is still the file recorded as ``identity`` when it was bound."""
+    if identity is None or file_identity(path) != identity:
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

@@ -17,14 +17,21 @@ spool synchronous = "full" (the default). Everything in a temporary folder, boun
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script: make the repository root importable (for tests.tools).
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import argparse
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tests.tools.proc import cpu_seconds
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,11 +40,6 @@ def parse_size(text: str) -> int:
     from spoold.config import parse_size as ps
 
     return ps(text)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss(pid: int) -> tuple[int, int]:

@@ -19,8 +19,6 @@ import collections
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -78,13 +76,6 @@ def _send(daemon: Any, index: int, lines: list[bytes]) -> None:
     assert ack["accepted"] == len(lines), ack
 
 
-def _status(daemon: Any) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config), "--json"],
-                         capture_output=True, text=True, timeout=60, env=daemon.env)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-
 def _firehose_lines(fake: FakeAWS) -> list[bytes]:
     return [line for r in fake.records("audit-to-s3") for line in r.data.split(b"\n") if line]
 
@@ -129,7 +120,7 @@ def test_three_destinations_sign_as_three_identities(make_daemon, fake_aws, tmp_
         TEST_KEYS["AWS_ACCESS_KEY_ID"], ROLE, EXTERNAL_ID, default_session_name(socket.gethostname()), 200)
 
     # status names each identity by the last 4 characters of its key, and never a secret.
-    snap = _status(daemon)
+    snap = daemon.status()
     ids = {name: d["identity"] for name, d in snap["destinations"].items()}
     (audit_key,) = audit_keys
     assert ids["app"] == {"profile": None, "role_arn": None, "access_key": "..." + TEST_KEYS["AWS_ACCESS_KEY_ID"][-4:],
@@ -138,8 +129,7 @@ def test_three_destinations_sign_as_three_identities(make_daemon, fake_aws, tmp_
                          "method": "shared-credentials-file"}
     assert ids["audit"] == {"profile": None, "role_arn": ROLE, "access_key": "..." + audit_key[-4:],
                             "method": "assume-role"}
-    table = subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config)],
-                           capture_output=True, text=True, timeout=60, env=daemon.env).stdout
+    table = daemon.cli("status").stdout
     assert f"  app: key ...{TEST_KEYS['AWS_ACCESS_KEY_ID'][-4:]}, from env\n" in table
     assert f"  yc: key ...{YC_KEY[-4:]}, profile yc, from shared-credentials-file\n" in table
     assert f"  audit: key ...{audit_key[-4:]}, role {ROLE}, from assume-role\n" in table
@@ -191,7 +181,7 @@ def test_access_denied_shows_in_status_and_lines_wait_until_fixed(make_daemon, f
     _send(daemon, 0, _lines("app", 40))
     wait_until(lambda: len(fake_aws.records("app-events")) >= 40, what="the healthy destination's lines")
 
-    snap = wait_until(lambda: (s := _status(daemon))["destinations"]["audit"]["last_error"] and s,
+    snap = wait_until(lambda: (s := daemon.status())["destinations"]["audit"]["last_error"] and s,
                       what="the credential failure as audit's last error")
     audit = snap["destinations"]["audit"]
     assert "AccessDenied" in audit["last_error"] and "AssumeRole" in audit["last_error"]
@@ -269,7 +259,7 @@ def test_expired_token_shows_in_status_until_the_keys_are_replaced(make_daemon, 
                          env={"AWS_SHARED_CREDENTIALS_FILE": str(files),
                               "AWS_CONFIG_FILE": str(tmp_path / "no-config")}).start()
     _send(daemon, 0, _lines("app", 30))
-    snap = wait_until(lambda: (s := _status(daemon))["destinations"]["app"]["last_error"] and s,
+    snap = wait_until(lambda: (s := daemon.status())["destinations"]["app"]["last_error"] and s,
                       what="the expired token as app's last error")
     app = snap["destinations"]["app"]
     assert "ExpiredTokenException" in app["last_error"]

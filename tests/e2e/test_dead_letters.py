@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 from tests.tools.client import send_lines, wait_until
 
@@ -15,10 +13,7 @@ BIG = b"B" * (1024 * 1024 + 10)  # over the endpoint's 1 MiB record limit: Valid
 
 
 def _dead(daemon, action: str, *extra: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "spoold", "dead-letters", action, "--config", str(daemon.config),
-                          "--json", *extra], capture_output=True, text=True, timeout=60, env=daemon.env)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return daemon.cli_json("dead-letters", action, *extra)
 
 
 def test_refused_record_is_dead_lettered_and_the_rest_flows(make_daemon, fake_aws):
@@ -33,9 +28,7 @@ def test_refused_record_is_dead_lettered_and_the_rest_flows(make_daemon, fake_aw
     assert sorted(r.data for r in fake_aws.all_records()) == sorted(good)
     listed = wait_until(lambda: _dead(daemon, "list")["dead_letters"], what="a dead letter")
     assert len(listed) == 1 and listed[0]["size"] == len(BIG) and "ValidationException" in listed[0]["error"]
-    status = json.loads(subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config),
-                                        "--json"], capture_output=True, text=True, env=daemon.env).stdout)
-    assert status["destinations"]["d0"]["dead_letters"] == 1
+    assert daemon.status()["destinations"]["d0"]["dead_letters"] == 1
     wait_until(lambda: daemon.spool_rows() == 0, what="the spool to empty")
 
     # Replay puts it back in the queue: refused again, it returns to the dead letters.
@@ -71,9 +64,7 @@ def test_lines_older_than_max_age_are_dropped_and_counted(make_daemon, fake_aws)
     assert send_lines(daemon.sockets()[0], b"\n".join(b"old-%d" % i for i in range(100)))["accepted"] == 100
 
     def expired() -> int:
-        out = subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config), "--json"],
-                             capture_output=True, text=True, env=daemon.env, timeout=60)
-        return int(json.loads(out.stdout)["destinations"]["d0"]["expired"])
+        return int(daemon.status()["destinations"]["d0"]["expired"])
 
     wait_until(lambda: expired() == 100, what="100 expired lines in status")
     wait_until(lambda: daemon.spool_rows() == 0, what="the expired rows to leave the spool")
@@ -99,11 +90,6 @@ def test_ordered_mode_dead_letters_a_refused_record_and_goes_on(make_daemon, fak
     daemon.stop()
 
 
-def _cli(daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "spoold", *args, "--config", str(daemon.config)],
-                          capture_output=True, text=True, timeout=120, env=daemon.env)
-
-
 def test_offline_commands_refuse_while_the_daemon_holds_the_spool(make_daemon, fake_aws):
     """One writer, always: the running daemon holds spool.db.lock; a daemon that does not answer
     (stopped with SIGSTOP) is named, never mistaken for no daemon; a second daemon does not start."""
@@ -116,11 +102,11 @@ def test_offline_commands_refuse_while_the_daemon_holds_the_spool(make_daemon, f
     daemon.proc.send_signal(signal.SIGSTOP)
     try:
         for args in (["dead-letters", "purge"], ["dead-letters", "list"], ["status"]):
-            out = _cli(daemon, *args, "--timeout", "1")
+            out = daemon.cli(*args, "--timeout", "1")
             assert out.returncode == 1, (args, out.stdout, out.stderr)
             assert f"pid {pid} (stopped)" in out.stderr and "not opened behind its back" in out.stderr, out.stderr
             assert out.stdout == ""
-        second = _cli(daemon, "run")
+        second = daemon.cli("run")
         assert second.returncode == 1
         assert f"in use by process {pid}" in second.stderr, second.stderr
     finally:
@@ -154,6 +140,6 @@ def test_a_bad_control_request_gets_an_error_and_the_daemon_stays(make_daemon, f
             reply += chunk
         s.close()
         assert error in json.loads(reply)["error"], reply
-    assert _cli(daemon, "dead-letters", "list", "--limit", "0").returncode == 2
+    assert daemon.cli("dead-letters", "list", "--limit", "0").returncode == 2
     assert send_lines(daemon.sockets()[0], b"still\n")["accepted"] == 1
     assert daemon.stop() == 0

@@ -24,10 +24,8 @@ import resource
 import shutil
 import signal
 import socket
-import sqlite3
 import struct
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -37,9 +35,10 @@ from typing import Any
 
 import pytest
 
-from tests.tools.client import DEADLINE, send_lines, wait_until
-from tests.tools.daemon import TEST_KEYS, Daemon
+from tests.tools.client import DEADLINE, connect_patiently, read_answer, send_lines, wait_until
+from tests.tools.daemon import TEST_KEYS, Daemon, integrity, spool_query
 from tests.tools.faultproxy import FaultProxy
+from tests.tools.proc import PeakRSS, cpu_seconds, rss_bytes
 
 FIGURES_FILE = Path(__file__).resolve().parents[1] / "fault-figures.json"
 # Short backoffs, so that recovery after a fault takes well under a second.
@@ -131,13 +130,6 @@ def make_lines(tag: str, n: int, size: int = 0) -> list[bytes]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc/PID/stat (fields 14 and 15)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_fraction(pid: int, seconds: float) -> float:
     """Share of one core the process used over the next ``seconds``."""
     c0, t0 = cpu_seconds(pid), time.monotonic()
@@ -145,31 +137,8 @@ def cpu_fraction(pid: int, seconds: float) -> float:
     return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def status(daemon: Daemon) -> dict[str, Any]:
-    """`spoold status --json` of the running daemon."""
-    done = subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config), "--json"],
-                          capture_output=True, text=True, timeout=60, env=daemon.env)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
-
-
 def dest_status(daemon: Daemon, name: str = "d0") -> dict[str, Any]:
-    return status(daemon)["destinations"][name]  # type: ignore[no-any-return]
-
-
-def integrity(path: Path) -> list[str]:
-    conn = sqlite3.connect(path)
-    try:
-        return [r[0] for r in conn.execute("PRAGMA integrity_check")]
-    finally:
-        conn.close()
+    return daemon.status()["destinations"][name]  # type: ignore[no-any-return]
 
 
 def ready_count(daemon: Daemon) -> int:
@@ -238,7 +207,7 @@ class Writers:
             sent += len(batch)
             try:
                 answer = send_lines(self.sock, b"\n".join(batch) + b"\n", timeout=self.timeout)
-            except (OSError, AssertionError, ValueError):
+            except (OSError, ValueError):
                 with self._lock:
                     self.unanswered += 1
                 self._stop.wait(0.01)  # the daemon is down or restarting: try again shortly
@@ -277,6 +246,37 @@ def wait_spool_empty(daemon: Daemon, name: str = "d0") -> None:
 
 
 # -- 1. SIGKILL loop ---------------------------------------------------------------------------
+def kill_and_restart(daemon: Daemon) -> int:
+    """kill -9, then start again without waiting; returns how many runs had logged "ready"."""
+    daemon.stop(signal.SIGKILL)
+    readies = ready_count(daemon)
+    daemon.start(wait=False)
+    return readies
+
+
+def wait_last_restart(daemon: Daemon, writers: Writers, readies: int, acks: int) -> None:
+    """Until the last start is ready and the writers have had ``acks`` more answers from it."""
+    wait_until(lambda: ready_count(daemon) > readies, what="the last restart")
+    seen = len(writers.snapshot())
+    wait_until(lambda: len(writers.snapshot()) > seen + acks, what="acks after the last restart")
+
+
+def delivered_after_kills(daemon: Daemon, fake_aws: Any, writers: Writers,
+                          timeout: float = DEADLINE) -> tuple[list[bytes], dict[str, Any]]:
+    """Once every acknowledged line arrived and the spool emptied: the acked lines, their tally."""
+    acked = writers.snapshot()
+    assert not writers.odd, f"answers that did not accept the whole batch: {writers.odd[:3]}"
+    wait_delivered(fake_aws, acked, timeout=timeout)
+    wait_spool_empty(daemon)  # lines committed but never acknowledged (killed first) go too
+    return acked, tally(acked, arrived(fake_aws))
+
+
+def assert_stops_clean(daemon: Daemon) -> None:
+    assert daemon.stop() == 0
+    assert integrity(daemon.tmp / "spool.db") == ["ok"]
+    assert daemon.spool_rows() == 0
+
+
 def test_sigkill_loop_loses_no_acknowledged_line(make_daemon, fake_aws, figures):
     """kill -9 at random moments (also during start-up) while 4 clients write; restart each time.
     Every acknowledged line arrives; duplicates (lines in flight at a kill) are counted."""
@@ -298,30 +298,20 @@ def test_sigkill_loop_loses_no_acknowledged_line(make_daemon, fake_aws, figures)
             else:
                 wait_until(lambda n=readies: ready_count(daemon) > n, what="the daemon to be ready")
                 time.sleep(rng.uniform(0.05, 0.7))  # let the writers run for a random while
-            daemon.stop(signal.SIGKILL)
-            readies_now = ready_count(daemon)
+            readies_now = kill_and_restart(daemon)
             during_startup += readies_now == readies
             readies = readies_now
-            daemon.start(wait=False)
-        wait_until(lambda: ready_count(daemon) > readies, what="the last restart")
-        seen = len(writers.snapshot())
-        wait_until(lambda: len(writers.snapshot()) > seen + 100, what="acks after the last restart")
+        wait_last_restart(daemon, writers, readies, 100)
     finally:
         writers.stop()
-    acked = writers.snapshot()
-    assert not writers.odd, f"answers that did not accept the whole batch: {writers.odd[:3]}"
-    wait_delivered(fake_aws, acked)
-    wait_spool_empty(daemon)  # lines committed but never acknowledged (killed first) go too
-    fig = tally(acked, arrived(fake_aws))
+    acked, fig = delivered_after_kills(daemon, fake_aws, writers)
     figures.update(fig, rounds=rounds, duplicated_per_kill=round(fig["duplicated"] / rounds),
                    kills_during_startup=during_startup,
                    connections_unanswered=writers.unanswered)
     print(f"SIGKILL loop: {fig['duplicated']} duplicated records, e.g. {fig.get('duplicated_sample')}")
     assert fig["lost"] == 0, fig.get("lost_sample")
     assert len(acked) > 2000, "the writers should have got many acknowledgements"
-    assert daemon.stop() == 0
-    assert integrity(daemon.tmp / "spool.db") == ["ok"]
-    assert daemon.spool_rows() == 0
+    assert_stops_clean(daemon)
     figures["passed"] = True
 
 
@@ -350,24 +340,16 @@ def test_sigkill_at_full_speed_duplicates_only_what_was_in_flight(make_daemon, f
     try:
         while time.monotonic() < end:
             # Counted from "ready": on a busy machine the start alone can take longer than 2 s.
-            wait_until(lambda: ready_count(daemon) > readies, what="the daemon to be ready")
+            wait_until(lambda n=readies: ready_count(daemon) > n, what="the daemon to be ready")
             time.sleep(rng.uniform(0.5, 2.0))  # the kill loop's period, not a wait for an event
-            daemon.stop(signal.SIGKILL)
+            now_ready = kill_and_restart(daemon)
             kills += 1
-            now_ready = ready_count(daemon)
             kills_when_ready += now_ready > readies
             readies = now_ready
-            daemon.start(wait=False)
-        wait_until(lambda: ready_count(daemon) > readies, what="the last restart")
-        seen = len(writers.snapshot())
-        wait_until(lambda: len(writers.snapshot()) > seen + 1000, what="acks after the last restart")
+        wait_last_restart(daemon, writers, readies, 1000)
     finally:
         writers.stop()
-    acked = writers.snapshot()
-    assert not writers.odd, f"answers that did not accept the whole batch: {writers.odd[:3]}"
-    wait_delivered(fake_aws, acked, timeout=DEADLINE * 2)
-    wait_spool_empty(daemon)
-    fig = tally(acked, arrived(fake_aws))
+    _, fig = delivered_after_kills(daemon, fake_aws, writers, timeout=DEADLINE * 2)
     per_kill = fig["duplicated"] / max(1, kills_when_ready)
     figures.update(fig, seconds=seconds, kills=kills, kills_when_ready=kills_when_ready,
                    duplicated_per_kill=round(per_kill), bound_per_kill=KILL_DUPLICATE_BOUND,
@@ -375,9 +357,7 @@ def test_sigkill_at_full_speed_duplicates_only_what_was_in_flight(make_daemon, f
     assert fig["lost"] == 0, fig.get("lost_sample")
     assert kills_when_ready >= 2, "the loop should kill a running daemon a few times"
     assert per_kill <= KILL_DUPLICATE_BOUND, fig
-    assert daemon.stop() == 0
-    assert integrity(daemon.tmp / "spool.db") == ["ok"]
-    assert daemon.spool_rows() == 0
+    assert_stops_clean(daemon)
     figures["passed"] = True
 
 
@@ -733,7 +713,7 @@ def test_disk_full_rejects_with_reason_and_recovers(disk_fault, make_daemon, fak
     assert "spool write failed" in reason and ("disk is full" in reason or "I/O" in reason), reason
     assert alive(daemon)
     assert send_batch("still-full")["rejected"] > 0
-    snap = status(daemon)
+    snap = daemon.status()
     assert snap["spool"]["write_errors"] > 0 and snap["spool"]["last_error"]
     assert any(e.get("event") == "spool_write_failed" for e in daemon.log_events())
     disk_fault.free(daemon)
@@ -752,9 +732,7 @@ def test_disk_full_rejects_with_reason_and_recovers(disk_fault, make_daemon, fak
         f"of partly refused batches, (arrived, accepted): {partly}")
     assert alive(daemon) and daemon.stop() == 0
     assert integrity(spool_path) == ["ok"]
-    conn = sqlite3.connect(spool_path)
-    assert conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 0
-    conn.close()
+    assert spool_query(spool_path, "SELECT count(*) FROM chunks") == [(0,)]
     figures["passed"] = True
 
 
@@ -823,13 +801,7 @@ def test_socket_fuzz_keeps_daemon_up_and_every_line(make_daemon, fake_aws, figur
                 if ending in ("answer", "never_read"):
                     s.shutdown(socket.SHUT_WR)
                 if ending == "answer":
-                    data = b""
-                    while not data.endswith(b"\n"):
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    answer = json.loads(data)
+                    answer = json.loads(read_answer(s))
                     want = {"accepted": len(keep), "rejected": too_long}
                     if too_long:
                         want["reasons"] = {"line too long": too_long}
@@ -1025,24 +997,6 @@ HOSTILE_CONNECTIONS = 1000
 RSS_MAX = 200 * MiB
 
 
-def connect_retrying(path: str, counts: collections.Counter[str]) -> socket.socket:
-    """Connect like a patient client: while the daemon's listen backlog is full the kernel
-    answers EAGAIN at once; try again until the deadline."""
-    end = time.monotonic() + DEADLINE
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(DEADLINE)
-        try:
-            s.connect(path)
-            return s
-        except BlockingIOError:
-            s.close()
-            counts["backlog_full"] += 1
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.005)  # the daemon is accepting: room comes back shortly
-
-
 @pytest.fixture
 def enough_fds() -> Iterator[None]:
     """Room for the hostile connections in this process and in the daemon (which inherits it)."""
@@ -1066,16 +1020,7 @@ def test_hostile_clients_bounded_memory_others_served(enough_fds, make_daemon, f
     daemon = make_daemon({"endpoint_url": fake_aws.url, "max_line_bytes": 64 * 1024, **FAST_RETRY}).start()
     sock = str(daemon.sockets()[0])
     pid = daemon.proc.pid
-    rss_before = rss_bytes(pid)
-    peak = [rss_before]
-    sampling = threading.Event()
-
-    def sample() -> None:
-        while not sampling.wait(0.05):
-            peak[0] = max(peak[0], rss_bytes(pid))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    rss = PeakRSS(pid).start()
     hostile: list[socket.socket] = []
     counts = collections.Counter[str]()
     held_lines: list[bytes] = []
@@ -1083,7 +1028,7 @@ def test_hostile_clients_bounded_memory_others_served(enough_fds, make_daemon, f
     latencies: list[float] = []
     try:
         for i in range(HOSTILE_CONNECTIONS):
-            s = connect_retrying(sock, counts)
+            s = connect_patiently(sock, on_busy=lambda: counts.update(["backlog_full"]))
             hostile.append(s)
             if i % 3 == 0:
                 s.sendall(b"o" * (200 * 1024))  # an oversized line, never ended: discarded as it comes
@@ -1127,19 +1072,18 @@ def test_hostile_clients_bounded_memory_others_served(enough_fds, make_daemon, f
     finally:
         for s in hostile:
             s.close()  # an end of input: the held partial lines count
-        sampling.set()
-        sampler.join()
+        rss.stop()
     assert slow_answer == {"accepted": 1, "rejected": 0}
     wait_delivered(fake_aws, good + never_read_lines + held_lines + [b"slow"])
     assert alive(daemon)
     fig = tally(good + never_read_lines + held_lines + [b"slow"], arrived(fake_aws))
-    figures.update(fig, connections=HOSTILE_CONNECTIONS, rss_before_mib=round(rss_before / MiB, 1),
-                   rss_peak_mib=round(peak[0] / MiB, 1), rss_loaded_mib=round(rss_loaded / MiB, 1),
+    figures.update(fig, connections=HOSTILE_CONNECTIONS, rss_before_mib=round(rss.before / MiB, 1),
+                   rss_peak_mib=round(rss.peak / MiB, 1), rss_loaded_mib=round(rss_loaded / MiB, 1),
                    ack_latency_max_s=round(max(latencies), 3),
                    ack_latency_median_s=round(sorted(latencies)[len(latencies) // 2], 3),
                    connects_retried_backlog_full=counts["backlog_full"])
     assert fig["lost"] == 0 and fig["duplicated"] == 0
-    assert peak[0] < RSS_MAX, f"RSS reached {peak[0] / MiB:.0f} MiB"
+    assert rss.peak < RSS_MAX, f"RSS reached {rss.peak / MiB:.0f} MiB"
     assert max(latencies) < 2.0, f"acks were slow under load: {latencies}"
     assert daemon.stop() == 0
     figures["passed"] = True
@@ -1168,7 +1112,7 @@ def test_debug_logs_hold_no_credentials_or_record_contents(make_daemon, fake_aws
     wait_delivered(fake_aws, lines)
     wait_until(lambda: any(e.get("code") == "ResourceNotFoundException" for e in daemon.log_events()),
                what="the missing stream's error in the log")
-    status(daemon)
+    daemon.status()
     daemon.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: any(e.get("event") == "reloaded" for e in daemon.log_events()), what="the reload")
     assert daemon.stop() == 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import grp
-import json
 import os
 import select
 import signal
@@ -20,8 +19,6 @@ import socket
 import sqlite3
 import stat
 import struct
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -236,6 +233,33 @@ def test_stale_socket_is_replaced(make_daemon, fake_aws, socket_type):
     assert daemon.stop() == 0
 
 
+def test_shutdown_unlinks_only_its_own_sockets(make_daemon, fake_aws, tmp_path):
+    """At exit the daemon removes the socket files it made, but not a socket another process has
+    put at the same path meanwhile (same name, another inode): that one is someone else's."""
+    daemon = make_daemon({"endpoint_url": fake_aws.url}, {"endpoint_url": fake_aws.url}).start()
+    mine, taken = daemon.sockets()
+    control = tmp_path / "control.sock"
+    wait_until(control.exists, what="the control socket")
+    others = []
+    for path in (taken, control):  # replaced under the running daemon, as another process may
+        path.unlink()
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.bind(str(path))
+        other.listen(1)
+        others.append(other)
+    try:
+        assert daemon.stop() == 0
+        assert not mine.exists(), "the daemon's own socket file is removed"
+        for path in (taken, control):
+            assert stat.S_ISSOCK(os.lstat(path).st_mode), f"{path.name}, another process's socket, was removed"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(DEADLINE)
+                s.connect(str(path))  # still the other process's listening socket
+    finally:
+        for other in others:
+            other.close()
+
+
 def _readies(daemon: Daemon) -> int:
     return sum(e.get("event") == "ready" for e in daemon.log_events())
 
@@ -246,13 +270,13 @@ def test_status_shows_the_spool_size_on_disk(make_daemon, fake_aws, tmp_path):
     fake_aws.faults.down = True
     daemon = make_daemon({"endpoint_url": fake_aws.url, "retry_base": "50ms", "retry_cap": "100ms"},
                          extra='[daemon]\nshutdown_grace = "100ms"\n').start()
-    for i in range(300):
+    for _ in range(300):
         assert send_lines(daemon.sockets()[0], b"x\n")["accepted"] == 1
-    running = _status(daemon)["spool"]
+    running = daemon.status()["spool"]
     assert running["bytes"] == 600
     assert running["disk_bytes"] >= 10 * running["bytes"]
     assert daemon.stop() == 0
-    offline = _status(daemon)
+    offline = daemon.status()
     assert offline["running"] is False
     on_disk = sum(os.stat(tmp_path / name).st_blocks * 512 for name in ("spool.db", "spool.db-wal")
                   if (tmp_path / name).exists())
@@ -260,8 +284,3 @@ def test_status_shows_the_spool_size_on_disk(make_daemon, fake_aws, tmp_path):
     print(f"300 one-line connections: {running['bytes']} bytes of lines, {running['disk_bytes']} bytes on disk")
 
 
-def _status(daemon: Daemon) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "spoold", "status", "--json", "--config", str(daemon.config)],
-                          env=daemon.env, capture_output=True, text=True, timeout=DEADLINE)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)  # type: ignore[no-any-return]

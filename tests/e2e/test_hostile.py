@@ -14,9 +14,6 @@ import os
 import resource
 import select
 import socket
-import subprocess
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -26,8 +23,9 @@ from typing import Any
 import pytest
 
 from spoold import ingest
-from tests.tools.client import DEADLINE, send_lines, wait_until
+from tests.tools.client import DEADLINE, connect_patiently, send_lines, wait_until
 from tests.tools.daemon import Daemon
+from tests.tools.proc import PeakRSS, rss_bytes
 
 MiB = 1024 * 1024
 OTHER_UIDS = (65534, 65533, 65532)
@@ -39,17 +37,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="another user's connec
 
 # -- helpers ---------------------------------------------------------------------------------------
 def status(daemon: Daemon) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config), "--json"],
-                          capture_output=True, text=True, timeout=DEADLINE, env=daemon.env)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)["destinations"]["d0"]  # type: ignore[no-any-return]
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    return daemon.status()["destinations"]["d0"]  # type: ignore[no-any-return]
 
 
 def records(fake_aws: Any) -> collections.Counter[bytes]:
@@ -175,23 +163,11 @@ def _hold(sock_path: Path, uid: int, n: int, report_w: int, command_r: int) -> N
 
 
 def _connect(path: str) -> socket.socket | None:
-    """Connect like a patient client: while the listen backlog is full the kernel answers
-    EAGAIN at once; try again until CONNECT_TIMEOUT. None: the daemon took nothing that long."""
-    end = time.monotonic() + CONNECT_TIMEOUT
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(CONNECT_TIMEOUT)
-        try:
-            s.connect(path)
-            return s
-        except BlockingIOError:
-            s.close()
-            if time.monotonic() > end:
-                return None
-            time.sleep(0.005)  # the daemon is accepting: room comes back shortly
-        except OSError:
-            s.close()
-            return None
+    """A patient client's connection; None: the daemon took none within CONNECT_TIMEOUT."""
+    try:
+        return connect_patiently(path, CONNECT_TIMEOUT)
+    except OSError:
+        return None
 
 
 def open_other_user_socket(tmp_path: Path) -> None:
@@ -283,16 +259,7 @@ def test_memory_bounded_with_1000_writers_holding_255_kib_unfinished_lines(many_
     daemon = make_daemon({"endpoint_url": fake_aws.url}).start()
     sock = str(daemon.sockets()[0])
     pid = daemon.proc.pid
-    rss_before = rss_bytes(pid)
-    peak = [rss_before]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.02):
-            peak[0] = max(peak[0], rss_bytes(pid))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    rss = PeakRSS(pid).start()
     writers: list[socket.socket] = []
     answers: list[dict[str, Any]] = []
     try:
@@ -310,8 +277,7 @@ def test_memory_bounded_with_1000_writers_holding_255_kib_unfinished_lines(many_
     finally:
         for s in writers:
             s.close()
-        stop.set()
-        sampler.join()
+        rss.stop()
     kept = [i for i, a in enumerate(answers) if a == {"accepted": 2, "rejected": 0}]
     dropped = [i for i, a in enumerate(answers)
                if a == {"accepted": 1, "rejected": 1, "reasons": {"memory limit": 1}}]
@@ -323,9 +289,9 @@ def test_memory_bounded_with_1000_writers_holding_255_kib_unfinished_lines(many_
     wait_until(lambda: records(fake_aws) == want, what="every acknowledged line, once")
     logged = events(daemon, "partial_line_dropped")
     assert 1 <= len(logged) <= 5 and logged[0]["budget"] == ingest.MAX_HELD_BYTES  # rate-limited
-    print(f"\nRSS {rss_before / MiB:.0f} MiB before, {rss_held / MiB:.0f} MiB holding, peak {peak[0] / MiB:.0f} MiB; "
+    print(f"\nRSS {rss.before / MiB:.0f} MiB before, {rss_held / MiB:.0f} MiB holding, peak {rss.peak / MiB:.0f} MiB; "
           f"{len(kept)} unfinished lines kept, {len(dropped)} dropped")
-    assert peak[0] < RSS_MAX, f"RSS reached {peak[0] / MiB:.0f} MiB"
+    assert rss.peak < RSS_MAX, f"RSS reached {rss.peak / MiB:.0f} MiB"
     assert daemon.stop() == 0
 
 

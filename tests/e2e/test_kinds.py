@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from tests.tools.client import send_lines, wait_until
-from tests.tools.daemon import TEST_KEYS
+from tests.tools.daemon import TEST_KEYS, spool_query
 from tests.tools.fakeaws import FakeAWS
 
 # A destination key with this value is removed from the config make_daemon writes (it sets
@@ -73,19 +72,12 @@ def _wait_acknowledged(daemon: Any) -> None:
 def _spooled(daemon: Any, dest: str, column: str = "lines") -> int:
     """Lines (or bytes) of ``dest`` still in the spool file."""
     assert column in ("lines", "bytes")
-    conn = sqlite3.connect(daemon.tmp / "spool.db")
-    try:
-        query = f"SELECT coalesce(sum({column}), 0) FROM chunks WHERE dest = ?"
-        return int(conn.execute(query, (dest,)).fetchone()[0])
-    finally:
-        conn.close()
+    query = f"SELECT coalesce(sum({column}), 0) FROM chunks WHERE dest = ?"
+    return int(spool_query(daemon.tmp / "spool.db", query, dest)[0][0])
 
 
 def _status(daemon: Any) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config), "--json"],
-                          env=daemon.env, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr
-    doc: dict[str, Any] = json.loads(proc.stdout)
+    doc = daemon.status()
     assert doc["running"], "status should come from the running daemon"
     return doc
 

@@ -21,11 +21,6 @@ from tests.tools.client import send_lines, wait_until
 from tests.tools.daemon import destination_toml
 
 
-def _status(daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "spoold", "status", "--config", str(daemon.config), *args],
-                          capture_output=True, text=True, timeout=60, env=daemon.env)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,7 +35,7 @@ def test_status_from_daemon_and_from_spool(make_daemon, fake_aws):
     wait_until(lambda: len(fake_aws.requests) >= 2, what="failing requests")
 
     def snap():
-        out = _status(daemon, "--json")
+        out = daemon.cli("status", "--json")
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
@@ -52,15 +47,15 @@ def test_status_from_daemon_and_from_spool(make_daemon, fake_aws):
     assert app["failures"]["AccessDeniedException"] >= 1
     assert "AccessDenied" in app["last_error"]
     assert app["oldest_age"] is not None and app["oldest_age"] >= 0
-    table = _status(daemon)
+    table = daemon.cli("status")
     assert table.returncode == 0 and "app" in table.stdout and "AccessDenied" in table.stdout
 
     daemon.stop()
-    offline = json.loads(_status(daemon, "--json").stdout)
+    offline = json.loads(daemon.cli("status", "--json").stdout)
     assert offline["running"] is False
     assert offline["spool"]["page_size"] == 16384
     assert offline["destinations"]["app"]["spooled_lines"] == 3
-    assert "daemon not running" in _status(daemon).stdout
+    assert "daemon not running" in daemon.cli("status").stdout
 
 
 def test_prometheus_metrics_parse(make_daemon, fake_aws):
@@ -103,7 +98,7 @@ def test_datagram_socket_with_logger(make_daemon, fake_aws, tmp_path):
     for i in range(5):
         assert sum(d.endswith(f"app: message {i}".encode()) for d in data) == 1, data
     assert all(d.startswith(b"<") and not d.endswith(b"\n") for d in data)  # syslog PRI kept, newline stripped
-    status = json.loads(_status(daemon, "--json").stdout)
+    status = json.loads(daemon.cli("status", "--json").stdout)
     assert status["destinations"]["syslog"]["lines_in"] == 5
     daemon.stop()
 

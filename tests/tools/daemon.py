@@ -16,13 +16,23 @@ from tests.tools.client import DEADLINE, wait_until
 TEST_KEYS = {"AWS_ACCESS_KEY_ID": "AKIDSPOOLDTEST", "AWS_SECRET_ACCESS_KEY": "spoold-test-secret"}
 
 
-def spooled_ids(path: Path) -> list[int]:
-    """The ids of the rows in the spool file at ``path``."""
+def spool_query(path: Path, sql: str, *params: Any) -> list[Any]:
+    """The rows of one statement on the spool file at ``path``, on a connection of its own."""
     conn = sqlite3.connect(path)
     try:
-        return [r[0] for r in conn.execute("SELECT id FROM chunks")]
+        return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+def spooled_ids(path: Path) -> list[int]:
+    """The ids of the rows in the spool file at ``path``."""
+    return [r[0] for r in spool_query(path, "SELECT id FROM chunks")]
+
+
+def integrity(path: Path) -> list[str]:
+    """SQLite's integrity_check of the spool file: ["ok"] when it is sound."""
+    return [r[0] for r in spool_query(path, "PRAGMA integrity_check")]
 
 
 def destination_toml(**keys: Any) -> str:
@@ -77,6 +87,22 @@ class Daemon:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def cli(self, *args: str, timeout: float = DEADLINE) -> subprocess.CompletedProcess[str]:
+        """`spoold ARGS --config CONFIG` in the daemon's environment: what an operator runs."""
+        return subprocess.run([sys.executable, "-m", "spoold", *args, "--config", str(self.config)],
+                              capture_output=True, text=True, timeout=timeout, env=self.env,
+                              stdin=subprocess.DEVNULL)
+
+    def cli_json(self, *args: str) -> dict[str, Any]:
+        """The JSON answer of `spoold ARGS --json`, which must succeed."""
+        done = self.cli(*args, "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    def status(self) -> dict[str, Any]:
+        """`spoold status --json`: the running daemon's answer, or the spool file's without one."""
+        return self.cli_json("status")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -90,8 +116,4 @@ class Daemon:
         return out
 
     def spool_rows(self) -> int:
-        conn = sqlite3.connect(self.tmp / "spool.db")
-        try:
-            return int(conn.execute("SELECT count(*) FROM chunks").fetchone()[0])
-        finally:
-            conn.close()
+        return int(spool_query(self.tmp / "spool.db", "SELECT count(*) FROM chunks")[0][0])

@@ -69,9 +69,9 @@ import time
 import traceback
 import urllib.parse
 import uuid
-from xml.sax.saxutils import escape as xml_escape
 from collections.abc import Callable
 from typing import Any
+from xml.sax.saxutils import escape as xml_escape
 
 import orjson
 from botocore.auth import SigV4Auth
@@ -92,7 +92,9 @@ FIREHOSE_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # "4 MB" per PutRecordBatch, count
 MAX_PARTITION_KEY_CHARS = 256
 HASH_SPACE = 2**128  # Kinesis hash keys are 0 .. 2**128-1
 SEQUENCE_BASE = 49_590_000_000_000_000_000_000_000_000_000_000_000_000_000_000_000_000_000
-FIREHOSE_THROTTLE_STATUS = 400  # what the brief asks for; real Firehose may use a 5xx here
+# The status of Firehose's whole-request throttle (ServiceUnavailableException). Real Firehose may
+# send it with a 5xx; a 400 checks that the daemon goes by the error code, not the status.
+FIREHOSE_THROTTLE_STATUS = 400
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; more is answered 431 and the socket closed
 MAX_BODY_BYTES = 32 * 1024 * 1024  # larger than any valid request (10 MiB of data in base64)
@@ -102,8 +104,8 @@ MAX_PENDING_BYTES = (
 REQUEST_LOG_SIZE = 10_000  # RequestLog entries kept (and AssumeRole calls, and issued keys)
 STS_DEFAULT_LIFETIME = 3600  # what STS grants without DurationSeconds
 STS_NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
-STS_TARGET = "STS.AssumeRole"
-JSON_TYPE = "application/x-amz-json-1.1"  # the Content-Type of every answer but STS's (XML)  # RequestLog.target of an AssumeRole call (STS has no X-Amz-Target)
+STS_TARGET = "STS.AssumeRole"  # RequestLog.target of an AssumeRole call (STS has no X-Amz-Target)
+JSON_TYPE = "application/x-amz-json-1.1"  # the Content-Type of every answer but STS's (XML)
 HANG_POLL_SECONDS = 0.01  # how often a hung request looks at faults.hang
 START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 10.0
@@ -256,6 +258,11 @@ class _ApiError(Exception):
 
 def _validation(message: str) -> _ApiError:
     return _ApiError(400, "ValidationException", "1 validation error detected: " + message)
+
+
+def _check_total(total: int, limit: int) -> None:
+    if total > limit:
+        raise _validation(f"Records total {total} bytes, more than {limit}")
 
 
 def _null(path: str) -> _ApiError:
@@ -1050,14 +1057,7 @@ class FakeAWS:
             name = match.group(1)
         if not name:
             raise _validation("Either StreamName or StreamARN should be provided.")
-        ctx.stream = name
-        if self.known_streams is not None and name not in self.known_streams:
-            raise _ApiError(
-                400,
-                "ResourceNotFoundException",
-                f"Stream {name} under account {ACCOUNT_ID} not found.",
-            )
-        return name
+        return self._known_stream(name, "Stream", ctx)
 
     def _firehose_stream(self, payload: dict[str, Any], ctx: _Ctx) -> str:
         name = payload.get("DeliveryStreamName")
@@ -1070,13 +1070,13 @@ class FakeAWS:
                 "Value '' at 'deliveryStreamName' failed to satisfy constraint: "
                 "Member must have length greater than or equal to 1"
             )
+        return self._known_stream(name, "Firehose", ctx)
+
+    def _known_stream(self, name: str, noun: str, ctx: _Ctx) -> str:
+        """``name``, recorded on the request; ResourceNotFoundException if not a known stream."""
         ctx.stream = name
         if self.known_streams is not None and name not in self.known_streams:
-            raise _ApiError(
-                400,
-                "ResourceNotFoundException",
-                f"Firehose {name} under account {ACCOUNT_ID} not found.",
-            )
+            raise _ApiError(400, "ResourceNotFoundException", f"{noun} {name} under account {ACCOUNT_ID} not found.")
         return name
 
     def _record_list(self, payload: dict[str, Any], field: str, ctx: _Ctx) -> list[Any]:
@@ -1158,15 +1158,17 @@ class FakeAWS:
             hash_key = int.from_bytes(hashlib.md5(key.encode()).digest(), "big")
         return bisect.bisect_right(self._starts, hash_key) - 1
 
-    def _op_kinesis_PutRecords(self, payload: dict[str, Any], ctx: _Ctx) -> tuple[int, bytes]:
+    def _kinesis_put_request(self, payload: dict[str, Any], ctx: _Ctx) -> tuple[str, list[Any]]:
+        """A PutRecords request checked as Kinesis checks it: the stream and the parsed records
+        (data, key, explicit hash key, hash key, bytes counted), within the request's limit."""
         stream = self._kinesis_stream(payload, ctx)
         records = self._record_list(payload, "records", ctx)
         parsed = [self._kinesis_record(r, i) for i, r in enumerate(records)]
-        total = sum(item[4] for item in parsed)
-        if total > KINESIS_MAX_REQUEST_BYTES:
-            raise _validation(
-                f"Records total {total} bytes, more than {KINESIS_MAX_REQUEST_BYTES}"
-            )
+        _check_total(sum(item[4] for item in parsed), KINESIS_MAX_REQUEST_BYTES)
+        return stream, parsed
+
+    def _op_kinesis_PutRecords(self, payload: dict[str, Any], ctx: _Ctx) -> tuple[int, bytes]:
+        stream, parsed = self._kinesis_put_request(payload, ctx)
         self._whole_request_faults("kinesis", stream)
         fail_rate = self.faults.record_fail_rate
         rng = self._rng
@@ -1259,11 +1261,7 @@ class FakeAWS:
         stream = self._firehose_stream(payload, ctx)
         records = self._record_list(payload, "records", ctx)
         blobs = [self._firehose_data(r, i) for i, r in enumerate(records)]
-        total = sum(map(len, blobs))
-        if total > FIREHOSE_MAX_REQUEST_BYTES:
-            raise _validation(
-                f"Records total {total} bytes, more than {FIREHOSE_MAX_REQUEST_BYTES}"
-            )
+        _check_total(sum(map(len, blobs)), FIREHOSE_MAX_REQUEST_BYTES)
         self._whole_request_faults("firehose", stream)
         fail_rate = self.faults.record_fail_rate
         rng = self._rng

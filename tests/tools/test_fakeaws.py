@@ -712,7 +712,7 @@ def test_assume_role_issues_keys_that_sign_with_their_session_token(srv: FakeAWS
     creds = answer["Credentials"]
     assert creds["AccessKeyId"].startswith("ASIA")
     assert answer["AssumedRoleUser"]["Arn"] == "arn:aws:sts::123456789012:assumed-role/writer/spoold-host"
-    left = (creds["Expiration"] - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    left = (creds["Expiration"] - datetime.datetime.now(datetime.UTC)).total_seconds()
     assert 890 <= left <= 900
     (call,) = srv.assume_role_calls()
     assert (call.access_key, call.role_arn, call.external_id, call.role_session_name, call.duration_seconds,

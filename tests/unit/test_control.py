@@ -182,6 +182,53 @@ async def test_control_server_answers_and_caps_connections(autojump_clock: Any, 
         nursery.cancel_scope.cancel()
 
 
+async def _read_all(client: Any) -> bytes:
+    data = b""
+    while chunk := await client.receive_some(65536):
+        data += chunk
+    return data
+
+
+async def test_metrics_slots_held_without_a_request_make_room_for_a_scraper(autojump_clock: Any,
+                                                                           monkeypatch: Any) -> None:
+    monkeypatch.setattr(control, "MAX_METRICS_CONNECTIONS", 3)
+
+    async def snapshot() -> dict[str, Any]:
+        return {"running": True}
+
+    async def scrape() -> bytes:
+        scraper = listener.connect()
+        await scraper.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = await _read_all(scraper)
+        await scraper.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        return reply
+
+    metrics = control.MetricsServer(snapshot, lambda snap: "spoold_up 1\n")
+    listener = FakeListener()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(metrics.server.serve, listener)
+        idle = [listener.connect() for _ in range(3)]  # every slot, none sending a request
+        await trio.testing.wait_all_tasks_blocked()
+        assert metrics.server.stats()["open"] == 3
+        with trio.fail_after(1):  # long before REQUEST_TIMEOUT: no slot came free by itself
+            reply = await scrape()
+            assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"spoold_up 1\n"), reply
+            assert await idle[0].receive_some(1) == b"", "the longest-waiting connection made room"
+            idle.append(listener.connect())  # every slot taken again
+            await trio.testing.wait_all_tasks_blocked()
+            assert (await scrape()).startswith(b"HTTP/1.1 200 ")
+            assert await idle[1].receive_some(1) == b"", "then the next longest-waiting"
+        assert metrics.server.stats() == {"accepted": 6, "refused": 0, "bad_requests": 0, "timeouts": 2,
+                                          "open": 2, "max": 3}
+        # The others keep their slots until their own deadline.
+        with trio.fail_after(control.REQUEST_TIMEOUT + 1):
+            assert [await _read_all(c) for c in idle[2:]] == [b"", b""]
+        await trio.testing.wait_all_tasks_blocked()
+        assert metrics.server.stats()["timeouts"] == 4 and metrics.server.active == 0
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("errno_", [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS])
 async def test_accept_waits_out_resource_exhaustion(autojump_clock: Any, errno_: int) -> None:
     async def snapshot() -> dict[str, Any]:

@@ -12,7 +12,8 @@ import functools
 import re
 import tomllib
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Set as AbstractSet
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import pytest

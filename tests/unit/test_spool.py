@@ -3,13 +3,12 @@ page sizes. Real SQLite files in tmp_path, no threads."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
 from spoold import spool as spool_module
 from spoold.spool import Spool
-from tests.tools.daemon import spooled_ids
+from tests.tools.daemon import spool_query, spooled_ids
 
 
 def test_drop_spares_the_rows_a_read_returned(tmp_path):
@@ -57,11 +56,7 @@ def test_page_size_applies_to_new_spools_and_an_existing_one_keeps_its_own(tmp_p
     """page_size is set when the file is created (SQLite cannot change it in WAL mode): a new
     spool gets it, and an existing one keeps the size it has, reports it, and reads as before."""
     def file_page_size(path: Path) -> int:
-        conn = sqlite3.connect(path)
-        try:
-            return int(conn.execute("PRAGMA page_size").fetchone()[0])
-        finally:
-            conn.close()
+        return int(spool_query(path, "PRAGMA page_size")[0][0])
 
     path = tmp_path / "spool.db"
     spool = Spool(path, page_size=16384)

@@ -6,9 +6,11 @@ Real spool files and the real writer thread; entries come from the real Encoder.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,16 @@ class Setup:
     def stats(self, dest: str = "d") -> tuple[int, int, int]:
         s = self.committer.stats[dest]
         return s.rows, s.lines, s.bytes
+
+
+@contextlib.asynccontextmanager
+async def opened(path: Path, **options: Any) -> AsyncIterator[Setup]:
+    """A Setup opened with ``options`` (those of Setup.open), closed at the end of the block."""
+    setup = await Setup(path).open(**options)
+    try:
+        yield setup
+    finally:
+        await setup.close()
 
 
 def ack(committer: Committer, entries: list[Entry], one_by_one: bool = False) -> list[Chunk]:
@@ -138,9 +150,8 @@ def test_a_bitmap_that_does_not_fit_its_row_is_ignored():
 
 # -- commit, read, restart -------------------------------------------------------------------
 async def test_progress_is_skipped_by_a_restart_and_counted_right(tmp_path):
-    s = await Setup(tmp_path / "spool.db").open()
     lines = lines_of("a", 1000)
-    try:
+    async with opened(tmp_path / "spool.db") as s:
         row_id = await s.write("d", lines)
         assert s.stats() == (1, 1000, size(lines))
         s.committer.progress(row_id, range(0, 600))
@@ -151,11 +162,8 @@ async def test_progress_is_skipped_by_a_restart_and_counted_right(tmp_path):
         # Before any restart, a re-read (after a release, say) skips what was recorded too.
         [row] = await s.read()
         assert row.lines == [x for i, x in enumerate(lines) if i >= 600 and i not in (700, 702, 999)]
-    finally:
-        await s.close()
 
-    again = await Setup(tmp_path / "spool.db").open()
-    try:
+    async with opened(tmp_path / "spool.db") as again:
         assert again.stats() == (1, 397, size(lines))
         [row] = await again.read()
         want = [i for i in range(1000) if i >= 600 and i not in (700, 702, 999)]
@@ -173,13 +181,10 @@ async def test_progress_is_skipped_by_a_restart_and_counted_right(tmp_path):
         await again.committer.commit_once()
         assert again.stats() == (0, 0, 0)
         assert on_disk(again.path) | {"schema": None} == {"chunks": 0, "progress": {}, "schema": None}
-    finally:
-        await again.close()
 
 
 async def test_a_row_whose_lines_are_all_recorded_is_deleted(tmp_path):
-    s = await Setup(tmp_path / "spool.db").open()
-    try:
+    async with opened(tmp_path / "spool.db") as s:
         keep = await s.write("d", lines_of("k", 10))
         row_id = await s.write("d", lines_of("a", 50))
         s.committer.progress(row_id, range(0, 20))
@@ -189,14 +194,11 @@ async def test_a_row_whose_lines_are_all_recorded_is_deleted(tmp_path):
         assert [r.id for r in await s.read()] == [keep]
         assert s.stats() == (1, 10, size(lines_of("k", 10)))
         assert on_disk(s.path)["progress"] == {}
-    finally:
-        await s.close()
 
 
 async def test_progress_and_delete_in_one_commit_and_a_gone_row(tmp_path):
     """Progress for a row deleted in the same commit, or gone already, records nothing."""
-    s = await Setup(tmp_path / "spool.db").open()
-    try:
+    async with opened(tmp_path / "spool.db") as s:
         a = await s.write("d", lines_of("a", 10))
         b = await s.write("d", lines_of("b", 10))
         s.committer.progress(a, range(3))
@@ -206,13 +208,10 @@ async def test_progress_and_delete_in_one_commit_and_a_gone_row(tmp_path):
         assert s.stats() == (1, 10, size(lines_of("b", 10)))
         assert on_disk(s.path)["progress"] == {}
         assert [r.id for r in await s.read()] == [b]
-    finally:
-        await s.close()
 
 
 async def test_a_failed_commit_keeps_progress_for_the_next(tmp_path):
-    s = await Setup(tmp_path / "spool.db").open()
-    try:
+    async with opened(tmp_path / "spool.db") as s:
         row_id = await s.write("d", lines_of("a", 10))
         s.committer.progress(row_id, range(4))
         real = s.spool._transaction
@@ -229,8 +228,6 @@ async def test_a_failed_commit_keeps_progress_for_the_next(tmp_path):
         await s.committer.commit_once()
         assert s.stats()[1] == 4
         assert [len(r.lines) for r in await s.read()] == [4]
-    finally:
-        await s.close()
 
 
 # -- entries as the encoder makes them --------------------------------------------------------
@@ -254,9 +251,8 @@ async def test_entries_accepted_out_of_order_twice_over_a_restart(tmp_path, kind
     another restart: what is read at the end is exactly the lines never accepted."""
     lines = [b'{"k": "key%d", "i": %d}' % (i % 7, i) for i in range(300)]
     rng = random.Random(5)
-    s = await Setup(tmp_path / "spool.db").open()
     accepted: set[bytes] = set()
-    try:
+    async with opened(tmp_path / "spool.db") as s:
         row_id = await s.write("d", lines)
         [row] = await s.read()
         entries = encode(kind, chunk_of(row), **opts)
@@ -265,11 +261,8 @@ async def test_entries_accepted_out_of_order_twice_over_a_restart(tmp_path, kind
         ack(s.committer, taken, one_by_one)
         accepted.update(x for e in taken for x in e.lines)
         await s.committer.commit_once()
-    finally:
-        await s.close()
     for round_ in range(2):
-        s = await Setup(tmp_path / "spool.db").open()
-        try:
+        async with opened(tmp_path / "spool.db") as s:
             assert s.stats()[1] == len(lines) - len(accepted)
             [row] = await s.read()
             assert row.id == row_id
@@ -279,21 +272,15 @@ async def test_entries_accepted_out_of_order_twice_over_a_restart(tmp_path, kind
             ack(s.committer, taken, one_by_one=(round_ == 0) != one_by_one)
             accepted.update(x for e in taken for x in e.lines)
             await s.committer.commit_once()
-        finally:
-            await s.close()
-    s = await Setup(tmp_path / "spool.db").open()
-    try:
+    async with opened(tmp_path / "spool.db") as s:
         rows = await s.read()
         assert [x for r in rows for x in r.lines] == [x for x in lines if x not in accepted]
-    finally:
-        await s.close()
 
 
 async def test_an_aggregate_over_two_rows_records_both(tmp_path):
     """An unkeyed KPL aggregate that goes on into the next row: its lines in the first row start
     mid-row, those in the second at 0."""
-    s = await Setup(tmp_path / "spool.db").open()
-    try:
+    async with opened(tmp_path / "spool.db") as s:
         a_lines, b_lines = lines_of("a", 40), lines_of("b", 40)
         await s.write("d", a_lines)
         await s.write("d", b_lines)
@@ -306,14 +293,11 @@ async def test_an_aggregate_over_two_rows_records_both(tmp_path):
         await s.committer.commit_once()
         got = await s.read()
         assert [x for r in got for x in r.lines] == [x for x in a_lines + b_lines if x not in spanning[0].lines]
-    finally:
-        await s.close()
 
 
 # -- drops, expiry, dead letters --------------------------------------------------------------
 async def test_drop_counts_only_unsent_lines_and_takes_pending_progress_first(tmp_path):
-    s = await Setup(tmp_path / "spool.db").open(when_full="drop_oldest")
-    try:
+    async with opened(tmp_path / "spool.db", when_full="drop_oldest") as s:
         row_id = await s.write("d", lines_of("a", 100))
         s.committer.progress(row_id, range(30))
         await s.committer.commit_once()
@@ -323,15 +307,12 @@ async def test_drop_counts_only_unsent_lines_and_takes_pending_progress_first(tm
         assert s.committer.expired == {"d": 50}
         assert s.stats() == (0, 0, 0)
         assert on_disk(s.path) | {"schema": None} == {"chunks": 0, "progress": {}, "schema": None}
-    finally:
-        await s.close()
 
 
 async def test_dead_lettered_and_expired_entries_count_as_done(tmp_path):
     """The flusher acks dead-lettered and expired entries too (sent=False): a restart must not
     send them again either."""
-    s = await Setup(tmp_path / "spool.db").open()
-    try:
+    async with opened(tmp_path / "spool.db") as s:
         await s.write("d", lines_of("a", 20))
         [row] = await s.read()
         entries = encode("kinesis", chunk_of(row))
@@ -339,8 +320,6 @@ async def test_dead_lettered_and_expired_entries_count_as_done(tmp_path):
         await s.committer.commit_once()
         [row] = await s.read()
         assert row.lines == lines_of("a", 20)[5:]
-    finally:
-        await s.close()
 
 
 # -- the file: migration and recovery ---------------------------------------------------------
@@ -368,15 +347,12 @@ async def test_a_version_1_spool_is_migrated_and_keeps_its_rows(tmp_path):
     from spoold.spool import offline_status
     assert offline_status(path)["destinations"]["d"]["spooled_lines"] == 30, "read-only, before migrating"
 
-    s = await Setup(path).open()
-    try:
+    async with opened(path) as s:
         assert s.stats() == (1, 30, size(lines))
         [row] = await s.read()
         assert row.lines == lines
         s.committer.progress(row.id, range(10))
         await s.committer.commit_once()
-    finally:
-        await s.close()
     assert on_disk(path)["schema"] == str(SCHEMA_VERSION) == "3"
     assert offline_status(path)["destinations"]["d"]["spooled_lines"] == 20
 
@@ -394,15 +370,12 @@ async def test_a_newer_schema_is_refused(tmp_path):
 
 async def test_recovery_keeps_progress_and_opening_drops_what_does_not_fit(tmp_path):
     path = tmp_path / "spool.db"
-    s = await Setup(path).open()
-    try:
+    async with opened(path) as s:
         a = await s.write("d", lines_of("a", 40))
         b = await s.write("d", lines_of("b", 40))
         s.committer.progress(a, range(10))
         s.committer.progress(b, range(20))
         await s.committer.commit_once()
-    finally:
-        await s.close()
     # A bitmap whose count disagrees: those lines are sent again rather than trusted.
     conn = sqlite3.connect(path)
     conn.execute("UPDATE progress SET done = 5 WHERE id = ?", (b,))
@@ -410,12 +383,9 @@ async def test_recovery_keeps_progress_and_opening_drops_what_does_not_fit(tmp_p
     conn.close()
     spool = Spool(path)
     spool._recover("a test: copy every row")
-    again = await Setup(path).open()
-    try:
+    async with opened(path) as again:
         assert again.stats() == (2, 30 + 40, size(lines_of("a", 40)) * 2)
         rows = await again.read()
         assert [len(r.lines) for r in rows] == [30, 40]
         assert on_disk(path)["progress"] == {a: 10}
-    finally:
-        await again.close()
     assert list(tmp_path.glob("spool.db.damaged-*")), "the original is kept beside it"
