@@ -473,7 +473,8 @@ class Tailer:
             self.stats.too_long += cut.too_long
             if callable(self.reject):
                 self.reject("line too long", cut.too_long)
-            self._log("file_lines_too_long", cut.too_long, dest=self.name, max_line_bytes=self.dest.limits.max_line_bytes)
+            self._log("file_lines_too_long", cut.too_long, dest=self.name,
+                      max_line_bytes=self.dest.limits.max_line_bytes)
         f.scan = start + cut.used if cut.skipping or cut.boundary >= 0 else f.scan
         f.skipping = cut.skipping
         if cut.lines or cut.too_long:
