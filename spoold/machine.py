@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spoold.aggregation import ShardMap, hash_key
-from spoold.batching import Chunk, Encoder, Entry, take_batch
+from spoold.batching import Chunk, Encoder, Entry, entry_size, take_batch
 from spoold.config import Destination
 from spoold.errors import FatalSendError, SendError
 from spoold.pacing import BURST, SHARD_BYTES, SHARD_RECORDS, Pace, cost
@@ -422,13 +422,13 @@ class Outbox:
             max_bytes = max(1, int(min(lim.max_bytes, budget * SHARD_BYTES)))
             due = len(self._due)
             batch, _ = take_batch((self._due, self.fresh), max_records, max_bytes)
-            self._fresh_bytes -= sum(e.size for e in batch[due - len(self._due):])
+            self._fresh_bytes -= sum(map(entry_size, batch[due - len(self._due):]))
         if not self.fresh:
             self._fresh_since = None
         return self._send(batch, _Group(), now)
 
     def _send(self, batch: list[Entry], group: _Group, now: float) -> Send:
-        units = cost(len(batch), sum(e.size for e in batch))
+        units = cost(len(batch), sum(map(entry_size, batch)))
         self.pace.spend(now, units)
         self.in_flight += 1
         if self.limits.ordered:
@@ -462,7 +462,7 @@ class Outbox:
             step = min(target - len(fresh), ENCODE_STEP)
             got = list(itertools.islice(entries, step))
             fresh.extend(got)
-            self._fresh_bytes += sum(e.size for e in got)
+            self._fresh_bytes += sum(map(entry_size, got))
             if len(got) < step:
                 self._to_encode.popleft()
             if self._paces:
