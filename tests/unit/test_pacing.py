@@ -13,7 +13,7 @@ import pytest
 
 from spoold.batching import Encoder
 from spoold.errors import RetryableSendError
-from spoold.machine import Limits, Outbox, Read, RetryPolicy, Send
+from spoold.machine import Limits, Outbox, Read, RetryPolicy, Send, Wait
 from spoold.pacing import (
     BURST,
     CUT_INTERVAL,
@@ -181,3 +181,22 @@ def test_lone_daemon_is_not_held_back_without_throttling() -> None:
     fig = simulate(daemons=1, lines=20_000, shards=1000, rtt=0.01)
     assert fig["sent"] == fig["accepted"] == 20_000
     assert fig["last"] < 1.0, "slow start reaches 20,000 records within a second"
+
+
+def test_entries_waiting_in_a_shard_queue_expire_at_max_age() -> None:
+    # The per-shard helpers of the state machine's own tests.
+    from tests.unit.test_machine import WALL, keyed_lines, keys_on, offer, sharded
+
+    m, smap = sharded(2, rate=0.1, linger=0.0, max_age=60.0, partition_key_field="k")
+    hot = keys_on(smap, 0, 1)
+    offer(m, 1, keyed_lines(hot * 5), created=WALL - 59)
+    offer(m, 2, keyed_lines(hot * 3), created=WALL)
+    m._paces[0].tokens = -10.0  # the hot shard's pace holds its queue back
+    m._paces[0].rate = MIN_RATE
+    d = m.next(0.0, WALL)
+    assert isinstance(d, Wait) and m._queued == 8
+    assert m.take_effects().expired == 0
+    d = m.next(1.0, WALL + 2)  # row 1 is past max_age while still queued for its shard
+    effects = m.take_effects()
+    assert effects.expired == 5 and [c.id for c in effects.deleted] == [1]
+    assert m._queued == 3 and len(m._queues[0]) == 3 and m._queued_bytes == sum(e.size for e in m._queues[0])
