@@ -18,6 +18,7 @@ import fnmatch
 import os
 import re
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -529,7 +530,7 @@ class _Table:
             if key not in self.used:
                 raise self.error(key, "unknown key")
 
-    def known(self, keys: set[str]) -> None:
+    def known(self, keys: Collection[str]) -> None:
         # Checked before any value: a misspelt key would otherwise surface as "required" for the
         # key it was meant to be ("region: required" when the file says "regoin").
         for key in self.data:

@@ -12,7 +12,8 @@ FINISH_GRACE), when it counts as a line. A line longer than max_line_bytes is sk
 counted; skipping is the only state that outlives a read, and it is re-done after a restart.
 
 The pure part (cut_lines, same_file, start_offset, is_finished) takes bytes and values; the
-Tailer around it polls with fstat every POLL seconds and re-reads the globs every RESCAN.
+Tailer around it polls with fstat every POLL seconds and re-reads the globs every RESCAN. It
+keeps a bounded number of files open (see FD_SHARE); quiet ones are closed in turn past it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import resource
 import stat
+import sys
 import time
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -50,6 +54,12 @@ FINISH_GRACE = 5.0
 END_LOOKBACK = 64 * 1024
 # How long to wait before trying again when the spool refused lines (full, or a write error).
 RETRY_AFTER = 1.0
+# A destination keeps at most 1/FD_SHARE of the process's descriptor limit open for its files
+# (connections, the spool and the other destinations need the rest). Past it, files quiet for
+# PARK_QUIET are closed, the longest quiet first, and opened again when a scan sees them change;
+# meanwhile the globs are matched every PARK_QUIET, until every file has had its turn.
+FD_SHARE = 8
+PARK_QUIET = 1.0
 # One submission holds at most this share of what the destination may ever store in the spool,
 # so that it fits while the destination's part of a small spool is partly used.
 SUBMIT_SHARE = 4
@@ -164,6 +174,7 @@ class Followed:
     scan: int  # where the next read starts (past offset only while skipping)
     skipping: bool = False
     size: int = 0
+    mtime_ns: int = 0
     matched: bool = True
     deleted: bool = False
     last_read: float | None = None
@@ -202,8 +213,10 @@ class Tailer:
         # (fingerprint, its length, offset) per (dev, inode), as last committed, and the path.
         self.records: dict[tuple[int, int], tuple[bytes, int, int]] = {}
         self.paths: dict[tuple[int, int], str] = {}
-        # Finished files still matched (renamed in the glob): their size and mtime when closed.
-        self.closed: dict[tuple[int, int], tuple[int, int]] = {}
+        # Files closed while matched (finished after a rename in the globs, or parked over the
+        # descriptor limit): their size, mtime and path then; opened again when one changes.
+        self.closed: dict[tuple[int, int], tuple[int, int, str]] = {}
+        self.waiting = False  # files left unopened at the last scan, for want of descriptors
         self.unreadable: set[str] = set()
         self._log = RateLimitedLog()
         self.read_bytes = max(READ_BYTES, dest.limits.max_line_bytes + 1)
@@ -229,7 +242,7 @@ class Tailer:
                     busy = await self._poll(f) or busy
                 if trio.current_time() >= next_scan:
                     await self._scan(None, [])
-                    next_scan = trio.current_time() + RESCAN
+                    next_scan = trio.current_time() + (PARK_QUIET if self.waiting else RESCAN)
                 if not busy:
                     await trio.sleep(POLL)
         self.files_close()
@@ -292,7 +305,7 @@ class Tailer:
         if new:
             await self.worker.run(self.spool.tail_begin, self.name, new, first, time.time())
         self.log.info("files_following", files=len(self.files), new_patterns=new, start_at=self.dest.files.start_at)
-        gone = [k for k in self.records if k not in found]
+        gone = await trio.to_thread.run_sync(self._gone, self.records, self.paths, found)
         if gone:  # rotated out of the globs or deleted while we were stopped
             await self._forget(gone)
 
@@ -303,11 +316,14 @@ class Tailer:
         goes to ``first``)."""
         found = await trio.to_thread.run_sync(self._glob)
         for f in self.files.values():
-            f.matched = f.key in found
-            if f.matched:
-                f.path = found[f.key][0]
+            if f.key in found:
+                f.matched, f.path = True, found[f.key][0]
             else:
-                f.deleted = f.deleted or _nlink(f.fd) == 0
+                # Renamed out of the globs, deleted, or in a folder the glob could not list (it
+                # reports no error, and a file taken for gone would be read again from 0).
+                f.matched = await trio.to_thread.run_sync(_still_at, f.path, f.key)
+                if not f.matched:
+                    f.deleted = f.deleted or _nlink(f.fd) == 0
             # A copytruncate followed by new writes past the offset before a poll saw the drop:
             # the first bytes are not those any more.
             try:
@@ -316,13 +332,19 @@ class Tailer:
                 continue  # the next poll's read reports it
             if not same_file(f.fp, f.fp_len, head):
                 self._restart(f, "replaced")
-        gone = [k for k in self.closed if k not in found]
-        if gone:  # finished files since deleted or rotated out of the globs: nothing left to resume
+        closed = {k: path for k, (_size, _mtime, path) in self.closed.items()}
+        gone = await trio.to_thread.run_sync(self._gone, self.closed, closed, found)
+        if gone:  # closed files since deleted or rotated out of the globs: nothing left to resume
             await self._forget(gone)
+        most = _max_open()
+        self.waiting = False
         for key, (path, st, patterns) in found.items():
             if key in self.files:
                 continue
-            if self.closed.get(key) == (st.st_size, st.st_mtime_ns):
+            if self.closed.get(key) == (st.st_size, st.st_mtime_ns, path):
+                continue
+            if len(self.files) >= most and not self._park():
+                self.waiting = True
                 continue
             first_configured = known is not None and not patterns & known
             try:
@@ -342,6 +364,26 @@ class Tailer:
                 self.records[key] = (f.fp, f.fp_len, f.offset)
                 self.paths[key] = f.first_path
         return set(found)
+
+    @staticmethod
+    def _gone(keys: Iterable[tuple[int, int]], paths: dict[tuple[int, int], str],
+              found: Container[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [k for k in keys if k not in found and not _still_at(paths.get(k, ""), k)]
+
+    def _park(self) -> bool:
+        """Close the open file quiet the longest, if one is quiet, still under its first name and
+        read to its end (no unfinished line): a scan opens it again when it changes."""
+        now = time.monotonic()
+        quiet = [f for f in self.files.values() if f.matched and not f.deleted and f.path == f.first_path
+                 and not f.skipping and f.offset == f.scan == f.size and now - f.changed >= PARK_QUIET]
+        if not quiet:
+            return False
+        f = min(quiet, key=lambda f: f.changed)
+        del self.files[f.key]
+        os.close(f.fd)
+        self.closed[f.key] = (f.size, f.mtime_ns, f.path)
+        self.log.debug("file_parked", path=f.path, offset=f.offset)
+        return True
 
     def _open(self, key: tuple[int, int], path: str, first_configured: bool) -> Followed:
         # Non-blocking: a fifo put in the file's place since the glob would block the open
@@ -367,7 +409,7 @@ class Tailer:
             raise
         self.log.info("file_followed", path=path, inode=key[1], offset=offset, size=st.st_size, reason=why)
         return Followed(dev=key[0], ino=key[1], path=path, first_path=first_path, fd=fd, fp=fingerprint(head),
-                        fp_len=len(head), offset=offset, scan=offset, size=st.st_size)
+                        fp_len=len(head), offset=offset, scan=offset, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
     def _restart(self, f: Followed, why: str) -> None:
         self.log.warning("file_truncated", path=f.path, offset=f.offset, size=f.size, reason=why)
@@ -387,6 +429,7 @@ class Tailer:
         if st.st_size != f.size:
             f.changed = time.monotonic()
             f.size = st.st_size
+        f.mtime_ns = st.st_mtime_ns
         if f.size < f.scan:
             self._restart(f, "copytruncate")
         may_finish = is_finished(matched=f.matched, renamed=f.path != f.first_path, deleted=f.deleted,
@@ -430,7 +473,8 @@ class Tailer:
             self.stats.too_long += cut.too_long
             if callable(self.reject):
                 self.reject("line too long", cut.too_long)
-            self._log("file_lines_too_long", cut.too_long, dest=self.name, max_line_bytes=self.dest.limits.max_line_bytes)
+            self._log("file_lines_too_long", cut.too_long, dest=self.name,
+                      max_line_bytes=self.dest.limits.max_line_bytes)
         f.scan = start + cut.used if cut.skipping or cut.boundary >= 0 else f.scan
         f.skipping = cut.skipping
         if cut.lines or cut.too_long:
@@ -462,17 +506,32 @@ class Tailer:
             # Its last position is committed (we waited for it): nothing is left to resume.
             await self._forget([f.key])
         else:
-            try:
-                st = os.stat(f.path)
-                self.closed[f.key] = (st.st_size, st.st_mtime_ns)
-            except OSError:
-                pass
+            # As the last poll saw it, before its last read: a change since, even one made
+            # while that read was being committed, makes a scan open it again.
+            self.closed[f.key] = (f.size, f.mtime_ns, f.path)
 
 
 def _read(fd: int, size: int, offset: int) -> tuple[bytes, bytes]:
     """``size`` bytes at ``offset``, then the file's first bytes (in this order: a file truncated
     and rewritten before the first read is told by the second)."""
     return os.pread(fd, size, offset), os.pread(fd, FINGERPRINT_BYTES, 0)
+
+
+def _still_at(path: str, key: tuple[int, int]) -> bool:
+    """Is the file ``key`` still at ``path``? True when that cannot be told (an error other
+    than "no such file")."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return (st.st_dev, st.st_ino) == key
+
+
+def _max_open() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return sys.maxsize if soft == resource.RLIM_INFINITY else max(1, soft // FD_SHARE)
 
 
 def _nlink(fd: int) -> int:

@@ -7,6 +7,7 @@ import collections
 import json
 import os
 import random
+import resource
 import shutil
 import threading
 from pathlib import Path
@@ -387,3 +388,60 @@ def test_a_file_started_at_its_end_and_reopened_after_rotation_is_not_read_from_
     wait_until(lambda: b"late" in set(_arrived(fake_aws)), DEADLINE, "the late line")
     assert daemon.stop() == 0
     assert sorted(_arrived(fake_aws).elements()) == [b"late"]
+
+
+def test_more_files_than_descriptors_are_followed_in_turns(make_daemon, fake_aws, tmp_path):
+    """A glob matching more files than the daemon may keep open (its descriptor limit lowered
+    while it runs): the files quiet the longest are closed, then opened again when they grow,
+    so every line of every file arrives and the sockets and the spool keep their descriptors."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws, start_at="beginning")))
+    pid = daemon.proc.pid
+    _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 40, hard))
+    names = [logs / f"f{i:03d}.log" for i in range(60)]
+    for i, path in enumerate(names):
+        path.write_bytes(f"first-{i}\n".encode())
+    first = {f"first-{i}".encode() for i in range(len(names))}
+    wait_until(lambda: set(_arrived(fake_aws)) >= first, DEADLINE, "the first line of every file")
+    for i, path in enumerate(names):
+        with open(path, "ab") as f:
+            f.write(f"second-{i}\n".encode())
+    second = {f"second-{i}".encode() for i in range(len(names))}
+    wait_until(lambda: set(_arrived(fake_aws)) >= second, DEADLINE, "the second line of every file")
+    assert daemon.stop() == 0
+    assert set(_arrived(fake_aws)) == first | second
+    events = daemon.log_events()
+    assert not any(e.get("event") == "file_unreadable" for e in events)
+    reasons = collections.Counter(e["reason"] for e in events if e.get("event") == "file_followed")
+    assert reasons["new"] == len(names) and reasons["resumed"] > 0, reasons
+
+
+def test_a_folder_the_glob_cannot_list_for_a_while_loses_no_file(make_daemon, fake_aws, tmp_path):
+    """glob reports no error: a folder it cannot list (here: no descriptor left to open it)
+    looks empty. The followed files are not taken for gone (finished, forgotten, and read again
+    from 0 once the folder lists again): each is read once, and goes on."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    daemon = _started(make_daemon(_dest(tmp_path, fake_aws)))
+    names = [logs / f"a{i}.log" for i in range(3)]
+    for path in names:
+        path.write_bytes(path.stem.encode() + b"-1\n")
+    wait_until(lambda: len(_files(daemon)) == 3 and all(f["offset"] == f["size"] for f in _files(daemon)),
+               DEADLINE, "the files read")
+    pid = daemon.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard))
+    # Two scans and the finishing grace, for the bug to show (nothing to wait for otherwise).
+    threading.Event().wait(2 * 5.0 + 5.0 + 1.0)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    for path in names:
+        with open(path, "ab") as f:
+            f.write(path.stem.encode() + b"-2\n")
+    want = {f"a{i}-{n}".encode() for i in range(3) for n in (1, 2)}
+    wait_until(lambda: set(_arrived(fake_aws)) >= want, DEADLINE, "every line")
+    assert daemon.stop() == 0
+    events = daemon.log_events()
+    assert not [e for e in events if e.get("event") == "file_finished"]
+    assert sum(e.get("event") == "file_followed" for e in events) == 3

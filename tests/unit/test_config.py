@@ -593,11 +593,12 @@ HOST_BOUND = (SPOOL + KINESIS_NO_REGION + 'stream = "s"\nsocket_group = "no-such
 
 
 def test_parse_consults_nothing_of_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Groups, AWS files, botocore, the host name and the environment are resolve()'s: parse()
+    """Groups, AWS files, botocore, the host name and the environment are host.resolve()'s: parse()
     reads none of them, and leaves what they would give empty."""
-    import botocore.session
     import grp
     import socket
+
+    import botocore.session
 
     def consulted(*args: object, **kwargs: object) -> None:
         raise AssertionError("parse() consulted the host")
