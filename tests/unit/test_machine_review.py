@@ -18,10 +18,10 @@ WALL = 1_000_000.0
 REFUSED = "InvalidArgumentException"  # per record: no retry helps, the record is dead-lettered
 
 
-def outbox(**limits: object) -> Outbox:
+def outbox(ordered: bool = False) -> Outbox:
     encoder = Encoder("kinesis", max_record_bytes=1024 * 1024, rng=random.Random(1))
-    m = Outbox(Limits(linger=0.0, **limits), encoder, RetryPolicy(base=0.1, cap=60.0, cap_throttle=5.0),  # type: ignore[arg-type]
-               0.0, random.Random(2))
+    policy = RetryPolicy(base=0.1, cap=60.0, cap_throttle=5.0)
+    m = Outbox(Limits(linger=0.0, ordered=ordered), encoder, policy, 0.0, random.Random(2))
     m.caught_up = True
     m.pace.rate = m.pace.tokens = MAX_RATE
     m.pace.slow_start = False
