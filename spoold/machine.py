@@ -458,14 +458,30 @@ class Outbox:
     def _collect_due(self, now: float, wall: float) -> None:
         cutoff = wall - self.limits.max_age
         due = self._due
-        if due and (due[0].created < cutoff or now >= self._next_expiry_scan):
+        if (due or self._queued) and ((due and due[0].created < cutoff) or now >= self._next_expiry_scan):
+            # Retried as a whole batch for too long, here or in the shard queues.
             self._next_expiry_scan = now + EXPIRY_SCAN
-            if any(e.created < cutoff for e in due):  # retried as a whole batch for too long
-                self._due = deque(e for e in due if not self._expire(e, cutoff))
+            self._expire_queued(due, cutoff)
+            for queue in (*self._queues, self._any):
+                count, nbytes = self._expire_queued(queue, cutoff)
+                self._queued -= count
+                self._queued_bytes -= nbytes
+            if not self._queued:
+                self._queued_due = False
         while self._retry and self._retry[0][0] <= now:
             entry = heapq.heappop(self._retry)[2]
             if not self._expire(entry, cutoff):
                 self._due.append(entry)
+
+    def _expire_queued(self, queue: deque[Entry], cutoff: float) -> tuple[int, int]:
+        """Drop the entries of ``queue`` past max_age: their count and bytes."""
+        if not any(e.created < cutoff for e in queue):
+            return 0, 0
+        kept = [e for e in queue if not self._expire(e, cutoff)]
+        count, nbytes = len(queue) - len(kept), sum(map(entry_size, queue)) - sum(map(entry_size, kept))
+        queue.clear()
+        queue.extend(kept)
+        return count, nbytes
 
     def _expire(self, entry: Entry, cutoff: float) -> bool:
         if entry.created >= cutoff:

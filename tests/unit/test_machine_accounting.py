@@ -8,9 +8,10 @@ import math
 import random
 from typing import Any
 
+from spoold.aggregation import Shard, ShardMap
 from spoold.batching import Encoder, Entry
 from spoold.errors import FatalSendError, RetryableSendError
-from spoold.machine import Limits, Outbox, Read, RetryPolicy, Send, Wait
+from spoold.machine import EXPIRY_SCAN, Limits, Outbox, Read, RetryPolicy, Send, Wait
 from spoold.pacing import MAX_RATE
 
 WALL = 1_000_000.0
@@ -168,6 +169,25 @@ def test_an_entry_past_max_age_behind_a_younger_one_expires() -> None:
     effects = m.take_effects()
     assert effects.expired == 1 and [c.id for c in effects.deleted] == [1]
     assert not isinstance(d, Send) or [e.data for e in d.batch] == [b"young"], d
+
+
+def test_an_entry_past_max_age_in_a_shard_queue_expires_within_a_scan_period() -> None:
+    m = outbox(max_age=60.0)
+    half = 2 ** 127
+    m.set_shard_map(ShardMap([Shard("shardId-0", 0, half - 1), Shard("shardId-1", half, 2 ** 128 - 1)]), 0.0)
+    offer(m, 1, [b"young"])
+    offer(m, 2, [b"old"], created=WALL - 59)
+    m.on_error(sent(m, 0.0), RetryableSendError("HTTP 503", code="ServiceUnavailableException"), 0.01, WALL)
+    m.take_effects()
+    start = m.blocked_until
+    for p in m._paces:  # the shards' buckets are empty: both entries wait in the shard queues
+        p.rate, p.tokens, p.slow_start = 1.0, -100.0, False
+    assert isinstance(m.next(start, WALL), Wait) and m._queued == 2
+    assert isinstance(m.next(start + EXPIRY_SCAN, WALL + 2), Wait)
+    effects = m.take_effects()
+    assert effects.expired == 1 and [c.id for c in effects.deleted] == [2]
+    assert [e.data for e in m._any] == [b"young"], "random keys wait in the one queue routed to shards"
+    assert m._queued == 1 and m._queued_bytes == m._any[0].size
 
 
 def test_rows_committed_while_backing_off_stay_on_disk() -> None:
