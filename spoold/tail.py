@@ -25,7 +25,7 @@ import resource
 import stat
 import sys
 import time
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -50,7 +50,8 @@ FINGERPRINT_BYTES = 1024
 # A file rotated away (renamed, no longer matched, or deleted) is finished once it is read to
 # its end and has not changed for this long: its unfinished last line counts, and it is closed.
 FINISH_GRACE = 5.0
-# With start_at = "end", the end of the last complete line is looked for in this many last bytes.
+# With start_at = "end", the end of the last complete line is looked for backwards, this many
+# bytes at a time, up to max_line_bytes + 1 bytes before the end.
 END_LOOKBACK = 64 * 1024
 # How long to wait before trying again when the spool refused lines (full, or a write error).
 RETRY_AFTER = 1.0
@@ -153,11 +154,21 @@ def is_finished(*, matched: bool, renamed: bool, deleted: bool, at_end: bool, qu
     return (not matched or renamed or deleted) and at_end and quiet_for >= FINISH_GRACE
 
 
-def end_of_last_line(tail: bytes, size: int) -> int:
-    """The offset after the last "\\n" in ``tail`` (the file's last bytes, ending at ``size``);
-    ``size`` when there is none."""
-    nl = tail.rfind(b"\n")
-    return size if nl < 0 else size - len(tail) + nl + 1
+def end_of_last_line(read: Callable[[int, int], bytes], size: int, max_line: int) -> int:
+    """Where start_at = "end" starts in a file of ``size`` bytes: after its last "\\n". An
+    unfinished last line is read from its start, however far back; unless it is already longer
+    than ``max_line``: then it starts max_line + 1 bytes before the end, inside that line, which
+    the reader skips whole as too long. ``read(length, offset)`` reads the file (END_LOOKBACK at
+    a time, so memory stays bounded whatever the line)."""
+    floor = max(0, size - max_line - 1)
+    end = size
+    while end > floor:
+        start = max(floor, end - END_LOOKBACK)
+        nl = read(end - start, start).rfind(b"\n")
+        if nl >= 0:
+            return start + nl + 1
+        end = start
+    return floor
 
 
 # -- the trio part ------------------------------------------------------------------------
@@ -398,8 +409,8 @@ class Tailer:
             head = os.pread(fd, FINGERPRINT_BYTES, 0)
             end = st.st_size
             if first_configured and self.dest.files.start_at == "end" and st.st_size:
-                lookback = min(st.st_size, END_LOOKBACK)
-                end = end_of_last_line(os.pread(fd, lookback, st.st_size - lookback), st.st_size)
+                end = end_of_last_line(lambda n, at: os.pread(fd, n, at), st.st_size,
+                                       self.dest.limits.max_line_bytes)
             offset, why = start_offset(self.records.get(key), head, st.st_size, first_configured,
                                        self.dest.files.start_at, end)
             # A file resumed under another name than it had was renamed while we were stopped.
