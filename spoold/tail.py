@@ -25,7 +25,7 @@ import resource
 import stat
 import sys
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 import structlog
@@ -316,12 +316,10 @@ class Tailer:
         if new:
             await self.worker.run(self.spool.tail_begin, self.name, new, first, time.time())
         self.log.info("files_following", files=len(self.files), new_patterns=new, start_at=self.dest.files.start_at)
-        gone = await trio.to_thread.run_sync(self._gone, self.records, self.paths, found)
-        if gone:  # rotated out of the globs or deleted while we were stopped
-            await self._forget(gone)
 
     async def _scan(self, known: set[str] | None, first: list[FilePosition]) -> set[tuple[int, int]]:
-        """Match the globs: follow new files, note renamed, unmatched and replaced ones. At
+        """Match the globs: follow new files, note renamed, unmatched and replaced ones, forget
+        those proven gone (deleted or rotated out of the globs, also while we were stopped). At
         start, ``known`` holds the patterns followed before: a file none of them matches was
         there when its patterns were first configured, and starts at start_at (its position
         goes to ``first``)."""
@@ -332,7 +330,7 @@ class Tailer:
             else:
                 # Renamed out of the globs, deleted, or in a folder the glob could not list (it
                 # reports no error, and a file taken for gone would be read again from 0).
-                f.matched = await trio.to_thread.run_sync(_still_at, f.path, f.key)
+                f.matched = not await trio.to_thread.run_sync(_gone_from, f.path, f.key)
                 if not f.matched:
                     f.deleted = f.deleted or _nlink(f.fd) == 0
             # A copytruncate followed by new writes past the offset before a poll saw the drop:
@@ -343,9 +341,12 @@ class Tailer:
                 continue  # the next poll's read reports it
             if not same_file(f.fp, f.fp_len, head):
                 self._restart(f, "replaced")
-        closed = {k: path for k, (_size, _mtime, path) in self.closed.items()}
-        gone = await trio.to_thread.run_sync(self._gone, self.closed, closed, found)
-        if gone:  # closed files since deleted or rotated out of the globs: nothing left to resume
+        # Known files not open: closed ones (at the path they had then) and those not found
+        # since the start (a folder not mounted yet keeps them until it is).
+        paths = {k: self.paths.get(k, "") for k in self.records if k not in self.files}
+        paths.update((k, path) for k, (_size, _mtime, path) in self.closed.items())
+        gone = await trio.to_thread.run_sync(self._gone, paths, found)
+        if gone:  # nothing left to resume
             await self._forget(gone)
         most = _max_open()
         self.waiting = False
@@ -377,9 +378,8 @@ class Tailer:
         return set(found)
 
     @staticmethod
-    def _gone(keys: Iterable[tuple[int, int]], paths: dict[tuple[int, int], str],
-              found: Container[tuple[int, int]]) -> list[tuple[int, int]]:
-        return [k for k in keys if k not in found and not _still_at(paths.get(k, ""), k)]
+    def _gone(paths: dict[tuple[int, int], str], found: Container[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [k for k, path in paths.items() if k not in found and _gone_from(path, k)]
 
     def _park(self) -> bool:
         """Close the open file quiet the longest, if one is quiet, still under its first name and
@@ -528,16 +528,30 @@ def _read(fd: int, size: int, offset: int) -> tuple[bytes, bytes]:
     return os.pread(fd, size, offset), os.pread(fd, FINGERPRINT_BYTES, 0)
 
 
-def _still_at(path: str, key: tuple[int, int]) -> bool:
-    """Is the file ``key`` still at ``path``? True when that cannot be told (an error other
-    than "no such file")."""
+def _gone_from(path: str, key: tuple[int, int]) -> bool:
+    """Is the file ``key`` proven gone from ``path``: none or another file there, on the device
+    that held it? Not when that cannot be told (an error other than "no such file"), nor when
+    the folder is missing (or another filesystem's, an empty mount point) and the nearest folder
+    that exists is on another device: its filesystem is not mounted (yet), and it may come back."""
+    if not path:
+        return True
     try:
         st = os.stat(path)
+        return st.st_dev == key[0] and st.st_ino != key[1]
     except (FileNotFoundError, NotADirectoryError):
-        return False
+        pass
     except OSError:
-        return True
-    return (st.st_dev, st.st_ino) == key
+        return False
+    folder = os.path.dirname(path)
+    while True:
+        try:
+            return os.stat(folder).st_dev == key[0]
+        except (FileNotFoundError, NotADirectoryError):
+            if folder == os.path.dirname(folder):
+                return False
+            folder = os.path.dirname(folder)
+        except OSError:
+            return False
 
 
 def _max_open() -> int:

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from spoold import config
-from spoold.tail import Tailer
+from spoold.tail import Tailer, _gone_from
 
 BASE = {"name": "app", "kind": "kinesis", "stream": "s", "region": "us-east-1"}
 
@@ -46,3 +46,30 @@ def test_a_fifo_swapped_in_after_the_glob_is_refused_without_blocking(tmp_path: 
     [result] = outcome
     assert isinstance(result, OSError), result
     assert "not a regular file" in str(result)
+
+
+def test_a_file_is_gone_only_while_its_filesystem_is_where_it_was(tmp_path: Path) -> None:
+    """A followed file that is not at its path any more is forgotten (its position dropped) only
+    when the nearest folder that exists is on the file's device: a folder missing or replaced
+    by another filesystem's (not mounted yet) keeps it, to be resumed."""
+    logs = tmp_path / "logs"
+    (logs / "day").mkdir(parents=True)
+    path = logs / "day" / "a.log"
+    path.write_bytes(b"x\n")
+    st = path.stat()
+    key = (st.st_dev, st.st_ino)
+    assert not _gone_from(str(path), key)
+    other = tmp_path / "b.log"
+    other.write_bytes(b"")
+    assert _gone_from(str(other), key)  # another file at the path: rotated away
+    path.unlink()
+    assert _gone_from(str(path), key)  # deleted, its folder still there
+    (logs / "day").rmdir()
+    assert _gone_from(str(path), key)  # its folder deleted too (a dated folder cleaned up)
+    assert _gone_from(str(tmp_path / "no" / "such" / "folder" / "a.log"), key)
+    elsewhere = Path("/dev/shm").stat().st_dev
+    assert elsewhere != st.st_dev
+    assert not _gone_from(str(path), (elsewhere, st.st_ino))  # its filesystem is not mounted here
+    assert not _gone_from(str(logs / "a.log"), (elsewhere, st.st_ino))  # an empty mount point
+    assert not _gone_from(str(other), (elsewhere, other.stat().st_ino))
+
