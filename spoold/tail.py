@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import structlog
 import trio
@@ -200,6 +201,21 @@ class Followed:
         return (dest, self.dev, self.ino, self.fp, self.fp_len, self.first_path, self.offset)
 
 
+class Closed(NamedTuple):
+    """A file closed while matched: as the last poll saw it (a change since opens it again)."""
+
+    size: int
+    mtime_ns: int
+    path: str
+    offset: int
+    last_read: float | None
+    parked: bool  # closed over the descriptor share, not finished
+
+    @classmethod
+    def of(cls, f: Followed, *, parked: bool) -> Closed:
+        return cls(f.size, f.mtime_ns, f.path, f.offset, f.last_read, parked)
+
+
 class TailStats:
     def __init__(self) -> None:
         self.lines = 0
@@ -225,8 +241,8 @@ class Tailer:
         self.records: dict[tuple[int, int], tuple[bytes, int, int]] = {}
         self.paths: dict[tuple[int, int], str] = {}
         # Files closed while matched (finished after a rename in the globs, or parked over the
-        # descriptor limit): their size, mtime and path then; opened again when one changes.
-        self.closed: dict[tuple[int, int], tuple[int, int, str]] = {}
+        # descriptor limit): as they were then; opened again when one changes.
+        self.closed: dict[tuple[int, int], Closed] = {}
         self.waiting = False  # files left unopened at the last scan, for want of descriptors
         self.unreadable: set[str] = set()
         self._log = RateLimitedLog()
@@ -239,9 +255,13 @@ class Tailer:
         self.scope.cancel()
 
     def snapshot(self) -> list[dict[str, object]]:
-        return [{"path": f.path, "offset": f.offset, "size": f.size, "lag_bytes": max(0, f.size - f.offset),
-                 "last_read": f.last_read, "inode": f.ino}
-                for f in sorted(self.files.values(), key=lambda f: f.path)]
+        """The open files and the parked ones (as they were when closed), by path."""
+        rows = [(f.path, f.offset, f.size, f.last_read, f.ino, "open") for f in self.files.values()]
+        rows += [(c.path, c.offset, c.size, c.last_read, ino, "parked")
+                 for (_dev, ino), c in self.closed.items() if c.parked]
+        return [{"path": path, "offset": offset, "size": size, "lag_bytes": max(0, size - offset),
+                 "last_read": last_read, "inode": ino, "state": state}
+                for path, offset, size, last_read, ino, state in sorted(rows, key=lambda r: r[0])]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with self.scope:
@@ -344,7 +364,7 @@ class Tailer:
         # Known files not open: closed ones (at the path they had then) and those not found
         # since the start (a folder not mounted yet keeps them until it is).
         paths = {k: self.paths.get(k, "") for k in self.records if k not in self.files}
-        paths.update((k, path) for k, (_size, _mtime, path) in self.closed.items())
+        paths.update((k, c.path) for k, c in self.closed.items())
         gone = await trio.to_thread.run_sync(self._gone, paths, found)
         if gone:  # nothing left to resume
             await self._forget(gone)
@@ -353,7 +373,8 @@ class Tailer:
         for key, (path, st, patterns) in found.items():
             if key in self.files:
                 continue
-            if self.closed.get(key) == (st.st_size, st.st_mtime_ns, path):
+            c = self.closed.get(key)
+            if c is not None and (c.size, c.mtime_ns, c.path) == (st.st_size, st.st_mtime_ns, path):
                 continue
             if len(self.files) >= most and not self._park():
                 self.waiting = True
@@ -392,7 +413,7 @@ class Tailer:
         f = min(quiet, key=lambda f: f.changed)
         del self.files[f.key]
         os.close(f.fd)
-        self.closed[f.key] = (f.size, f.mtime_ns, f.path)
+        self.closed[f.key] = Closed.of(f, parked=True)
         self.log.debug("file_parked", path=f.path, offset=f.offset)
         return True
 
@@ -519,7 +540,7 @@ class Tailer:
         else:
             # As the last poll saw it, before its last read: a change since, even one made
             # while that read was being committed, makes a scan open it again.
-            self.closed[f.key] = (f.size, f.mtime_ns, f.path)
+            self.closed[f.key] = Closed.of(f, parked=False)
 
 
 def _read(fd: int, size: int, offset: int) -> tuple[bytes, bytes]:

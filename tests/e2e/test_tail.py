@@ -405,6 +405,12 @@ def test_more_files_than_descriptors_are_followed_in_turns(make_daemon, fake_aws
         path.write_bytes(f"first-{i}\n".encode())
     first = {f"first-{i}".encode() for i in range(len(names))}
     wait_until(lambda: set(_arrived(fake_aws)) >= first, DEADLINE, "the first line of every file")
+    # Every file is in the status, the closed ones as parked, at their offset.
+    wait_until(lambda: len(_files(daemon)) == len(names), DEADLINE, "every file in the status")
+    listed = _files(daemon)
+    assert {f["path"] for f in listed} == {str(p) for p in names}
+    parked = [f for f in listed if f["state"] == "parked"]
+    assert parked and all(f["offset"] == f["size"] == os.path.getsize(f["path"]) for f in parked), parked[:3]
     for i, path in enumerate(names):
         with open(path, "ab") as f:
             f.write(f"second-{i}\n".encode())

@@ -273,6 +273,8 @@ def test_followed_files_in_the_table_and_prometheus() -> None:
     assert 'spoold_file_offset_bytes{destination="app",path="/var/log/a\\"b.log"} 10' in text
     assert "# TYPE spoold_file_size_bytes gauge" in text
     assert '/var/log/a"b.log at 10 of 25 (15B behind, read never)' in render_table(snap)
+    snap["destinations"]["app"]["files"][0]["state"] = "parked"
+    assert '/var/log/a"b.log at 10 of 25 (15B behind, read never, parked)' in render_table(snap)
 
 
 def test_files_must_not_match_the_spool() -> None:
