@@ -344,6 +344,8 @@ class Tailer:
         there when its patterns were first configured, and starts at start_at (its position
         goes to ``first``)."""
         found = await trio.to_thread.run_sync(self._glob)
+        # Only paths still matched: the set must not grow with every rotated name.
+        self.unreadable.intersection_update(path for path, _st, _patterns in found.values())
         for f in self.files.values():
             if f.key in found:
                 f.matched, f.path = True, found[f.key][0]

@@ -8,6 +8,8 @@ import os
 import threading
 from pathlib import Path
 
+import trio
+
 from spoold import config
 from spoold.tail import Tailer, _gone_from
 
@@ -73,3 +75,28 @@ def test_a_file_is_gone_only_while_its_filesystem_is_where_it_was(tmp_path: Path
     assert not _gone_from(str(logs / "a.log"), (elsewhere, st.st_ino))  # an empty mount point
     assert not _gone_from(str(other), (elsewhere, other.stat().st_ino))
 
+
+def test_unreadable_paths_are_dropped_once_gone_or_unmatched(tmp_path: Path) -> None:
+    """A path that could not be opened is remembered (to warn once, not at every scan) only
+    while the globs still match it: the set does not grow with every rotated name."""
+    tailer = _tailer(tmp_path)
+    paths = [tmp_path / f"{n}.log" for n in ("a", "b", "c")]
+    for p in paths:
+        p.write_bytes(b"x\n")
+    opening = tailer._open
+
+    def refusing(key: tuple[int, int], path: str, first: bool) -> object:
+        if path != str(paths[2]):  # as for a user other than root in a folder of 0600 logs
+            raise PermissionError(13, "Permission denied", path)
+        return opening(key, path, first)
+
+    tailer._open = refusing  # type: ignore[method-assign,assignment]
+    try:
+        trio.run(tailer._scan, None, [])
+        assert tailer.unreadable == {str(paths[0]), str(paths[1])}
+        paths[0].unlink()
+        paths[1].rename(tmp_path / "b.log.gz")  # rotated out of the globs
+        trio.run(tailer._scan, None, [])
+        assert tailer.unreadable == set()
+    finally:
+        tailer.files_close()
