@@ -37,7 +37,8 @@ from spoold.errors import ConfigError, SpoolError, SpoolLocked
 from spoold.flusher import Flusher
 from spoold.ingest import Ingest, bind_socket, bind_unix
 from spoold.listen import file_identity, unlink_if_same
-from spoold.sender import InlineSender, ProcessSender, Sender, client_limits, many_records_per_request
+from spoold.sender import InlineSender, ProcessSender, Sender, many_records_per_request, new_transport
+from spoold.transport import Transport
 from spoold.signing import CredentialSources, use_systemd_credentials
 from spoold.spool import Spool, SpoolLock, Worker, dead_letter_json, disk_bytes
 from spoold.status import render_prometheus
@@ -113,6 +114,7 @@ class Daemon:
         self.dests: dict[str, DestRuntime] = {}
         self.committer: Committer | None = None
         self.client: httpx.AsyncClient | None = None
+        self.transport: Transport | None = None  # the client's: InlineSender posts to it
         self.process_sender: ProcessSender | None = None  # started for the first destination that uses it
         self.credentials = CredentialSources()  # one source per identity, shared
         self.rng = random.Random()
@@ -221,8 +223,9 @@ class Daemon:
         cfg = self.cfg
         committer = self.committer
         assert committer is not None
-        async with httpx.AsyncClient(limits=client_limits(), trust_env=False) as client:
-            self.client = client
+        transport = new_transport()
+        async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
+            self.client, self.transport = client, transport
             async with trio.open_nursery() as services:
                 self._services = services
                 await services.start(committer.run)
@@ -269,7 +272,7 @@ class Daemon:
         small records (where posting and parsing replies is most of the CPU); else inline."""
         assert self.client is not None and self._services is not None
         if self.cfg.sender != "process" or not many_records_per_request(dest):
-            return InlineSender(self.client)
+            return InlineSender(self.transport or self.client)
         if self.process_sender is None:
             self.process_sender = ProcessSender()
             await self._services.start(self.process_sender.run)

@@ -1,7 +1,6 @@
-"""One destination's sender: the trio loop around its state machine (spoold.machine.Outbox),
-which decides. This does the I/O it asks for (read rows, sign and post batches, fetch the shard
-map, delete rows and write dead letters through the committer) and feeds results back with the
-time. Fresh commits come in memory from the committer (offer) while the machine is caught up."""
+"""One destination's sender: the trio loop around its state machine (spoold.machine.Outbox), which
+decides. This does the I/O it asks for (read rows, sign and post batches, fetch the shard map, delete rows,
+write dead letters) and feeds results back with the time. Fresh commits come from the committer (offer)."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import trio
 from spoold.aggregation import ShardMap, next_shard_page, shard_map_request
 from spoold.committer import Committer
 from spoold.config import Destination, SpoolConfig
-from spoold.errors import RetryableSendError, SendError, SpoolCorrupt, SpoolError
+from spoold.errors import FatalSendError, RetryableSendError, SendError, SpoolCorrupt, SpoolError
 from spoold.machine import Effects, Outbox, Read, Send
 from spoold.protocol import KINESIS_PREFIX, Api, reply_document
 from spoold.sender import InlineSender, Sender, post
@@ -46,6 +45,7 @@ class Flusher:
         self.log = logger.bind(dest=dest.name)
         self._wake = trio.Event()
         self.requests = 0  # signed, including shard map calls
+        self._map_failed = False  # the shard map's last fetch
 
     def offer(self, row_id: int, lines: list[bytes], nbytes: int, created: float) -> None:
         """A row was just committed; take it from memory if we are caught up and have room."""
@@ -79,13 +79,11 @@ class Flusher:
         self.machine.drain()
         self._wake.set()
 
-    # -- the loop ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            r = self.dest.records
-            if r.aggregation == "kpl" and r.partition_key_field and r.explicit_hash_key is None:
-                nursery.start_soon(self._shard_map_loop)
             task_status.started()
+            if self.dest.kind != "firehose" and not self.dest.records.ordered:  # before the first batch: per shard
+                nursery.start_soon(self._shard_map_loop, await self._refresh_shard_map())
             m = self.machine
             while True:
                 if self._wake.is_set():
@@ -113,17 +111,15 @@ class Flusher:
         m.rows_read(read, [(r.id, r.created, r.lines, r.nbytes) for r in rows], trio.current_time(), time.time())
 
     def _apply(self, effects: Effects) -> None:
-        name = self.dest.name
         if effects.accepted:  # lines of rows not finished: a restart skips them
             self.committer.accepted(effects.accepted)
         if effects.expired:
-            self.committer.count_expired(name, effects.expired)
+            self.committer.count_expired(self.dest.name, effects.expired)
         for chunk in effects.deleted:
-            self.committer.delete(chunk.id, name, len(chunk.lines), chunk.nbytes)
+            self.committer.delete(chunk.id, self.dest.name, len(chunk.lines), chunk.nbytes)
         for level, event, fields in effects.logs:
             getattr(self.log, level)(event, **fields)
 
-    # -- sending ----------------------------------------------------------------------------
     async def _send(self, send: Send) -> None:
         m = self.machine
         try:
@@ -174,26 +170,31 @@ class Flusher:
         signed = await self._signed(body, target)
         return await post(self.client, self.url, signed, body, self.dest.limits.request_timeout)
 
-    async def _shard_map_loop(self) -> None:
+    async def _shard_map_loop(self, delay: float) -> None:
         while True:
-            try:
-                self.machine.encoder.shard_map = await self._fetch_shard_map()
-                self.log.debug("shard_map_refreshed", shards=len(self.machine.encoder.shard_map))
-                delay = SHARD_MAP_REFRESH
-            except (SendError, ValueError) as exc:
-                self.log.warning("shard_map_failed", error=str(exc),
-                                 hint="keyed lines are aggregated per key until it works")
-                delay = SHARD_MAP_RETRY
             await trio.sleep(delay)
+            delay = await self._refresh_shard_map()
 
-    async def _fetch_shard_map(self) -> ShardMap:
+    async def _refresh_shard_map(self) -> float:
+        """Fetch the shard map into the machine (a failure keeps the last one); seconds until the next."""
         operation, body = shard_map_request(self.dest.kind, self.api.stream_field, self.api.stream)
         pages: list[dict[str, Any]] = []
-        while body is not None:
-            response = await self._post(json.dumps(body).encode(), target=KINESIS_PREFIX + operation)
-            pages.append(reply_document(response.status_code, response.content))
-            body = next_shard_page(operation, self.api.stream_field, self.api.stream, pages[-1])
-        return ShardMap.from_pages(operation, pages)
+        try:
+            with trio.fail_after(self.dest.limits.request_timeout * 2):
+                while body is not None:
+                    response = await self._post(json.dumps(body).encode(), target=KINESIS_PREFIX + operation)
+                    pages.append(reply_document(response.status_code, response.content))
+                    body = next_shard_page(operation, self.api.stream_field, self.api.stream, pages[-1])
+            self.machine.set_shard_map(ShardMap.from_pages(operation, pages), trio.current_time())
+        except (SendError, ValueError, KeyError, trio.TooSlowError) as exc:
+            if not self._map_failed:
+                self.log.warning("shard_map_unavailable", error=str(exc) or repr(exc),
+                                 hint="paced per destination until ListShards (DescribeStream on YDS) works")
+            self._map_failed = True  # refused (no permission): asking often will not help
+            return SHARD_MAP_REFRESH if isinstance(exc, FatalSendError) else SHARD_MAP_RETRY
+        self._map_failed = False
+        self._wake.set()
+        return SHARD_MAP_REFRESH
 
     def snapshot(self) -> dict[str, Any]:
         return {"requests": self.requests, **self.machine.figures(trio.current_time())}

@@ -27,6 +27,7 @@ dead-lettered). ``RetryPolicy`` holds every error-code table and the backoff.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -36,7 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from spoold.batching import Chunk, Encoder, Entry, take_batch
+from spoold.aggregation import ShardMap, hash_key
+from spoold.batching import Chunk, Encoder, Entry, entry_size, take_batch
 from spoold.config import Destination
 from spoold.errors import FatalSendError, SendError
 from spoold.pacing import BURST, SHARD_BYTES, SHARD_RECORDS, Pace, cost
@@ -52,10 +54,17 @@ ORDERED_KEYS_MAX = 10_000
 MAX_BACKOFF_EXPONENT = 30
 # Share of a bucket's burst a batch waits for, so a slow pace sends fewer, fuller requests.
 MIN_BATCH_SHARE = 1.0
+# With a shard map, entries queued per shard ahead of the sender, in batches in all: a hot
+# shard's backlog must not stop lines bound for the other shards from being encoded.
+SHARD_AHEAD_BATCHES = 8
 # KPL aggregates under byte throttling: at most this many seconds of the pace each, never
 # below the floor (an aggregate larger than a shard's remaining budget is throttled forever).
 AGGREGATE_PACE_SECONDS = 0.25
-AGGREGATE_MIN_BYTES = 64 * 1024
+AGGREGATE_MIN_BYTES = 16 * 1024
+# Paced per shard, aggregates stay at most this big: one the size of a shard's second (1 MiB)
+# passes only a full bucket, which a shared shard seldom has, while aggregates of 64 KiB already
+# keep the record count (1,000/s) far from binding before the bytes (1 MiB/s) do.
+AGGREGATE_MAX_PACED_BYTES = 64 * 1024
 
 # Whole-request errors that an operator must fix; retrying alone cannot (records stay spooled).
 FATAL_CODES = frozenset({
@@ -148,7 +157,7 @@ class _Group:
 class Send:
     """A batch to sign and post (ordered mode: one record, with ``sequence`` for ordering)."""
 
-    __slots__ = ("batch", "group", "sent_at", "units", "ordered", "sequence")
+    __slots__ = ("batch", "group", "sent_at", "units", "ordered", "sequence", "shards", "split", "paces")
 
     def __init__(self, batch: list[Entry], group: _Group, sent_at: float, units: float,
                  ordered: bool = False, sequence: str | None = None) -> None:
@@ -158,6 +167,11 @@ class Send:
         self.units = units
         self.ordered = ordered
         self.sequence = sequence
+        # Paced per shard: each entry's shard (an index in ``paces``, -1: spread over them all)
+        # and, per shard, [records, unit-seconds].
+        self.shards: list[int] | None = None
+        self.split: dict[int, list[float]] = {}
+        self.paces: list[Pace] = []
 
 
 @dataclass
@@ -227,12 +241,32 @@ class Outbox:
         # size before the first throttle may need more than a pace cut for it ever allows.
         self.paced = limits.aggregation != "kpl"
         self._unit_cost = 1.0 / SHARD_RECORDS  # running mean cost of one record
+        # Per shard, once the stream's shard map is known (set_shard_map): a pace and a queue
+        # each. Entries with random keys wait in one queue and are routed (ExplicitHashKey) to
+        # shards with room, once throttling has been seen; until then they spread as their keys fall.
+        self.shard_map: ShardMap | None = None
+        self._paces: list[Pace] = []
+        self._queues: list[deque[Entry]] = []
+        self._any: deque[Entry] = deque()
+        self._queued = 0
+        self._queued_bytes = 0
+        self._queued_due = False  # some queued entries are retries: no linger
+        self._starts: list[int] = []
+        self._ehks: list[str] = []
+        self._routed = False
+        self._rotor = 0
+        enc = encoder
+        self._routable = enc.kind != "firehose" and not enc.partition_key_field and enc.explicit_hash_key is None
+        # An aggregate's sub-records carry its partition key, which must hash into the shard that
+        # takes it (KCL drops the others): such aggregates spread as their random keys fall.
+        self._spread_only = enc.aggregation == "kpl"
         self._effects = Effects()
         # Figures
         self.lines_sent = 0
         self.records_sent = 0
         self.retried_records = 0
         self.dead_letters = 0
+        self.throttled_records = 0
         self.failures: Counter[str] = Counter()
         self.last_error = ""
         self.last_error_at = 0.0
@@ -298,6 +332,10 @@ class Outbox:
         self._due.clear()
         self._retry.clear()
         self._probes.clear()
+        for q in (*self._queues, self._any):
+            q.clear()
+        self._queued = self._queued_bytes = 0
+        self._queued_due = False
         self.encoder.discard_open()
         self.cursor = 0
         self.caught_up = False
@@ -333,11 +371,17 @@ class Outbox:
         if self._probes:
             batch, group = self._probes.popleft()
             return self._send(batch, group, now)
-        waiting = len(self._due) + len(self.fresh)
+        if self._paces:
+            self._classify(now)
+        waiting = len(self._due) + len(self.fresh) + self._queued
         if waiting:
-            full = (waiting >= lim.max_records or self._to_encode or self._fresh_bytes >= lim.max_bytes)
+            full = (waiting >= lim.max_records or self._to_encode
+                    or self._fresh_bytes + self._queued_bytes >= lim.max_bytes)
             lingered = self._fresh_since is None or now - self._fresh_since >= lim.linger
-            if full or lingered or self.draining or self._due:
+            if full or lingered or self.draining or self._due or self._queued_due:
+                if self._paces:
+                    got = self._take_sharded(now)
+                    return got if isinstance(got, Send) else Wait(min(got, self._retry[0][0] if self._retry else got))
                 ready = self._paced(now, min(waiting, lim.max_records)) if self.paced else now
                 if ready > now:
                     return Wait(ready)
@@ -346,7 +390,7 @@ class Outbox:
         deadline = math.inf
         if self._retry:
             deadline = self._retry[0][0]
-        if self.fresh and self._fresh_since is not None:
+        if (self.fresh or self._queued) and self._fresh_since is not None:
             deadline = min(deadline, self._fresh_since + lim.linger)
         since = self.encoder.open_since
         if since is not None:
@@ -378,13 +422,13 @@ class Outbox:
             max_bytes = max(1, int(min(lim.max_bytes, budget * SHARD_BYTES)))
             due = len(self._due)
             batch, _ = take_batch((self._due, self.fresh), max_records, max_bytes)
-            self._fresh_bytes -= sum(e.size for e in batch[due - len(self._due):])
+            self._fresh_bytes -= sum(map(entry_size, batch[due - len(self._due):]))
         if not self.fresh:
             self._fresh_since = None
         return self._send(batch, _Group(), now)
 
     def _send(self, batch: list[Entry], group: _Group, now: float) -> Send:
-        units = cost(len(batch), sum(e.size for e in batch))
+        units = cost(len(batch), sum(map(entry_size, batch)))
         self.pace.spend(now, units)
         self.in_flight += 1
         if self.limits.ordered:
@@ -413,14 +457,16 @@ class Outbox:
         target = lim.max_records * ENCODE_AHEAD_BATCHES
         byte_target = lim.max_bytes * ENCODE_AHEAD_BATCHES
         fresh = self.fresh
-        while len(fresh) < target and self._fresh_bytes < byte_target and self._to_encode:
+        while self._to_encode and self._room_ahead(target, byte_target):
             _, entries = self._to_encode[0]
             step = min(target - len(fresh), ENCODE_STEP)
             got = list(itertools.islice(entries, step))
             fresh.extend(got)
-            self._fresh_bytes += sum(e.size for e in got)
+            self._fresh_bytes += sum(map(entry_size, got))
             if len(got) < step:
                 self._to_encode.popleft()
+            if self._paces:
+                self._classify(now)
         since = self.encoder.open_since
         if since is not None and not self._to_encode and len(fresh) < target and (
             self.draining or now - since >= lim.linger
@@ -430,6 +476,176 @@ class Outbox:
                 self._fresh_bytes += entry.size
         if fresh and self._fresh_since is None:
             self._fresh_since = now
+
+    def _room_ahead(self, target: int, byte_target: int) -> bool:
+        if not self._paces:
+            return len(self.fresh) < target and self._fresh_bytes < byte_target
+        # Per shard: entries beyond one batch for a shard do not count towards the target, so
+        # a shard whose pace holds its entries back does not hold back the others.
+        cap = self.limits.max_records
+        sendable = len(self._any) + sum(min(len(q), cap) for q in self._queues)
+        return (sendable < target and self._queued < target * SHARD_AHEAD_BATCHES // ENCODE_AHEAD_BATCHES
+                and self._queued_bytes < byte_target)
+
+    # -- per shard ----------------------------------------------------------------------------
+    def set_shard_map(self, shard_map: ShardMap | None, now: float) -> None:
+        """The stream's open shards (ListShards / DescribeStream): pace each of them; None:
+        pace the destination as a whole. A pace is kept for a shard that stays."""
+        self.encoder.shard_map = shard_map
+        old = self.shard_map
+        if shard_map is not None and (self.limits.ordered or self.encoder.kind == "firehose"):
+            return  # one record at a time, or a delivery stream: paced as a whole
+        if shard_map is not None and old is not None and shard_map.shards == old.shards:
+            return
+        # Whatever waits in the shard queues is classified again, first in line.
+        waiting = [e for q in (*self._queues, self._any) for e in q]
+        self._due.extendleft(reversed(waiting))
+        self._queues, self._any = [], deque()
+        self._queued = self._queued_bytes = 0
+        self._queued_due = False
+        self.shard_map = shard_map
+        if shard_map is None:
+            self._paces = []
+            return
+        shards = shard_map.shards
+        kept = dict(zip((s.shard_id for s in old.shards), self._paces)) if old is not None else {}
+        base = self.pace if not self._paces else self._paces[0]
+        rate = (sum(p.rate for p in self._paces) if self._paces else self.pace.rate) / len(shards)
+        self._paces = [kept.get(s.shard_id) or base.fork(now, rate, 1.0 / len(shards)) for s in shards]
+        self._queues = [deque() for _ in shards]
+        self._starts = [s.start for s in shards]
+        self._ehks = [str(self.rng.randint(s.start, s.end)) for s in shards]
+        self._shrink_aggregates()
+
+    def _shard_of(self, entry: Entry) -> int:
+        key = int(entry.hash_key) if entry.hash_key else hash_key(entry.key)
+        return bisect.bisect_right(self._starts, key) - 1
+
+    def _classify(self, now: float) -> None:
+        """Move due entries (to the front) and fresh ones into the shard queues."""
+        due, fresh = self._due, self.fresh
+        if not (due or fresh):
+            return
+        if self._fresh_since is None:
+            self._fresh_since = now
+        nbytes = self._fresh_bytes
+        count = len(due) + len(fresh)
+        if due:
+            self._queued_due = True
+            for e in reversed(due):
+                (self._any if self._routable else self._queues[self._shard_of(e)]).appendleft(e)
+                nbytes += e.size
+            due.clear()
+        if self._routable:
+            self._any.extend(fresh)
+        else:
+            for e in fresh:
+                self._queues[self._shard_of(e)].append(e)
+        fresh.clear()
+        self._fresh_bytes = 0
+        self._queued += count
+        self._queued_bytes += nbytes
+
+    def _take_sharded(self, now: float) -> Send | float:
+        """A batch within each shard's budget, or the time when one can go."""
+        lim = self.limits
+        paces, queues, anyq = self._paces, self._queues, self._any
+        n = len(paces)
+        unit = self._unit_cost
+        ready = math.inf
+        takes = []
+        for i, q in enumerate(queues):
+            if q:
+                t = paces[i].ready_for(now, len(q) * unit * MIN_BATCH_SHARE)
+                if t <= now:
+                    takes.append(i)
+                else:
+                    ready = min(ready, t)
+        spread = not self._routed or self._spread_only
+        take_any = False
+        if anyq:
+            want = len(anyq) * unit * MIN_BATCH_SHARE
+            t = (max(p.ready_for(now, want / n) for p in paces) if spread
+                 else min(p.ready_for(now, want) for p in paces))
+            take_any = t <= now
+            ready = min(ready, t)
+        if not takes and not take_any:
+            self.pace.wait(now)
+            return ready
+        tokens = [p.tokens for p in paces]
+        batch: list[Entry] = []
+        shards: list[int] = []
+        split: dict[int, list[float]] = {}
+        size = 0
+        max_records, max_bytes = lim.max_records, lim.max_bytes
+
+        def fill(q: deque[Entry], i: int, room: float, ehk: str | None = None) -> float:
+            nonlocal size
+            left_records, left_bytes = max_records - len(batch), max_bytes - size
+            if room <= 0 or not q or left_records <= 0 or (batch and q[0].size > left_bytes):
+                return room
+            # At least one entry: a bucket may go into debt for it.
+            got, nbytes = take_batch((q,), max(1, min(left_records, math.ceil(room * SHARD_RECORDS))),
+                                     max(1, min(left_bytes, math.ceil(room * SHARD_BYTES))))
+            if ehk is not None:
+                for e in got:
+                    e.hash_key = ehk
+            batch.extend(got)
+            shards.extend([i] * len(got))
+            size += nbytes
+            units = cost(len(got), nbytes)
+            done = split.setdefault(i, [0, 0.0])
+            done[0] += len(got)
+            done[1] += units
+            return room - units
+
+        self._rotor = (self._rotor + 1) % max(len(takes), 1)
+        for i in takes[self._rotor:] + takes[:self._rotor]:  # no shard always first in line
+            tokens[i] = fill(queues[i], i, tokens[i])
+        if take_any and spread:
+            fill(anyq, -1, min(tokens) * n)
+        elif take_any:
+            for i in sorted(range(n), key=tokens.__getitem__, reverse=True):
+                if tokens[i] <= 0 or not anyq:
+                    break
+                tokens[i] = fill(anyq, i, tokens[i], self._ehks[i])
+        for i, (_, units) in split.items():
+            for p in (paces if i < 0 else (paces[i],)):
+                p.spend(now, units / (n if i < 0 else 1))
+        if not batch:
+            return ready
+        self._queued -= len(batch)
+        self._queued_bytes -= size
+        if not self._queued:
+            self._fresh_since = None
+            self._queued_due = False
+        self.pace.idle(now)
+        self.in_flight += 1
+        send = Send(batch, _Group(), now, cost(len(batch), size))
+        send.shards, send.split, send.paces = shards, split, paces
+        return send
+
+    def _shard_reply(self, send: Send, outcomes: list[str | None] | None, now: float, rtt: float) -> int:
+        """Feed a reply to the paces of the shards it went to; the records throttled."""
+        assert send.shards is not None
+        counts = {i: [r, u, r, 0] for i, (r, u) in send.split.items()}  # records, units, accepted, throttled
+        throttled = 0
+        if outcomes is not None:
+            for i, code in zip(send.shards, outcomes):
+                if code is not None:
+                    c = counts[i]
+                    c[2] -= 1
+                    if self.policy.is_rate(code):
+                        c[3] += 1
+                        throttled += 1
+        paces = send.paces
+        for i, (records, units, accepted, thr) in counts.items():
+            # Spread records: each shard sees the reply's shares (not its counts split in n).
+            for p in (paces if i < 0 else (paces[i],)):
+                p.on_reply(now, units / (len(paces) if i < 0 else 1), int(records), int(accepted), int(thr), rtt)
+        if throttled and not self._routed and paces is self._paces:
+            self._routed = not all(p.slow_start for p in paces)
+        return throttled
 
     # -- replies ------------------------------------------------------------------------------
     def on_reply(self, send: Send, outcomes: list[str | None], now: float, wall: float) -> None:
@@ -442,14 +658,19 @@ class Outbox:
         self._unit_cost += 0.1 * (send.units / len(batch) - self._unit_cost)
         if not any(outcomes):  # the common case, kept tight: every entry accepted
             self._accept(batch)
-            self.pace.on_reply(now, send.units, len(batch), len(batch), 0, rtt)
+            if send.shards is None:
+                self.pace.on_reply(now, send.units, len(batch), len(batch), 0, rtt)
+            else:
+                self._shard_reply(send, None, now, rtt)
+                self._shrink_aggregates()
             group.ok = True
             self._finish(group, now, wall)
             return
         policy = self.policy
+        paced = self.paced or send.shards is not None
         accepted: list[Entry] = []
         throttled: list[Entry] = []
-        failed = 0
+        failed = rate = 0
         for entry, code in zip(batch, outcomes):
             if code is None:
                 accepted.append(entry)
@@ -460,7 +681,9 @@ class Outbox:
                 continue
             failed += 1
             entry.attempts += 1
-            if policy.is_rate(code) and self.paced:
+            if policy.is_rate(code):
+                rate += 1
+            if paced and policy.is_rate(code):
                 throttled.append(entry)  # resent at once, but within the pace
             else:
                 due = now + policy.delay(entry.attempts - 1, code, self.rng)
@@ -468,13 +691,16 @@ class Outbox:
         self._accept(accepted)
         if throttled:
             self._due.extendleft(reversed(throttled))
-            self._shrink_aggregates()
-        if not self.paced:
-            self.pace.throttled += sum(1 for o in outcomes if o is not None and policy.is_rate(o))
+        self.throttled_records += rate
         self.retried_records += failed
         if failed:
             self._log("debug", "records_retried", failed=failed, throttled=len(throttled), batch=len(batch))
-        self.pace.on_reply(now, send.units, len(batch), len(accepted), len(throttled), rtt)
+        if send.shards is None:
+            self.pace.on_reply(now, send.units, len(batch), len(accepted), len(throttled), rtt)
+        else:
+            self._shard_reply(send, outcomes, now, rtt)
+        if throttled:
+            self._shrink_aggregates()
         group.ok = group.ok or bool(accepted)
         self._finish(group, now, wall)
 
@@ -503,7 +729,7 @@ class Outbox:
                 self.failures[exc.code] += 1
                 self._effects.dead.append((batch[0], str(exc)))
             else:
-                self._whole_failure(batch, exc, now, wall)
+                self._whole_failure(batch, exc, now, wall, send)
             return
         if bisects:
             self.failures[exc.code] += 1
@@ -516,7 +742,7 @@ class Outbox:
                 self._probes.appendleft((batch[:half], group))
             self._finish(group, now, wall)
             return
-        self._whole_failure(batch, exc, now, wall)
+        self._whole_failure(batch, exc, now, wall, send)
         self._finish(group, now, wall)
 
     def _finish(self, group: _Group, now: float, wall: float) -> None:
@@ -544,7 +770,8 @@ class Outbox:
                            wall: float) -> None:
         self._whole_failure([e for e, _ in refused], exc, now, wall)
 
-    def _whole_failure(self, batch: list[Entry], exc: SendError, now: float, wall: float) -> None:
+    def _whole_failure(self, batch: list[Entry], exc: SendError, now: float, wall: float,
+                       send: Send | None = None) -> None:
         fatal = isinstance(exc, FatalSendError)
         delay = self.policy.delay(self._whole_attempt, exc.code, self.rng, fatal=fatal)
         self._whole_attempt += 1
@@ -555,7 +782,11 @@ class Outbox:
         # Retried first, in their original order, once the destination's backoff is over.
         self._due.extendleft(reversed(batch))
         if not fatal and self.policy.is_rate(exc.code):
-            self.pace.on_whole_throttle(now, len(batch))
+            self.throttled_records += len(batch)
+            if send is not None and send.shards is not None:
+                self._shard_reply(send, [exc.code] * len(batch), now, 0.0)
+            else:
+                self.pace.on_whole_throttle(now, len(batch))
             self._shrink_aggregates()
         self.last_error = str(exc)
         self.last_error_at = wall
@@ -577,12 +808,18 @@ class Outbox:
         self._effects.logs.append((level, event, fields))
 
     def _shrink_aggregates(self) -> None:
-        # Under throttling an aggregate larger than the pace's share may never pass a shard's
-        # bucket whole; new aggregates are cut to fit (lines already aggregated keep theirs).
+        # An aggregate larger than the pace's share may never pass a shard's bucket whole: new
+        # aggregates are cut to fit (lines already aggregated keep theirs). Paced per shard, the
+        # size follows the pace both ways, from the start; per destination (KPL is not paced
+        # then), it is cut under throttling only.
         lim = self.limits
         if lim.aggregation != "kpl":
             return
-        size = int(self.pace.rate * SHARD_BYTES * AGGREGATE_PACE_SECONDS)
+        if self._paces:
+            rate = sum(p.rate for p in self._paces) / len(self._paces)
+            size = min(AGGREGATE_MAX_PACED_BYTES, int(rate * SHARD_BYTES * AGGREGATE_PACE_SECONDS))
+        else:
+            size = int(self.pace.rate * SHARD_BYTES * AGGREGATE_PACE_SECONDS)
         self.encoder.max_record_bytes = max(AGGREGATE_MIN_BYTES, min(lim.max_record_bytes, size))
 
     # -- acknowledgement: the one place that counts lines as accepted ---------------------------
@@ -616,6 +853,7 @@ class Outbox:
         """This destination's part of the status snapshot."""
         pace = self.pace
         waited = pace.waited + (now - pace.wait_from if pace.wait_from is not None else 0.0)
+        paces = self._paces or [pace]
         return {
             "lines_sent": self.lines_sent,
             "records_sent": self.records_sent,
@@ -628,8 +866,9 @@ class Outbox:
             "last_error_at": self.last_error_at or None,
             "last_success_at": self.last_success_at or None,
             "backing_off": max(0.0, self.blocked_until - now),
-            "pace_records_per_s": round(pace.records_per_s(self._unit_cost), 1),
-            "pace_slow_start": pace.slow_start,
-            "throttled_records": pace.throttled,
+            "pace_records_per_s": round(sum(p.records_per_s(self._unit_cost) for p in paces), 1),
+            "pace_slow_start": any(p.slow_start for p in paces),
+            "pace_shards": len(self._paces),
+            "throttled_records": self.throttled_records,
             "pace_wait_seconds": round(waited, 3),
         }

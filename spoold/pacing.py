@@ -71,6 +71,11 @@ SLOW_START_EXIT_SHARE = 0.25
 SLOW_START_EXIT_CUT = 0.5
 # Slow start doubles the pace this often while it binds.
 SLOW_START_DOUBLING = 0.1
+# Leaving slow start, the pace is at most this many times what the stream accepted from us since
+# the first reply: hosts that grew together took about as much each (a shard's burst hides the
+# limit at first), whatever their rates when their first throttle came, so they leave about equal
+# rather than keep a lucky host's lead.
+SLOW_START_DELIVERED = 2.0
 
 
 def cost(records: int, nbytes: int) -> float:
@@ -81,8 +86,11 @@ def cost(records: int, nbytes: int) -> float:
 class Pace:
     """One AIMD-controlled token bucket (a destination, or one shard of it)."""
 
-    def __init__(self, now: float, rate: float = INITIAL_RATE) -> None:
+    def __init__(self, now: float, rate: float = INITIAL_RATE, share: float = 1.0) -> None:
         self.rate = rate
+        # This bucket's share of its destination (one of n shards: 1/n), which scales the
+        # additive increase: a destination's paces together grow as fast as one would.
+        self.share = share
         self.tokens = rate * BURST
         self.updated = now
         self.slow_start = True
@@ -99,6 +107,8 @@ class Pace:
         self.floor = 0.0
         self._cut_fraction: float | None = None  # the throttled share that caused the last cut
         self._futile = 0  # cuts in a row after which that share did not fall
+        self._first_reply: float | None = None  # slow start: since when replies came
+        self._delivered = 0.0  # slow start: unit-seconds accepted since then
 
     def _refill(self, now: float) -> None:
         if now > self.updated:
@@ -110,15 +120,33 @@ class Pace:
         self._refill(now)
         return self.tokens
 
-    def ready_at(self, now: float) -> float:
-        """When the bucket is out of debt; marks the pace as binding (records are waiting)."""
-        self._refill(now)
+    def fork(self, now: float, rate: float, share: float) -> Pace:
+        """A new pace at ``rate`` that has learned what this one has (in or out of slow start)."""
+        pace = Pace(now, max(MIN_RATE * share, rate), share)
+        pace.slow_start = self.slow_start
+        return pace
+
+    def wait(self, now: float) -> None:
+        """Records wait for pace (the wait clock runs)."""
         self.bound_at = now
         if self.wait_from is None:
             self.wait_from = now
+
+    def ready_at(self, now: float) -> float:
+        """When the bucket is out of debt; marks the pace as binding (records are waiting)."""
+        self._refill(now)
+        self.wait(now)
         if self.tokens > 0:
             return now
         return now + (-self.tokens + 1e-9) / self.rate
+
+    def ready_for(self, now: float, want: float) -> float:
+        """When the bucket holds ``want`` unit-seconds (at most its burst); marks the pace as
+        binding, as ready_at does."""
+        self._refill(now)
+        self.bound_at = now
+        short = min(want, self.rate * BURST) - self.tokens
+        return now if short <= 0 else now + short / self.rate
 
     def spend(self, now: float, units: float) -> None:
         self._refill(now)
@@ -136,6 +164,11 @@ class Pace:
         """A reply to a request of ``records`` records (``units`` of cost): ``accepted`` of them
         were accepted and ``throttled`` throttled."""
         self.throttled += throttled
+        if self.slow_start:
+            if self._first_reply is None:
+                self._first_reply = now
+            elif records:
+                self._delivered += units * accepted / records
         self._offered += records
         self._accepted += accepted
         self._throttled += throttled
@@ -162,11 +195,14 @@ class Pace:
 
     def _leave_slow_start(self, now: float, fraction: float) -> None:
         self.slow_start = False
+        if self._first_reply is not None and now - self._first_reply >= SLOW_START_DOUBLING:
+            delivered = self._delivered / (now - self._first_reply)
+            self.rate = min(self.rate, max(SLOW_START_DELIVERED * delivered, MIN_RATE * self.share))
         # A short first epoch: the overshoot of slow start is the costliest moment to wait out.
         self._epoch_start = now - CUT_INTERVAL + FIRST_EPOCH
         self._offered = self._accepted = self._throttled = 0
         self.cuts += 1
-        self.rate = max(MIN_RATE, self.rate * (1.0 - min(MAX_CUT, fraction)))
+        self.rate = max(MIN_RATE * self.share, self.rate * (1.0 - min(MAX_CUT, fraction)))
         self.tokens = min(self.tokens, self.rate * BURST)
 
     def _end_epoch(self, now: float) -> None:
@@ -193,7 +229,7 @@ class Pace:
                 return
             self._cut_fraction = fraction
             self.cuts += 1
-            self.rate = max(MIN_RATE, self.rate * (1.0 - min(MAX_CUT, excess)))
+            self.rate = max(MIN_RATE * self.share, self.rate * (1.0 - min(MAX_CUT, excess)))
             self.tokens = min(self.tokens, self.rate * BURST)
             return
         self._cut_fraction = None
@@ -203,7 +239,7 @@ class Pace:
             # The step doubles with each calm epoch in a row (BIC's max probing): small while
             # the stream stays near its limit, fast once capacity frees up (other hosts
             # finished), and never more than doubling the rate at once.
-            step = (INCREASE_PER_S + INCREASE_SHARE_PER_S * self.rate) * span * 2.0 ** min(self._calm, 20)
+            step = (INCREASE_PER_S * self.share + INCREASE_SHARE_PER_S * self.rate) * span * 2.0 ** min(self._calm, 20)
             self.rate = min(MAX_RATE, self.rate + min(step, self.rate))
             self._calm += 1
 

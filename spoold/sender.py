@@ -50,6 +50,7 @@ import trio
 from spoold.config import Destination
 from spoold.errors import FatalSendError, RetryableSendError, SendError
 from spoold.protocol import Api
+from spoold.transport import Transport
 
 logger = structlog.get_logger()
 
@@ -81,10 +82,6 @@ def many_records_per_request(dest: Destination) -> bool:
     return not (dest.kind == "firehose" and records.pack_lines)
 
 
-def client_limits() -> httpx.Limits:
-    return httpx.Limits(max_connections=64, max_keepalive_connections=64)
-
-
 def uncycled(response: httpx.Response) -> httpx.Response:
     """``response`` (read in full) cut out of the reference cycle httpx leaves it in.
 
@@ -103,12 +100,35 @@ def _parsed(url: str) -> httpx.URL:
     return httpx.URL(url)
 
 
-async def post(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: bytes,
+@functools.lru_cache(maxsize=16)
+def _timeouts(request_timeout: float) -> dict[str, float | None]:
+    return httpx.Timeout(request_timeout).as_dict()
+
+
+Http = httpx.AsyncClient | httpx.AsyncBaseTransport
+
+
+async def post(http: Http, url: str, headers: dict[str, str], body: bytes,
                request_timeout: float) -> httpx.Response:
-    """One POST; every failure to get a reply becomes a RetryableSendError."""
+    """One POST; every failure to get a reply becomes a RetryableSendError.
+
+    Given the client's transport, the request goes straight to it (httpx's transport API): the
+    client's own layers (default headers, cookies, auth and redirect flows, event hooks, its
+    response wrapper) do nothing for a signed AWS call, yet cost about 0.4 µs of CPU per record
+    of a 500-record request.
+    """
     try:
         with trio.fail_after(request_timeout + 1.0):
-            response = await client.post(_parsed(url), content=body, headers=headers, timeout=request_timeout)
+            if isinstance(http, httpx.AsyncClient):
+                response = await http.post(_parsed(url), content=body, headers=headers, timeout=request_timeout)
+            else:
+                request = httpx.Request("POST", _parsed(url), headers=headers, content=body,
+                                        extensions={"timeout": _timeouts(request_timeout)})
+                response = await http.handle_async_request(request)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
     except trio.TooSlowError:
         raise RetryableSendError("request timed out", code="Timeout") from None
     except httpx.TimeoutException as exc:
@@ -119,10 +139,10 @@ async def post(client: httpx.AsyncClient, url: str, headers: dict[str, str], bod
     return uncycled(response)
 
 
-async def post_batch(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: bytes,
+async def post_batch(http: Http, url: str, headers: dict[str, str], body: bytes,
                      request_timeout: float, firehose: bool, count: int) -> list[str | None]:
     """POST a PutRecords/PutRecordBatch body; the outcome of each of its ``count`` records."""
-    response = await post(client, url, headers, body, request_timeout)
+    response = await post(http, url, headers, body, request_timeout)
     return _parser(firehose).parse(response.status_code, response.content, count)
 
 
@@ -135,10 +155,15 @@ class Sender(Protocol):
                   firehose: bool, count: int) -> list[str | None]: ...
 
 
-class InlineSender:
-    """Sends on the daemon's own event loop."""
+def new_transport() -> Transport:
+    """The daemon's one connection pool: its client's transport, which InlineSender posts to."""
+    return Transport()
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+
+class InlineSender:
+    """Sends on the daemon's own event loop (through the transport, when given it)."""
+
+    def __init__(self, client: Http) -> None:
         self.client = client
 
     async def put(self, url: str, headers: dict[str, str], body: bytes, request_timeout: float,
@@ -347,7 +372,7 @@ async def _serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> 
     async def handle(head: dict[str, Any], body: bytes) -> None:
         reply: dict[str, Any] = {"id": head["id"]}
         try:
-            outcomes = await post_batch(client, head["url"], head["headers"], body, head["timeout"],
+            outcomes = await post_batch(transport, head["url"], head["headers"], body, head["timeout"],
                                         head["firehose"], head["count"])
         except SendError as exc:
             reply.update(error="fatal" if isinstance(exc, FatalSendError) else "retry",
@@ -361,7 +386,7 @@ async def _serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> 
                 reply.update(all=True, count=len(outcomes))
         await answer(reply)
 
-    async with httpx.AsyncClient(limits=client_limits(), trust_env=False) as client:
+    async with new_transport() as transport:
         async with trio.open_nursery() as nursery:
             frames = _frames(stdin)
             async for head_frame in frames:

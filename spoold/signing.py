@@ -14,8 +14,11 @@ pure CPU on frozen credentials and runs on the event loop.
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
-from botocore.auth import SigV4Auth
+from botocore.auth import SIGNED_HEADERS_BLACKLIST, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
@@ -254,6 +257,13 @@ class CredentialSources:
             source.reset()
 
 
+# Request headers that change how botocore signs (a Date header, a payload hash given by the
+# caller) or that it leaves unsigned: a request with any of them is signed by botocore itself.
+_BOTOCORE_ONLY = frozenset({"date", "authorization", "x-amz-content-sha256", "x-amz-date", "x-amz-security-token",
+                            *SIGNED_HEADERS_BLACKLIST})
+SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
+
+
 def sign(
     credentials: ReadOnlyCredentials,
     *,
@@ -262,8 +272,73 @@ def sign(
     headers: dict[str, str],
     region: str,
     service: str,
+    now: float | None = None,
 ) -> dict[str, str]:
-    """SigV4 headers (Authorization, X-Amz-Date, token) for a POST of exactly ``body``."""
+    """SigV4 headers (Authorization, X-Amz-Date, token) for a POST of exactly ``body``.
+
+    The same headers as botocore's SigV4Auth gives (tests compare them over a table of requests),
+    with what does not change between requests worked out once: the canonical headers but the
+    date and token, the signed header list, and the signing key (one per secret, day, region and
+    service). botocore spends about 120 µs of Python per request on those; the body's SHA-256
+    is the only per-byte work. ``now``: Unix time to sign at (tests); the current time otherwise.
+    """
+    template = _template(url, tuple(headers.items()), bool(credentials.token))
+    if template is None:
+        return sign_botocore(credentials, url=url, body=body, headers=headers, region=region, service=service)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    day = stamp[:8]
+    scope = f"{day}/{region}/{service}/aws4_request"
+    head, signed = template
+    token = " ".join(credentials.token.split()) if credentials.token else ""
+    canonical = head.format(date=stamp, token=token) + "\n" + hashlib.sha256(body).hexdigest()
+    to_sign = f"{SIGV4_ALGORITHM}\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    key = _signing_key(credentials.secret_key, day, region, service)
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    out = {**headers, "X-Amz-Date": stamp}
+    if credentials.token:
+        out["X-Amz-Security-Token"] = credentials.token
+    out["Authorization"] = (f"{SIGV4_ALGORITHM} Credential={credentials.access_key}/{scope}, "
+                            f"SignedHeaders={signed}, Signature={signature}")
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _template(url: str, headers: tuple[tuple[str, str], ...], token: bool) -> tuple[str, str] | None:
+    """(the canonical request up to the payload hash, as a format string with {date} and {token},
+    signed header list) for a POST to ``url`` with ``headers``, or None when botocore must sign
+    it itself. botocore works out the host, the path, the query and each header's canonical value."""
+    names = {name.lower() for name, _ in headers}
+    if len(names) != len(headers) or _BOTOCORE_ONLY & names:
+        return None
+    request = AWSRequest(method="POST", url=url, headers=dict(headers))
+    auth = SigV4Auth(ReadOnlyCredentials("", "", None), "", "")
+    _, path, query, _ = auth.canonical_request(request).split("\n", 3)
+    signed_map = auth.headers_to_sign(request)
+    lines = {name: name + ":" + " ".join(signed_map[name].split()).replace("{", "{{").replace("}", "}}")
+             for name in set(signed_map)}
+    lines["x-amz-date"] = "x-amz-date:{date}"
+    if token:
+        lines["x-amz-security-token"] = "x-amz-security-token:{token}"
+    order = sorted(lines)
+    head = f"POST\n{_escape(path)}\n{_escape(query)}\n" + "\n".join(lines[n] for n in order) + "\n\n" + ";".join(order)
+    return head, ";".join(order)
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+@functools.lru_cache(maxsize=64)
+def _signing_key(secret: str, day: str, region: str, service: str) -> bytes:
+    key = f"AWS4{secret}".encode()
+    for part in (day, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+def sign_botocore(credentials: ReadOnlyCredentials, *, url: str, body: bytes, headers: dict[str, str], region: str,
+                  service: str) -> dict[str, str]:
+    """sign() done by botocore's SigV4Auth alone: the reference, and the path for odd headers."""
     request = AWSRequest(method="POST", url=url, data=body, headers=dict(headers))
     SigV4Auth(credentials, service, region).add_auth(request)
     return dict(request.headers.items())

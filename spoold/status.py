@@ -83,6 +83,8 @@ _METRICS = [
      "Records the service throttled (ProvisionedThroughputExceeded and whole-request throttles)."),
     ("pace_wait_seconds", "spoold_pace_wait_seconds_total", "counter",
      "Seconds records waited for the pace before being sent."),
+    ("pace_shards", "spoold_pace_shards", "gauge",
+     "Shards paced one by one (0: the destination is paced as a whole, no shard map)."),
 ]
 
 # Counters of the control socket and the metrics port: (field, metric name, help).
@@ -151,7 +153,8 @@ def _pace(d: dict[str, Any]) -> str:
     pace = d.get("pace_records_per_s")
     if pace is None:
         return "-"
-    return f"{pace:.0f}" + ("+" if d.get("pace_slow_start") else "")
+    shards = d.get("pace_shards")
+    return f"{pace:.0f}" + ("+" if d.get("pace_slow_start") else "") + (f"/{shards}sh" if shards else "")
 
 
 def _last_error(d: dict[str, Any]) -> str:

@@ -589,6 +589,51 @@ def boto3_baseline(url: str, lines: int, size: int, seconds: float) -> dict[str,
             "failed_records": failed_total, "cpu_s": time.thread_time() - cpu0}
 
 
+def peers_python() -> str:
+    """The peers' virtual environment's Python, created and filled on first use."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.bench.peers import PEERS, PEERS_VENV
+
+    python = os.path.join(PEERS_VENV, "bin", "python")
+    if not os.path.exists(python):
+        log(f"creating {PEERS_VENV} and installing {' '.join(PEERS)} into it ...")
+        subprocess.run([sys.executable, "-m", "venv", PEERS_VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", *PEERS], check=True)
+    return python
+
+
+def run_peers(ep: Endpoint, lines: int, size: int, seconds: float) -> list[dict[str, Any]]:
+    """Each producer of tests/bench/peers.py in turn, alone on the machine with the endpoint."""
+    python = peers_python()
+    from tests.bench.peers import PRODUCERS
+
+    out = []
+    for name in PRODUCERS:
+        log(f"peer {name}: up to {lines:,} lines or {seconds:g}s ...")
+        cpu0 = ep.cpu()
+        try:
+            done = subprocess.run([python, str(HERE / "peers.py"), name, ep.url, str(lines), str(size), str(seconds)],
+                                  capture_output=True, timeout=seconds + 120, cwd=ROOT)
+            r = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else {
+                "error": (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1][:200]}
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+            r = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        st = ep.stream(f"peer-{name}")
+        r.update(producer=name, endpoint_lines=st["lines"], endpoint_records=st["records"],
+                 endpoint_cpu=ep.cpu() - cpu0)
+        span = (st["last_ns"] - st["first_ns"]) / 1e9 if st["first_ns"] else 0.0
+        if st["lines"] and (span >= 1.0 or r.get("seconds")):
+            # First to last acceptance; a run shorter than a second (one or two requests) by the
+            # producer's own clock instead.
+            r["rate"] = st["lines"] / (span if span >= 1.0 else r["seconds"])
+        if r.get("cpu_s") is not None and st["lines"]:
+            r["cpu_s_per_million"] = r["cpu_s"] / (st["lines"] / 1e6)
+        log(f"  {r}")
+        out.append(r)
+    return out
+
+
 def put_records_request(port: int, stream: str, records: list[tuple[bytes, str]]) -> bytes:
     body = json.dumps({"StreamName": stream, "Records": [
         {"Data": base64.b64encode(d).decode(), "PartitionKey": k} for d, k in records]}).encode()
@@ -742,6 +787,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--baseline-seconds", type=float, default=8.0, help="time cap of the boto3 loop (0: skip)")
     p.add_argument("--ceiling-seconds", type=float, default=4.0, help="time of each ceiling replay (0: skip)")
     p.add_argument("--ceiling-connections", type=int, default=2)
+    p.add_argument("--peers", action="store_true",
+                   help="also run other Python producers (tests/bench/peers.py), installed on first use into "
+                        "a separate virtual environment (~/.cache/spoold-bench/peers)")
+    p.add_argument("--peer-seconds", type=float, default=20.0, help="time cap of each producer of --peers")
     p.add_argument("--timeout", type=float, default=90.0, help="cap on the spoold phase, seconds")
     p.add_argument("--dest", action="append", default=[], metavar="KEY=VALUE",
                    help="extra [[destination]] key (TOML value), e.g. --dest linger=0.05; "
@@ -819,6 +868,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             b["endpoint_cpu_share"] = (ep.cpu() - cpu0) / b["seconds"]
             b["endpoint_lines"] = ep.stream("boto3")["lines"]
             results["boto3"] = b
+        if args.peers:
+            results["peers"] = run_peers(ep, args.lines, args.size, args.peer_seconds)
         if args.ceiling_seconds > 0:
             log(f"endpoint ceiling: replaying one prepared request on {args.ceiling_connections} connections "
                 f"for {args.ceiling_seconds:g}s ...")
@@ -1073,6 +1124,10 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
             ratio = e2e / b["rate"]
             row("spoold / boto3", f"{ratio:.1f}x" + (" (spoold at an offered rate)" if args.rate else ""),
                 f">= 5x {'met' if ratio >= 5 else 'NOT met'}" if not kpl and not args.rate else "")
+    for peer in r.get("peers", []):
+        cpm_peer = peer.get("cpu_s_per_million")
+        row(f"peer {peer['producer']}: lines/s end to end, CPU s per million lines",
+            f"{fmt_int(peer.get('rate'))}, {cpm_peer:.1f}" if cpm_peer else f"n/a ({peer.get('error', 'no lines')})")
     if c:
         row("endpoint ceiling (500-record request)", f"{fmt_int(c['plain']['records_per_s'])} records/s")
         if "kpl" in c:

@@ -3,6 +3,7 @@ tests/bench/fleet.py, so the harness cannot rot."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -234,3 +235,18 @@ def test_fleet_bench_smoke_every_line_exactly_once(tmp_path: Path) -> None:
     assert all(f is not None and f > 0 for f in r["finish_s"])
     assert r["daemon_totals"]["lines_sent"] == 400
     assert "lines lost 0, duplicated 0" in proc.stdout.decode()
+
+
+@pytest.mark.parametrize("mode", ["records", "hot", "kpl"])
+def test_fleet_simulation_runs_the_real_machine_to_completion(mode: str) -> None:
+    """tests/bench/fleetsim.py: a small simulated fleet finishes, and a hot key leaves the other
+    shards' lines within twice their own need (simulated time: no clock is read)."""
+    from tests.bench.fleetsim import main, run
+
+    args = argparse.Namespace(daemons=4, lines=400, shards=2, mode=mode, size=None, seed=3, rtt=0.01,
+                              no_map=False, set=[])
+    r = run(args)
+    assert r["complete"] and r["sent_per_accepted"] >= 1.0
+    if mode == "hot":
+        assert r["others_ratio"] <= 2.0, r
+    assert main(["--daemons", "2", "--lines", "50", "--shards", "1", "--no-map"]) == 0

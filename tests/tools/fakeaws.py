@@ -24,7 +24,8 @@ dropped unprocessed and logged with status 0), down (503, every call), signature
 expect_scope, unknown target; then for Put* only: scripted, fatal, JSON parsing
 (SerializationException), stream name and known_streams (ResourceNotFoundException), record
 validation (ValidationException), throttle_rate, http500_rate, record_fail_rate (batch calls).
-ListShards / DescribeStream meet the same checks but never scripted, fatal or the rates.
+ListShards / DescribeStream meet the same checks but never scripted, fatal or the rates; any
+operation named in ``denied`` is refused with AccessDeniedException.
 GET /_stats is exempt from every fault and is not counted as a request.
 
 Beyond the per-record limits, a request's total of decoded data (+ partition keys) is capped at
@@ -152,6 +153,8 @@ class Faults:
         default_factory=collections.deque
     )
     fatal: str | None = None
+    # Operations refused with 400 AccessDeniedException (e.g. {"ListShards"}: no IAM permission).
+    denied: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -829,6 +832,9 @@ class FakeAWS:
         if operation is None:
             raise _ApiError(400, "UnknownOperationException", f"unknown operation {ctx.target!r}")
         api, name = operation
+        if name in faults.denied:
+            _describe_payload(request.body, api, ctx)
+            raise _ApiError(400, "AccessDeniedException", f"fakeaws: not authorized to perform {name}")
         if name in _PUT_OPS:
             if faults.scripted:
                 try:

@@ -50,6 +50,29 @@ def test_take_batch_cases(sizes: list[int], max_records: int, max_bytes: int, ta
     assert list(source) == entries[taken:]
 
 
+def _take_batch_one_by_one(sources: list[deque[Entry]], max_records: int, max_bytes: int) -> tuple[list[Entry], int]:
+    batch: list[Entry] = []
+    size = 0
+    for source in sources:
+        while source and len(batch) < max_records:
+            if batch and size + source[0].size > max_bytes:
+                return batch, size
+            size += source[0].size
+            batch.append(source.popleft())
+    return batch, size
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 60), max_size=12), min_size=1, max_size=3), st.integers(1, 15),
+       st.integers(1, 300))
+def test_take_batch_equals_taking_one_entry_at_a_time(sources: list[list[int]], max_records: int,
+                                                       max_bytes: int) -> None:
+    ours = [deque(entry(n) for n in sizes) for sizes in sources]
+    reference = [deque(q) for q in ours]
+    assert take_batch(ours, max_records, max_bytes) == _take_batch_one_by_one(reference, max_records, max_bytes)
+    assert [list(q) for q in ours] == [list(q) for q in reference]
+
+
 def test_take_batch_counts_partition_keys() -> None:
     # 90 bytes of data each plus a 16-character key: two would be 212 > 200.
     a, b = entry(106, key="k" * 16), entry(106, key="k" * 16)

@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from spoold.aggregation import Shard, ShardMap, hash_key
 from spoold.batching import Encoder, Entry
 from spoold.errors import FatalSendError, RetryableSendError
 from spoold.machine import (
+    AGGREGATE_MIN_BYTES,
     FATAL_CODES,
     LEASE_BYTES,
     Limits,
@@ -22,7 +24,7 @@ from spoold.machine import (
     Send,
     Wait,
 )
-from spoold.pacing import MAX_RATE
+from spoold.pacing import BURST, MAX_RATE
 
 WALL = 1_000_000.0
 PTEE = "ProvisionedThroughputExceededException"
@@ -314,3 +316,162 @@ def test_kpl_is_not_paced_yet_and_throttled_aggregates_back_off() -> None:
     assert m.encoder.max_record_bytes == 1024 * 1024
     d = m.next(0.05, WALL)
     assert not isinstance(d, Send) or d.batch[0] is not s.batch[0], "throttled aggregates wait their backoff"
+
+
+# -- per shard ------------------------------------------------------------------------------------
+HASH_SPACE = 2 ** 128
+
+
+def shard_map(n: int, first: int = 0) -> ShardMap:
+    return ShardMap(Shard(f"shardId-{first + i:012d}", HASH_SPACE * i // n, HASH_SPACE * (i + 1) // n - 1)
+                    for i in range(n))
+
+
+def keys_on(smap: ShardMap, shard: int, count: int) -> list[str]:
+    """Partition keys that hash into ``shard``."""
+    out: list[str] = []
+    i = 0
+    while len(out) < count:
+        if smap.shard_for(hash_key(f"k{i}")).shard_id == smap.shards[shard].shard_id:
+            out.append(f"k{i}")
+        i += 1
+    return out
+
+
+def sharded(n: int = 2, rate: float | None = None, **limits: Any) -> tuple[Outbox, ShardMap]:
+    m = outbox(fast=False, **limits)
+    smap = shard_map(n)
+    m.set_shard_map(smap, 0.0)
+    if rate is not None:
+        for p in m._paces:
+            p.rate, p.tokens, p.slow_start = rate, rate * BURST, False
+    return m, smap
+
+
+def shard_of(smap: ShardMap, entry: Entry) -> str:
+    key = int(entry.hash_key) if entry.hash_key else hash_key(entry.key)
+    return smap.shard_for(key).shard_id
+
+
+def keyed_lines(keys: list[str]) -> list[bytes]:
+    return [b'{"k":"%s","n":%d}' % (k.encode(), i) for i, k in enumerate(keys)]
+
+
+def test_a_throttled_shard_never_holds_back_keyed_records_of_the_others() -> None:
+    m, smap = sharded(2, rate=0.1, linger=0.0, partition_key_field="k")
+    hot, cold = keys_on(smap, 0, 1) * 300, keys_on(smap, 1, 20)
+    offer(m, 1, keyed_lines(hot + cold))
+    s = send(m, 0.0)
+    by_shard = {shard_of(smap, e) for e in s.batch}
+    assert by_shard == {"shardId-000000000000", "shardId-000000000001"}
+    m.on_reply(s, [PTEE if shard_of(smap, e).endswith("0") else None for e in s.batch], 0.01, WALL)
+    hot_pace, cold_pace = m._paces
+    for now in (1.2, 2.4, 3.6):  # epochs of hot-shard throttling cut the hot shard's pace only
+        while isinstance(d := m.next(now, WALL), Send):
+            m.on_reply(d, [PTEE if shard_of(smap, e).endswith("0") else None for e in d.batch], now, WALL)
+    assert hot_pace.rate < 0.1 and cold_pace.rate >= 0.1
+    assert m.figures(3.6)["throttled_records"] > 0 and m.figures(3.6)["pace_shards"] == 2
+    sent_cold = sum(1 for e in m.take_effects().accepted if shard_of(smap, e).endswith("1"))
+    assert sent_cold + sum(1 for e in s.batch if shard_of(smap, e).endswith("1")) >= len(cold), \
+        "every line bound for the calm shard went, whatever the hot one's backlog"
+
+
+def test_random_keys_spread_until_throttled_then_are_routed_to_shards_with_room() -> None:
+    m, smap = sharded(4, linger=0.0, max_records=40)
+    offer(m, 1, lines(400))
+    s = send(m, 0.0)
+    assert all(e.hash_key is None for e in s.batch), "no throttling yet: keys fall where they hash"
+    assert s.shards == [-1] * len(s.batch)
+    m.on_reply(s, [PTEE] * len(s.batch), 0.01, WALL)  # a reply all throttled ends slow start
+    assert not any(p.slow_start for p in m._paces)
+    m._paces[2].tokens = -1.0  # shard 2 is in debt: nothing routed there
+    sends = []
+    now = 0.01
+    while len(sends) < 3:
+        d = m.next(now, WALL)
+        if isinstance(d, Send):
+            sends.append(d)
+        else:
+            now = d.until
+    routed = [e for d in sends for e in d.batch]
+    assert all(e.hash_key is not None for e in routed)
+    assert {shard_of(smap, e) for e in routed} <= {"shardId-000000000000", "shardId-000000000001",
+                                                   "shardId-000000000003"}
+    for d in sends:
+        assert [shard_of(smap, e) for e in d.batch] == [smap.shards[i].shard_id for i in d.shards]
+    # Throttled routed records are resent once each, and the row goes only when all are accepted.
+    first = sends[0]
+    m.on_reply(first, [PTEE] + [None] * (len(first.batch) - 1), now, WALL)
+    assert m.take_effects().deleted == []
+
+
+def test_every_line_is_sent_exactly_once_under_per_shard_throttling() -> None:
+    rng = random.Random(5)
+    m, smap = sharded(3, linger=0.0, max_records=50, partition_key_field="k")
+    keys = [f"key{rng.randrange(40)}" for _ in range(600)]
+    for row in range(6):
+        offer(m, row + 1, keyed_lines(keys[row * 100:(row + 1) * 100]))
+    accepted: list[bytes] = []
+    done: list[int] = []
+    now = 0.0
+    while len(accepted) < 600 and now < 600:
+        d = m.next(now, WALL)
+        if isinstance(d, Send):
+            out = [PTEE if shard_of(smap, e).endswith("1") and rng.random() < 0.5 else None for e in d.batch]
+            m.on_reply(d, out, now + 0.01, WALL)
+            accepted += [e.data for e, o in zip(d.batch, out) if o is None]
+        else:
+            now = min(d.until, now + 0.05)
+        done += deleted(m)
+    assert sorted(accepted) == sorted(x for r in range(6) for x in keyed_lines(keys[r * 100:(r + 1) * 100]))
+    assert sorted(done) == [1, 2, 3, 4, 5, 6] and not m.leased
+
+
+def test_shard_map_refresh_keeps_paces_and_a_reshard_requeues_without_loss() -> None:
+    m, smap = sharded(2, rate=0.5, linger=0.0, partition_key_field="k")
+    paces = list(m._paces)
+    m.set_shard_map(shard_map(2), 1.0)
+    assert m._paces == paces, "the same shards: the same paces"
+    offer(m, 1, keyed_lines(keys_on(smap, 0, 5) + keys_on(smap, 1, 5)))
+    m._paces[0].tokens = m._paces[1].tokens = -10.0  # nothing may go yet: all queued per shard
+    assert isinstance(m.next(1.0, WALL), Wait)
+    m.set_shard_map(shard_map(4, first=2), 1.0)  # resharded: queued entries are classified again
+    assert len(m._paces) == 4 and m._paces[0] is not paces[0]
+    m.set_shard_map(None, 1.0)  # no map any more: per destination, nothing lost
+    m.pace.rate = m.pace.tokens = MAX_RATE
+    s = send(m, 1.0)
+    assert len(s.batch) == 10 and s.shards is None and m.figures(1.0)["pace_shards"] == 0
+
+
+def test_whole_request_throttle_slows_only_the_shards_of_that_batch() -> None:
+    m, smap = sharded(2, rate=0.5, linger=0.0, partition_key_field="k")
+    offer(m, 1, keyed_lines(keys_on(smap, 1, 10)))
+    s = send(m, 0.0)
+    m.on_error(s, RetryableSendError("HTTP 400", code=PTEE, status=400), 1.5, WALL)
+    assert m._paces[0].rate == 0.5 and m._paces[1].rate < 0.5
+    assert m.figures(1.5)["throttled_records"] == 10 and m.blocked_until > 1.5
+
+
+def test_ordered_and_firehose_destinations_stay_paced_as_a_whole() -> None:
+    for m in (outbox(fast=False, ordered=True), outbox(fast=False, kind="firehose")):
+        m.set_shard_map(shard_map(2), 0.0)
+        assert m._paces == [] and m.figures(0.0)["pace_shards"] == 0
+
+
+def test_kpl_aggregates_follow_the_shard_pace_from_the_start() -> None:
+    m, _ = sharded(4, linger=0.0, aggregation="kpl", max_record_bytes=1024 * 1024)
+    assert m.encoder.max_record_bytes == AGGREGATE_MIN_BYTES, "a new destination starts small"
+    offer(m, 1, [b"x" * 1000] * 200)
+    s = send(m, 0.0)
+    assert all(e.size <= AGGREGATE_MIN_BYTES + 200 for e in s.batch)
+    assert s.shards is not None and set(s.shards) == {-1}, "paced per shard, spread as their keys fall"
+    assert all(e.hash_key is None for e in s.batch), "never routed: sub-records must hash where it goes"
+    now = 0.0
+    for _ in range(30):  # all accepted: the pace and the aggregates grow
+        now += 0.05
+        m.on_reply(s, [None] * len(s.batch), now, WALL)
+        offer(m, int(now * 100) + 2, [b"x" * 1000] * 200, now)
+        while not isinstance(d := m.next(now, WALL), Send):
+            now = d.until
+        s = d
+    assert m.encoder.max_record_bytes > AGGREGATE_MIN_BYTES

@@ -23,7 +23,9 @@ from spoold.pacing import (
     MIN_RATE,
     SHARD_BYTES,
     SHARD_RECORDS,
+    SLOW_START_DELIVERED,
     SLOW_START_DOUBLING,
+    SLOW_START_EXIT_CUT,
     Pace,
     cost,
 )
@@ -78,6 +80,18 @@ def test_throttle_leaves_slow_start_by_halving_then_cuts_per_epoch_by_the_share(
     p.on_whole_throttle(0.31 + CUT_INTERVAL, 100)  # a whole request throttled: 200 of 200
     assert p.rate == pytest.approx(3.2 * (1 - MAX_CUT))
     assert p.throttled == 250 and p.cuts == 3
+
+
+def test_leaving_slow_start_falls_to_what_the_stream_took_not_to_half_a_lucky_rate() -> None:
+    # The pace grew to 8 shards' worth while a shard's burst hid the limit; replies over 0.5 s
+    # accepted 0.25 unit-seconds (0.5 units/s): it leaves at most twice that, then halves.
+    p = Pace(0.0, rate=8.0)
+    p.ready_at(0.0)
+    p.on_reply(0.0, 0.1, 100, 100, 0, 0.01)  # the first reply starts the count
+    p.on_reply(0.25, 0.125, 100, 100, 0, 0.01)
+    p.on_reply(0.5, 0.25, 100, 50, 50, 0.01)  # half throttled: slow start ends
+    assert not p.slow_start
+    assert p.rate == pytest.approx(SLOW_START_DELIVERED * (0.125 + 0.125) / 0.5 * SLOW_START_EXIT_CUT)
 
 
 def test_calm_epochs_grow_faster_and_faster() -> None:

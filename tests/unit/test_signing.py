@@ -8,9 +8,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import botocore.auth
 import pytest
 import trio.testing
-from botocore.credentials import Credentials, RefreshableCredentials
+from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCredentials
 from botocore.exceptions import ClientError
 
 from spoold.config import CredentialConfig, Destination, Limits, SocketConfig
@@ -23,6 +24,8 @@ from spoold.signing import (
     Identity,
     _refresh_windows,
     shared_files,
+    sign,
+    sign_botocore,
     use_systemd_credentials,
 )
 
@@ -188,3 +191,43 @@ def test_systemd_credentials_point_botocore_at_both_shared_files(tmp_path: Path)
     alone = {"CREDENTIALS_DIRECTORY": str(tmp_path), "HOME": "/home/x"}
     use_systemd_credentials(alone)
     assert "AWS_CONFIG_FILE" not in alone and alone["AWS_SHARED_CREDENTIALS_FILE"] == str(tmp_path / "aws")
+
+
+# -- signatures: sign() must give exactly what botocore's SigV4Auth gives --------------------------
+KINESIS_HEADERS = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "Kinesis_20131202.PutRecords"}
+FIREHOSE_HEADERS = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "Firehose_20150804.PutRecordBatch"}
+SIGNING_CASES = [
+    # (url, headers, region, service, credentials, body, unix time)
+    ("https://kinesis.us-east-1.amazonaws.com/", KINESIS_HEADERS, "us-east-1", "kinesis",
+     ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", None), b'{"StreamName":"s","Records":[]}', 1_764_720_000.0),
+    ("https://kinesis.us-east-1.amazonaws.com/", KINESIS_HEADERS, "us-east-1", "kinesis",
+     ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", None), b"x" * 70_000, 1_764_806_399.9),  # a day's last second
+    ("https://kinesis.us-east-1.amazonaws.com/", KINESIS_HEADERS, "us-east-1", "kinesis",
+     ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", None), b"x" * 70_000, 1_764_806_400.0),  # the next day
+    ("https://kinesis.eu-west-1.amazonaws.com/", KINESIS_HEADERS, "eu-west-1", "kinesis",
+     ("ASIATEMP", "secret/with+chars", "FQoGZXIvYXdzE//token==  with  spaces"), b"{}", 1_764_720_123.0),
+    ("https://firehose.ap-south-1.amazonaws.com", FIREHOSE_HEADERS, "ap-south-1", "firehose",
+     ("ASIATEMP", "s2", "tok"), b'{"DeliveryStreamName":"d","Records":[{"Data":"eA=="}]}', 1_700_000_000.0),
+    ("https://yds.serverless.yandexcloud.net/", KINESIS_HEADERS, "ru-central1", "kinesis",
+     ("YCAJEexample", "YCsecret", None), b'{"StreamName":"/ru-central1/b1g/etn/s","Records":[]}', 1_764_720_000.0),
+    ("http://127.0.0.1:4567/", KINESIS_HEADERS, "us-east-1", "kinesis",
+     ("AKIDSPOOLDTEST", "spoold-test-secret", None), b"", 1_764_720_000.5),  # a port, plain http, no body
+    ("http://127.0.0.1:4567/some/path?b=2&a=1", {"content-type": "a  b", "X-Amz-Target": "T"}, "us-east-1", "kinesis",
+     ("AKIDSPOOLDTEST", "spoold-test-secret", "t"), b"body", 1_764_720_000.0),  # lower-case name, spaces, query
+    ("https://kinesis.us-east-1.amazonaws.com/", {**KINESIS_HEADERS, "User-Agent": "x"}, "us-east-1", "kinesis",
+     ("AKIDEXAMPLE", "secret", None), b"{}", 1_764_720_000.0),  # a header botocore leaves unsigned
+    ("https://kinesis.us-east-1.amazonaws.com/", {**KINESIS_HEADERS, "X-Amz-Zeta": "{curly}"}, "us-east-1", "kinesis",
+     ("AKIDEXAMPLE", "secret", "tok"), b"{}", 1_764_720_000.0),  # a header after the token, braces
+]
+
+
+@pytest.mark.parametrize(("url", "headers", "region", "service", "keys", "body", "now"), SIGNING_CASES)
+def test_signatures_equal_botocore(monkeypatch: pytest.MonkeyPatch, url: str, headers: dict[str, str], region: str,
+                                   service: str, keys: tuple[str, str, str | None], body: bytes, now: float) -> None:
+    creds = ReadOnlyCredentials(*keys)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime",
+                        lambda: datetime.fromtimestamp(now, timezone.utc).replace(tzinfo=None))
+    expected = sign_botocore(creds, url=url, body=body, headers=headers, region=region, service=service)
+    for _ in range(2):  # the second time from the cached template and key
+        assert sign(creds, url=url, body=body, headers=headers, region=region, service=service, now=now) == expected
+    assert "Signature=" in expected["Authorization"]
