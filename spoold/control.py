@@ -456,18 +456,27 @@ def query(cfg: Any, request: Request, offline: Callable[[], dict[str, Any]], tim
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _reply_or_report(command: str, cfg: Any, request: Request, offline: Callable[[], dict[str, Any]],
+                     timeout: float) -> dict[str, Any] | None:
+    """The reply to ``request``; None once a failure is printed as `spoold COMMAND: why`."""
+    try:
+        reply = query(cfg, request, offline, timeout)
+    except SpooldError as exc:
+        print(f"spoold {command}: {exc}", file=sys.stderr)
+        return None
+    if "error" in reply:
+        print(f"spoold {command}: {reply['error']}", file=sys.stderr)
+        return None
+    return reply
+
+
 def status_command(cfg: Any, as_json: bool, timeout: float = CLIENT_TIMEOUT) -> int:
     """`spoold status`: the running daemon's snapshot, or the spool file's when none runs."""
     from spoold.spool import offline_status
     from spoold.status import render_table
 
-    try:
-        snap = query(cfg, Status(), lambda: offline_status(Path(cfg.spool.path)), timeout)
-    except SpooldError as exc:
-        print(f"spoold status: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    if "error" in snap:
-        print(f"spoold status: {snap['error']}", file=sys.stderr)
+    snap = _reply_or_report("status", cfg, Status(), lambda: offline_status(Path(cfg.spool.path)), timeout)
+    if snap is None:
         return EXIT_FAILED
     print(json.dumps(snap, indent=2, sort_keys=True) if as_json else render_table(snap), end="\n" if as_json else "")
     return EXIT_OK
@@ -482,13 +491,9 @@ def dead_letters_command(cfg: Any, action: str, dest: str | None, limit: int, as
     except RequestError as exc:
         print(f"spoold dead-letters: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        reply = query(cfg, request, lambda: _dead_letters_offline(Path(cfg.spool.path), cfg.spool, request), timeout)
-    except SpooldError as exc:
-        print(f"spoold dead-letters: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    if "error" in reply:
-        print(f"spoold dead-letters: {reply['error']}", file=sys.stderr)
+    reply = _reply_or_report("dead-letters", cfg, request,
+                             lambda: _dead_letters_offline(Path(cfg.spool.path), cfg.spool, request), timeout)
+    if reply is None:
         return EXIT_FAILED
     if as_json or action != "list":
         print(json.dumps(reply, indent=2))

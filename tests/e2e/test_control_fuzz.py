@@ -180,7 +180,7 @@ def test_control_socket_survives_fuzzing(make_daemon, fake_aws):
     rng = random.Random(SEED)
     kinds: dict[str, int] = {}
     errors = 0
-    # The request that used to kill the daemon, first.
+    # First a plain-text request that is not JSON at all: it must cost one error reply, not the daemon.
     reply = _exchange(_unix(path), b"dead-letters list abc\n")
     assert "error" in json.loads(reply)
     with _slow_writers(_unix(path), b'{"command": "status", "dest": "' + b"x" * 60) as cut:

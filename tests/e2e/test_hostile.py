@@ -251,7 +251,7 @@ def test_longest_idle_closed_first_when_slots_run_short_quiet_stream_kept_till_t
 
 # -- 2. unfinished lines have a hard memory budget -------------------------------------------------
 WRITERS = 1000
-HELD = 255 * 1024  # just under the old per-connection threshold (256 KiB)
+HELD = 255 * 1024  # just under 256 KiB: a per-connection cap of that size would keep every one of them
 RSS_MAX = 150 * MiB
 
 
@@ -358,7 +358,7 @@ def test_datagrams_arrive_whole_up_to_max_line_bytes_and_longer_ones_are_rejecte
     daemon = make_daemon({"endpoint_url": fake_aws.url, "socket_type": "datagram",
                           "max_line_bytes": max_line}).start()
     path = daemon.sockets()[0]
-    big = b"b" * 300_000  # over the old 256 KiB receive buffer, under the line limit
+    big = b"b" * 300_000  # bigger than any one stream read, under the line limit: must not be cut
     longest = b"L" * max_line
     send_datagram(path, big)
     send_datagram(path, longest + b"\n")  # the longest line with its newline fits

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,10 +32,12 @@ CHILD_TIMEOUT = 30.0
 
 
 @pytest.fixture(autouse=True)
-def _outside_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+def _outside_systemd(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # The suite itself may run under systemd (a CI runner's unit); start every test outside it.
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
+    yield
+    systemd._notifier.close()  # the socket notify() keeps open for the daemon's lifetime
 
 
 # --- notify --------------------------------------------------------------------------------
