@@ -54,19 +54,19 @@ class Flusher:
 
     async def release(self) -> bool:
         """Give every leased row back to the spool (when_full = "drop_oldest" needs to drop the
-        oldest rows, which are the leased ones). Only while nothing is in flight; the rows are
-        read again from disk later, so lines partly sent may be sent twice (at-least-once)."""
+        oldest rows, which are the leased ones). Only once no request is in flight and no dead
+        letter is being written; the rows are read again from disk later, so lines partly sent
+        may be sent twice (at-least-once)."""
         m = self.machine
         if not m.leased:
             return False
         m.holding = True  # start no request meanwhile
         try:
             with trio.move_on_after(self.dest.limits.request_timeout + 1.0):
-                while m.in_flight:  # noqa: ASYNC110 (bounded, and only when the spool is full)
+                while m.busy:  # noqa: ASYNC110 (bounded, and only when the spool is full)
                     await trio.sleep(RELEASE_POLL)
-            if m.in_flight:
+            if not m.release():
                 return False
-            m.release()
             await self.reader.run(self.spool.forget_reads, self.dest.name)
             self.log.info("leased_rows_released", reason="spool full")
         finally:

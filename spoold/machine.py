@@ -54,6 +54,9 @@ ORDERED_KEYS_MAX = 10_000
 MAX_BACKOFF_EXPONENT = 30
 # Share of a bucket's burst a batch waits for, so a slow pace sends fewer, fuller requests.
 MIN_BATCH_SHARE = 1.0
+# How often every entry waiting to be resent is checked against max_age (the first one is
+# checked on every call): entries re-queued after failures are not in age order.
+EXPIRY_SCAN = 1.0
 # With a shard map, entries queued per shard ahead of the sender, in batches in all: a hot
 # shard's backlog must not stop lines bound for the other shards from being encoded.
 SHARD_AHEAD_BATCHES = 8
@@ -228,6 +231,11 @@ class Outbox:
         self._probes: deque[tuple[list[Entry], _Group]] = deque()
         self._seq = itertools.count()
         self.in_flight = 0
+        # Entries whose dead letter the caller is writing: their rows stay leased until
+        # dead_lettered() or dead_letter_failed(), so neither release() nor, in ordered mode,
+        # the next record of a key may go ahead meanwhile.
+        self.dead_writing = 0
+        self._next_expiry_scan = 0.0
         # Ordered mode sends one record at a time, so each key's records keep their order.
         self.slots = 1 if limits.ordered else limits.max_in_flight
         self.blocked_until = 0.0
@@ -291,7 +299,8 @@ class Outbox:
               wall: float) -> None:
         """A row was just committed; take it from memory if caught up and there is room."""
         self.highest_offered = max(self.highest_offered, row_id)
-        if self.caught_up and row_id > self.cursor and self.leased_bytes < LEASE_BYTES:
+        # While backing off, rows wait on disk (as next() reads none), where a full spool can drop them.
+        if self.caught_up and row_id > self.cursor and self.leased_bytes < LEASE_BYTES and now >= self.blocked_until:
             self._lease(Chunk(row_id, created, lines, nbytes), now, wall)
         else:
             self.caught_up = False
@@ -319,9 +328,17 @@ class Outbox:
         self.leased_bytes += chunk.nbytes
         self._to_encode.append((chunk, self.encoder.entries(chunk, now)))
 
-    def release(self) -> None:
-        """Forget every leased row (the caller gives them back to the spool): only while
-        nothing is in flight."""
+    @property
+    def busy(self) -> bool:
+        """Requests in flight or dead letters being written: entries of leased rows are out."""
+        return bool(self.in_flight or self.dead_writing)
+
+    def release(self) -> bool:
+        """Forget every leased row (the caller gives them back to the spool). Refused (False)
+        while busy: a reply or dead letter that came back later would settle lines of rows
+        read again since, and they would be sent or dead-lettered twice."""
+        if self.busy:
+            return False
         self._epoch += 1
         self.leased.clear()
         self.leased_bytes = 0
@@ -339,6 +356,7 @@ class Outbox:
         self.encoder.discard_open()
         self.cursor = 0
         self.caught_up = False
+        return True
 
     def drain(self) -> None:
         """Shutdown: send whatever is waiting now, without lingering."""
@@ -347,7 +365,7 @@ class Outbox:
     @property
     def idle(self) -> bool:
         """Nothing leased, nothing on disk that we know of, nothing in flight."""
-        return self.caught_up and not self.leased and self.in_flight == 0
+        return self.caught_up and not self.leased and not self.busy
 
     def take_effects(self) -> Effects:
         effects, self._effects = self._effects, Effects()
@@ -366,7 +384,9 @@ class Outbox:
             return Read(self.cursor, LEASE_BYTES - self.leased_bytes, self._epoch, self.highest_offered)
         self._collect_due(now, wall)
         self._encode_ahead(now)
-        if self.in_flight >= self.slots:
+        if self.in_flight >= self.slots or (lim.ordered and self.dead_writing):
+            # Ordered: a refused record whose dead letter fails to be written is sent again,
+            # so the records after it wait for the write.
             return Wait(math.inf)
         if self._probes:
             batch, group = self._probes.popleft()
@@ -437,8 +457,17 @@ class Outbox:
 
     def _collect_due(self, now: float, wall: float) -> None:
         cutoff = wall - self.limits.max_age
-        if self._due and self._due[0].created < cutoff:  # retried as a whole batch for too long
-            self._due = deque(e for e in self._due if not self._expire(e, cutoff))
+        due = self._due
+        if (due or self._queued) and ((due and due[0].created < cutoff) or now >= self._next_expiry_scan):
+            # Retried as a whole batch for too long, here or in the shard queues.
+            self._next_expiry_scan = now + EXPIRY_SCAN
+            self._expire_queued(due, cutoff)
+            for queue in (*self._queues, self._any):
+                count, nbytes = self._expire_queued(queue, cutoff)
+                self._queued -= count
+                self._queued_bytes -= nbytes
+            if not self._queued:
+                self._queued_due = False
         while self._retry and self._retry[0][0] <= now:
             entry = heapq.heappop(self._retry)[2]
             if not self._expire(entry, cutoff):
@@ -464,6 +493,16 @@ class Outbox:
         if not self._queued:
             self._fresh_since = None
             self._queued_due = False
+
+    def _expire_queued(self, queue: deque[Entry], cutoff: float) -> tuple[int, int]:
+        """Drop the entries of ``queue`` past max_age: their count and bytes."""
+        if not any(e.created < cutoff for e in queue):
+            return 0, 0
+        kept = [e for e in queue if not self._expire(e, cutoff)]
+        count, nbytes = len(queue) - len(kept), sum(map(entry_size, queue)) - sum(map(entry_size, kept))
+        queue.clear()
+        queue.extend(kept)
+        return count, nbytes
 
     def _expire(self, entry: Entry, cutoff: float) -> bool:
         if entry.created >= cutoff:
@@ -748,7 +787,7 @@ class Outbox:
                 # Other records went through: this one is refused for good. Keeping it first
                 # in line would block the destination forever.
                 self.failures[exc.code] += 1
-                self._effects.dead.append((batch[0], str(exc)))
+                self._dead_letter([(batch[0], str(exc))])
             else:
                 self._whole_failure(batch, exc, now, wall, send)
             return
@@ -772,15 +811,21 @@ class Outbox:
             return
         if group.ok or self.records_sent:
             # Other records of this destination went through: these ones are refused for good.
-            self._effects.dead.extend(group.refused)
+            self._dead_letter(group.refused)
         else:
-            # Nothing passes: the request, not a record, is wrong (a stream name, say).
+            # Nothing passes: the request, not a record, is wrong (a stream name, say). Its
+            # failures were counted per record or per request already.
             entries = [e for e, _ in group.refused]
             exc = FatalSendError(group.refused[0][1], code="ValidationException")
-            self._whole_failure(entries, exc, now, wall)
+            self._whole_failure(entries, exc, now, wall, counted=True)
+
+    def _dead_letter(self, refused: list[tuple[Entry, str]]) -> None:
+        self._effects.dead.extend(refused)
+        self.dead_writing += len(refused)
 
     def dead_lettered(self, refused: list[tuple[Entry, str]]) -> None:
         """The dead letters of take_effects() were written."""
+        self.dead_writing -= len(refused)
         for entry, error in refused:
             self.dead_letters += entry.nlines
             self._log("error", "dead_lettered", lines=entry.nlines, size=len(entry.data), error=error[:200],
@@ -789,15 +834,18 @@ class Outbox:
 
     def dead_letter_failed(self, refused: list[tuple[Entry, str]], exc: SendError, now: float,
                            wall: float) -> None:
+        """The dead letters of take_effects() could not be written: their records are kept."""
+        self.dead_writing -= len(refused)
         self._whole_failure([e for e, _ in refused], exc, now, wall)
 
     def _whole_failure(self, batch: list[Entry], exc: SendError, now: float, wall: float,
-                       send: Send | None = None) -> None:
+                       send: Send | None = None, counted: bool = False) -> None:
         fatal = isinstance(exc, FatalSendError)
         delay = self.policy.delay(self._whole_attempt, exc.code, self.rng, fatal=fatal)
         self._whole_attempt += 1
         self.blocked_until = max(self.blocked_until, now + delay)
-        self.failures[exc.code or "Error"] += 1
+        if not counted:
+            self.failures[exc.code or "Error"] += 1
         for entry in batch:
             entry.attempts += 1
         # Retried first, in their original order, once the destination's backoff is over.

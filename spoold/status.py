@@ -123,7 +123,8 @@ def render_table(snap: dict[str, Any]) -> str:
     if identities:
         footer += "\nsigning as:\n" + "\n".join(identities)
     followed = [f"  {n}: {f['path']} at {f['offset']} of {f['size']} ({_size(f.get('lag_bytes') or 0)} behind, "
-                f"read {_age(time.time() - f['last_read']) + ' ago' if f.get('last_read') else 'never'})"
+                f"read {_age(time.time() - f['last_read']) + ' ago' if f.get('last_read') else 'never'}"
+                + (", parked)" if f.get("state") == "parked" else ")")
                 for n, d in sorted(snap.get("destinations", {}).items()) for f in d.get("files") or ()]
     if followed:
         footer += "\nfollowed files:\n" + "\n".join(followed)

@@ -25,8 +25,9 @@ import resource
 import stat
 import sys
 import time
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import structlog
 import trio
@@ -50,7 +51,8 @@ FINGERPRINT_BYTES = 1024
 # A file rotated away (renamed, no longer matched, or deleted) is finished once it is read to
 # its end and has not changed for this long: its unfinished last line counts, and it is closed.
 FINISH_GRACE = 5.0
-# With start_at = "end", the end of the last complete line is looked for in this many last bytes.
+# With start_at = "end", the end of the last complete line is looked for backwards, this many
+# bytes at a time, up to max_line_bytes + 1 bytes before the end.
 END_LOOKBACK = 64 * 1024
 # How long to wait before trying again when the spool refused lines (full, or a write error).
 RETRY_AFTER = 1.0
@@ -153,11 +155,21 @@ def is_finished(*, matched: bool, renamed: bool, deleted: bool, at_end: bool, qu
     return (not matched or renamed or deleted) and at_end and quiet_for >= FINISH_GRACE
 
 
-def end_of_last_line(tail: bytes, size: int) -> int:
-    """The offset after the last "\\n" in ``tail`` (the file's last bytes, ending at ``size``);
-    ``size`` when there is none."""
-    nl = tail.rfind(b"\n")
-    return size if nl < 0 else size - len(tail) + nl + 1
+def end_of_last_line(read: Callable[[int, int], bytes], size: int, max_line: int) -> int:
+    """Where start_at = "end" starts in a file of ``size`` bytes: after its last "\\n". An
+    unfinished last line is read from its start, however far back; unless it is already longer
+    than ``max_line``: then it starts max_line + 1 bytes before the end, inside that line, which
+    the reader skips whole as too long. ``read(length, offset)`` reads the file (END_LOOKBACK at
+    a time, so memory stays bounded whatever the line)."""
+    floor = max(0, size - max_line - 1)
+    end = size
+    while end > floor:
+        start = max(floor, end - END_LOOKBACK)
+        nl = read(end - start, start).rfind(b"\n")
+        if nl >= 0:
+            return start + nl + 1
+        end = start
+    return floor
 
 
 # -- the trio part ------------------------------------------------------------------------
@@ -189,6 +201,21 @@ class Followed:
         return (dest, self.dev, self.ino, self.fp, self.fp_len, self.first_path, self.offset)
 
 
+class Closed(NamedTuple):
+    """A file closed while matched: as the last poll saw it (a change since opens it again)."""
+
+    size: int
+    mtime_ns: int
+    path: str
+    offset: int
+    last_read: float | None
+    parked: bool  # closed over the descriptor share, not finished
+
+    @classmethod
+    def of(cls, f: Followed, *, parked: bool) -> Closed:
+        return cls(f.size, f.mtime_ns, f.path, f.offset, f.last_read, parked)
+
+
 class TailStats:
     def __init__(self) -> None:
         self.lines = 0
@@ -214,8 +241,8 @@ class Tailer:
         self.records: dict[tuple[int, int], tuple[bytes, int, int]] = {}
         self.paths: dict[tuple[int, int], str] = {}
         # Files closed while matched (finished after a rename in the globs, or parked over the
-        # descriptor limit): their size, mtime and path then; opened again when one changes.
-        self.closed: dict[tuple[int, int], tuple[int, int, str]] = {}
+        # descriptor limit): as they were then; opened again when one changes.
+        self.closed: dict[tuple[int, int], Closed] = {}
         self.waiting = False  # files left unopened at the last scan, for want of descriptors
         self.unreadable: set[str] = set()
         self._log = RateLimitedLog()
@@ -228,9 +255,13 @@ class Tailer:
         self.scope.cancel()
 
     def snapshot(self) -> list[dict[str, object]]:
-        return [{"path": f.path, "offset": f.offset, "size": f.size, "lag_bytes": max(0, f.size - f.offset),
-                 "last_read": f.last_read, "inode": f.ino}
-                for f in sorted(self.files.values(), key=lambda f: f.path)]
+        """The open files and the parked ones (as they were when closed), by path."""
+        rows = [(f.path, f.offset, f.size, f.last_read, f.ino, "open") for f in self.files.values()]
+        rows += [(c.path, c.offset, c.size, c.last_read, ino, "parked")
+                 for (_dev, ino), c in self.closed.items() if c.parked]
+        return [{"path": path, "offset": offset, "size": size, "lag_bytes": max(0, size - offset),
+                 "last_read": last_read, "inode": ino, "state": state}
+                for path, offset, size, last_read, ino, state in sorted(rows, key=lambda r: r[0])]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with self.scope:
@@ -305,23 +336,23 @@ class Tailer:
         if new:
             await self.worker.run(self.spool.tail_begin, self.name, new, first, time.time())
         self.log.info("files_following", files=len(self.files), new_patterns=new, start_at=self.dest.files.start_at)
-        gone = await trio.to_thread.run_sync(self._gone, self.records, self.paths, found)
-        if gone:  # rotated out of the globs or deleted while we were stopped
-            await self._forget(gone)
 
     async def _scan(self, known: set[str] | None, first: list[FilePosition]) -> set[tuple[int, int]]:
-        """Match the globs: follow new files, note renamed, unmatched and replaced ones. At
+        """Match the globs: follow new files, note renamed, unmatched and replaced ones, forget
+        those proven gone (deleted or rotated out of the globs, also while we were stopped). At
         start, ``known`` holds the patterns followed before: a file none of them matches was
         there when its patterns were first configured, and starts at start_at (its position
         goes to ``first``)."""
         found = await trio.to_thread.run_sync(self._glob)
+        # Only paths still matched: the set must not grow with every rotated name.
+        self.unreadable.intersection_update(path for path, _st, _patterns in found.values())
         for f in self.files.values():
             if f.key in found:
                 f.matched, f.path = True, found[f.key][0]
             else:
                 # Renamed out of the globs, deleted, or in a folder the glob could not list (it
                 # reports no error, and a file taken for gone would be read again from 0).
-                f.matched = await trio.to_thread.run_sync(_still_at, f.path, f.key)
+                f.matched = not await trio.to_thread.run_sync(_gone_from, f.path, f.key)
                 if not f.matched:
                     f.deleted = f.deleted or _nlink(f.fd) == 0
             # A copytruncate followed by new writes past the offset before a poll saw the drop:
@@ -332,16 +363,20 @@ class Tailer:
                 continue  # the next poll's read reports it
             if not same_file(f.fp, f.fp_len, head):
                 self._restart(f, "replaced")
-        closed = {k: path for k, (_size, _mtime, path) in self.closed.items()}
-        gone = await trio.to_thread.run_sync(self._gone, self.closed, closed, found)
-        if gone:  # closed files since deleted or rotated out of the globs: nothing left to resume
+        # Known files not open: closed ones (at the path they had then) and those not found
+        # since the start (a folder not mounted yet keeps them until it is).
+        paths = {k: self.paths.get(k, "") for k in self.records if k not in self.files}
+        paths.update((k, c.path) for k, c in self.closed.items())
+        gone = await trio.to_thread.run_sync(self._gone, paths, found)
+        if gone:  # nothing left to resume
             await self._forget(gone)
         most = _max_open()
         self.waiting = False
         for key, (path, st, patterns) in found.items():
             if key in self.files:
                 continue
-            if self.closed.get(key) == (st.st_size, st.st_mtime_ns, path):
+            c = self.closed.get(key)
+            if c is not None and (c.size, c.mtime_ns, c.path) == (st.st_size, st.st_mtime_ns, path):
                 continue
             if len(self.files) >= most and not self._park():
                 self.waiting = True
@@ -366,9 +401,8 @@ class Tailer:
         return set(found)
 
     @staticmethod
-    def _gone(keys: Iterable[tuple[int, int]], paths: dict[tuple[int, int], str],
-              found: Container[tuple[int, int]]) -> list[tuple[int, int]]:
-        return [k for k in keys if k not in found and not _still_at(paths.get(k, ""), k)]
+    def _gone(paths: dict[tuple[int, int], str], found: Container[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [k for k, path in paths.items() if k not in found and _gone_from(path, k)]
 
     def _park(self) -> bool:
         """Close the open file quiet the longest, if one is quiet, still under its first name and
@@ -381,7 +415,7 @@ class Tailer:
         f = min(quiet, key=lambda f: f.changed)
         del self.files[f.key]
         os.close(f.fd)
-        self.closed[f.key] = (f.size, f.mtime_ns, f.path)
+        self.closed[f.key] = Closed.of(f, parked=True)
         self.log.debug("file_parked", path=f.path, offset=f.offset)
         return True
 
@@ -398,8 +432,8 @@ class Tailer:
             head = os.pread(fd, FINGERPRINT_BYTES, 0)
             end = st.st_size
             if first_configured and self.dest.files.start_at == "end" and st.st_size:
-                lookback = min(st.st_size, END_LOOKBACK)
-                end = end_of_last_line(os.pread(fd, lookback, st.st_size - lookback), st.st_size)
+                end = end_of_last_line(lambda n, at: os.pread(fd, n, at), st.st_size,
+                                       self.dest.limits.max_line_bytes)
             offset, why = start_offset(self.records.get(key), head, st.st_size, first_configured,
                                        self.dest.files.start_at, end)
             # A file resumed under another name than it had was renamed while we were stopped.
@@ -508,7 +542,7 @@ class Tailer:
         else:
             # As the last poll saw it, before its last read: a change since, even one made
             # while that read was being committed, makes a scan open it again.
-            self.closed[f.key] = (f.size, f.mtime_ns, f.path)
+            self.closed[f.key] = Closed.of(f, parked=False)
 
 
 def _read(fd: int, size: int, offset: int) -> tuple[bytes, bytes]:
@@ -517,16 +551,30 @@ def _read(fd: int, size: int, offset: int) -> tuple[bytes, bytes]:
     return os.pread(fd, size, offset), os.pread(fd, FINGERPRINT_BYTES, 0)
 
 
-def _still_at(path: str, key: tuple[int, int]) -> bool:
-    """Is the file ``key`` still at ``path``? True when that cannot be told (an error other
-    than "no such file")."""
+def _gone_from(path: str, key: tuple[int, int]) -> bool:
+    """Is the file ``key`` proven gone from ``path``: none or another file there, on the device
+    that held it? Not when that cannot be told (an error other than "no such file"), nor when
+    the folder is missing (or another filesystem's, an empty mount point) and the nearest folder
+    that exists is on another device: its filesystem is not mounted (yet), and it may come back."""
+    if not path:
+        return True
     try:
         st = os.stat(path)
+        return st.st_dev == key[0] and st.st_ino != key[1]
     except (FileNotFoundError, NotADirectoryError):
-        return False
+        pass
     except OSError:
-        return True
-    return (st.st_dev, st.st_ino) == key
+        return False
+    folder = os.path.dirname(path)
+    while True:
+        try:
+            return os.stat(folder).st_dev == key[0]
+        except (FileNotFoundError, NotADirectoryError):
+            if folder == os.path.dirname(folder):
+                return False
+            folder = os.path.dirname(folder)
+        except OSError:
+            return False
 
 
 def _max_open() -> int:

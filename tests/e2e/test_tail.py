@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.tools.client import wait_until
 from tests.tools.daemon import spool_query
 
@@ -405,6 +407,12 @@ def test_more_files_than_descriptors_are_followed_in_turns(make_daemon, fake_aws
         path.write_bytes(f"first-{i}\n".encode())
     first = {f"first-{i}".encode() for i in range(len(names))}
     wait_until(lambda: set(_arrived(fake_aws)) >= first, DEADLINE, "the first line of every file")
+    # Every file is in the status, the closed ones as parked, at their offset.
+    wait_until(lambda: len(_files(daemon)) == len(names), DEADLINE, "every file in the status")
+    listed = _files(daemon)
+    assert {f["path"] for f in listed} == {str(p) for p in names}
+    parked = [f for f in listed if f["state"] == "parked"]
+    assert parked and all(f["offset"] == f["size"] == os.path.getsize(f["path"]) for f in parked), parked[:3]
     for i, path in enumerate(names):
         with open(path, "ab") as f:
             f.write(f"second-{i}\n".encode())
@@ -445,3 +453,34 @@ def test_a_folder_the_glob_cannot_list_for_a_while_loses_no_file(make_daemon, fa
     events = daemon.log_events()
     assert not [e for e in events if e.get("event") == "file_finished"]
     assert sum(e.get("event") == "file_followed" for e in events) == 3
+
+
+def test_a_folder_not_mounted_at_start_keeps_its_files_positions(make_daemon, fake_aws, tmp_path):
+    """The logs folder is another filesystem's (a symlink into /dev/shm stands for a mount) and
+    missing when the daemon starts: its files are not taken for gone. Once it is back, each
+    file resumes at its offset: nothing is read twice."""
+    real = Path("/dev/shm") / f"spoold-{os.getpid()}-{tmp_path.name}"
+    if not real.parent.is_dir() or real.parent.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip(f"needs {real.parent} on another filesystem than {tmp_path}")
+    real.mkdir()
+    try:
+        logs = tmp_path / "logs"
+        logs.symlink_to(real)
+        (real / "a.log").write_bytes(b"a-1\na-2\n")
+        (real / "b.log").write_bytes(b"b-1\n")
+        daemon = _started(make_daemon(_dest(tmp_path, fake_aws, start_at="beginning")))
+        wait_until(lambda: set(_arrived(fake_aws)) >= {b"a-1", b"a-2", b"b-1"}, DEADLINE, "the first lines")
+        assert daemon.stop() == 0
+        logs.unlink()  # "unmounted"
+        _started(daemon)
+        logs.symlink_to(real)  # "mounted" again
+        with open(real / "a.log", "ab") as f:
+            f.write(b"a-3\n")
+        wait_until(lambda: b"a-3" in set(_arrived(fake_aws)), DEADLINE, "the line written once it is back")
+        wait_until(lambda: len(_files(daemon)) == 2, DEADLINE, "both files followed again")
+        assert daemon.stop() == 0
+        assert sorted(_arrived(fake_aws).elements()) == [b"a-1", b"a-2", b"a-3", b"b-1"]
+        reasons = [e["reason"] for e in daemon.log_events() if e.get("event") == "file_followed"]
+        assert reasons.count("resumed") == 2, reasons
+    finally:
+        shutil.rmtree(real)

@@ -14,6 +14,7 @@ from spoold import config
 from spoold.errors import ConfigError
 from spoold.spool import Spool
 from spoold.tail import (
+    END_LOOKBACK,
     FINISH_GRACE,
     cut_lines,
     end_of_last_line,
@@ -190,11 +191,36 @@ def test_is_finished(matched: bool, renamed: bool, deleted: bool, at_end: bool, 
     assert is_finished(matched=matched, renamed=renamed, deleted=deleted, at_end=at_end, quiet_for=quiet) is want
 
 
-@pytest.mark.parametrize(("tail", "size", "want"), [
-    (b"a\nb\n", 100, 100), (b"a\nbc", 100, 98), (b"abc", 100, 100), (b"", 0, 0),
-])
-def test_end_of_last_line(tail: bytes, size: int, want: int) -> None:
-    assert end_of_last_line(tail, size) == want
+@pytest.mark.parametrize(("data", "want"), [
+    (b"a\nb\n", 4), (b"a\nbc", 2), (b"abc", 0), (b"", 0),
+    # An unfinished last line longer than one look back still starts at its beginning.
+    (b"a\n" + b"x" * (2 * END_LOOKBACK + 5), 2),
+    (b"x" * (3 * END_LOOKBACK), 0),
+    # One longer than max_line_bytes: started max_line + 1 bytes before the end, inside it.
+    (b"a\n" + b"x" * (4 * END_LOOKBACK), 2 + 4 * END_LOOKBACK - (3 * END_LOOKBACK + 1)),
+], ids=["ended", "partial", "no_newline", "empty", "partial_past_lookback", "one_long_line", "too_long"])
+def test_end_of_last_line(data: bytes, want: int) -> None:
+    reads: list[int] = []
+
+    def read(n: int, at: int) -> bytes:
+        reads.append(n)
+        return data[at:at + n]
+
+    assert end_of_last_line(read, len(data), 3 * END_LOOKBACK) == want
+    assert max(reads, default=0) <= END_LOOKBACK
+
+
+def test_start_at_end_never_starts_inside_a_line_it_then_reads() -> None:
+    """Whatever the last line's length: the lines read from where start_at = "end" starts, once
+    the file goes on, are whole lines written after that point; a too long one is skipped."""
+    max_line = 100
+    for tail in (b"", b"p" * 10, b"p" * 99, b"p" * 100, b"p" * 101, b"p" * 5000):
+        data = b"old\n" * 3 + tail
+        start = end_of_last_line(lambda n, at, data=data: data[at:at + n], len(data), max_line)
+        cut = cut_lines((data + b"-done\nnext\n")[start:], max_line, False, False)
+        whole = tail + b"-done"
+        assert cut.lines == ([whole] if len(whole) <= max_line else []) + [b"next"], len(tail)
+        assert cut.too_long == (len(whole) > max_line)
 
 
 # ---------------------------------------------------------------- the spool's files table
@@ -247,6 +273,8 @@ def test_followed_files_in_the_table_and_prometheus() -> None:
     assert 'spoold_file_offset_bytes{destination="app",path="/var/log/a\\"b.log"} 10' in text
     assert "# TYPE spoold_file_size_bytes gauge" in text
     assert '/var/log/a"b.log at 10 of 25 (15B behind, read never)' in render_table(snap)
+    snap["destinations"]["app"]["files"][0]["state"] = "parked"
+    assert '/var/log/a"b.log at 10 of 25 (15B behind, read never, parked)' in render_table(snap)
 
 
 def test_files_must_not_match_the_spool() -> None:
