@@ -472,27 +472,6 @@ class Outbox:
             entry = heapq.heappop(self._retry)[2]
             if not self._expire(entry, cutoff):
                 self._due.append(entry)
-        if self._queued:
-            self._expire_queued(cutoff)
-
-    def _expire_queued(self, cutoff: float) -> None:
-        # A shard's pace can hold its queue back for long (a hot key): those entries age there,
-        # not in the retry heap. Retries go first in line and are the oldest, so a queue whose
-        # head is within max_age is not scanned.
-        for q in (*self._queues, self._any):
-            if not q or q[0].created >= cutoff:
-                continue
-            kept = [e for e in q if e.created >= cutoff]
-            gone = [e for e in q if e.created < cutoff]
-            q.clear()
-            q.extend(kept)
-            self._queued -= len(gone)
-            self._queued_bytes -= sum(map(entry_size, gone))
-            for e in gone:
-                self._expire(e, cutoff)
-        if not self._queued:
-            self._fresh_since = None
-            self._queued_due = False
 
     def _expire_queued(self, queue: deque[Entry], cutoff: float) -> tuple[int, int]:
         """Drop the entries of ``queue`` past max_age: their count and bytes."""
