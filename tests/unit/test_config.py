@@ -18,28 +18,16 @@ from spoold.sender import many_records_per_request
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
 SPOOL = '[spool]\npath = "/var/lib/spoold/spool.db"\n'
-KINESIS = """[[destination]]
-name = "a"
-kind = "kinesis"
-socket = "/run/a.sock"
-stream = "s"
-region = "us-east-1"
-"""
-FIREHOSE = """[[destination]]
-name = "f"
-kind = "firehose"
-socket = "/run/f.sock"
-stream = "fh"
-region = "us-east-1"
-"""
-YDS = """[[destination]]
-name = "y"
-kind = "yds"
-socket = "/run/y.sock"
-folder = "fo"
-database = "db"
-stream = "s"
-"""
+
+
+def destination(**keys: str) -> str:
+    """One [[destination]] table of string keys, in the order given."""
+    return "[[destination]]\n" + "".join(f'{key} = "{value}"\n' for key, value in keys.items())
+
+
+KINESIS = destination(name="a", kind="kinesis", socket="/run/a.sock", stream="s", region="us-east-1")
+FIREHOSE = destination(name="f", kind="firehose", socket="/run/f.sock", stream="fh", region="us-east-1")
+YDS = destination(name="y", kind="yds", socket="/run/y.sock", folder="fo", database="db", stream="s")
 
 
 @pytest.fixture(autouse=True)
