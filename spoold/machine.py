@@ -39,7 +39,8 @@ from typing import Any
 
 from spoold.aggregation import ShardMap, hash_key
 from spoold.batching import Chunk, Encoder, Entry, entry_size, take_batch
-from spoold.config import Destination
+from spoold.config import LIMITS, Destination, RecordConfig, RetryConfig, SpoolConfig
+from spoold.config import Limits as LimitsConfig
 from spoold.errors import FatalSendError, SendError
 from spoold.pacing import BURST, SHARD_BYTES, SHARD_RECORDS, Pace, cost
 
@@ -103,9 +104,9 @@ def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
 class RetryPolicy:
     """Every rule about error codes, and the backoff."""
 
-    base: float = 0.1
-    cap: float = 60.0
-    cap_throttle: float = 5.0
+    base: float = RetryConfig.base
+    cap: float = RetryConfig.cap
+    cap_throttle: float = RetryConfig.cap_throttle
 
     @staticmethod
     def is_fatal(code: str) -> bool:
@@ -193,16 +194,17 @@ class Effects:
 
 @dataclass(frozen=True)
 class Limits:
-    """The destination's settings the machine needs (a subset of config.Destination)."""
+    """The destination's settings the machine needs (a subset of config.Destination). The
+    defaults are the config's, for a Kinesis destination: written there, not here."""
 
-    max_records: int = 500
-    max_bytes: int = 5 * 1024 * 1024
-    max_in_flight: int = 8
-    linger: float = 0.2
-    ordered: bool = False
-    max_age: float = 7 * 86400.0
-    aggregation: str = "none"
-    max_record_bytes: int = 1024 * 1024
+    max_records: int = LIMITS["kinesis"][0]
+    max_bytes: int = LIMITS["kinesis"][1]
+    max_in_flight: int = LimitsConfig.max_in_flight
+    linger: float = LimitsConfig.linger
+    ordered: bool = RecordConfig.ordered
+    max_age: float = SpoolConfig.max_age
+    aggregation: str = RecordConfig.aggregation
+    max_record_bytes: int = LIMITS["kinesis"][2]
 
 
 class Outbox:
