@@ -109,6 +109,7 @@ class Pace:
         self._futile = 0  # cuts in a row after which that share did not fall
         self._first_reply: float | None = None  # slow start: since when replies came
         self._delivered = 0.0  # slow start: unit-seconds accepted since then
+        self._cut_at = -math.inf  # when the rate last fell
 
     def _refill(self, now: float) -> None:
         if now > self.updated:
@@ -164,6 +165,9 @@ class Pace:
         """A reply to a request of ``records`` records (``units`` of cost): ``accepted`` of them
         were accepted and ``throttled`` throttled."""
         self.throttled += throttled
+        if now - rtt < self._cut_at:
+            # Sent before the last cut: it tells the rate before it, already answered for.
+            return
         if self.slow_start:
             if self._first_reply is None:
                 self._first_reply = now
@@ -202,6 +206,7 @@ class Pace:
         self._epoch_start = now - CUT_INTERVAL + FIRST_EPOCH
         self._offered = self._accepted = self._throttled = 0
         self.cuts += 1
+        self._cut_at = now
         self.rate = max(MIN_RATE * self.share, self.rate * (1.0 - min(MAX_CUT, fraction)))
         self.tokens = min(self.tokens, self.rate * BURST)
 
@@ -229,6 +234,7 @@ class Pace:
                 return
             self._cut_fraction = fraction
             self.cuts += 1
+            self._cut_at = now
             self.rate = max(MIN_RATE * self.share, self.rate * (1.0 - min(MAX_CUT, excess)))
             self.tokens = min(self.tokens, self.rate * BURST)
             return
