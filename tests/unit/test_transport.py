@@ -263,7 +263,6 @@ async def test_a_reply_over_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch
 
 def _self_signed() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server context, client context trusting only the server's certificate) for localhost."""
-    pytest.importorskip("cryptography")
     import datetime
 
     from cryptography import x509
