@@ -833,10 +833,12 @@ class Outbox:
         self._due.extendleft(reversed(batch))
         if not fatal and self.policy.is_rate(exc.code):
             self.throttled_records += len(batch)
+            # Sent before the last cut, it says nothing of the rate since (send: its send time).
+            rtt = now - send.sent_at if send is not None else 0.0
             if send is not None and send.shards is not None:
-                self._shard_reply(send, [exc.code] * len(batch), now, 0.0)
+                self._shard_reply(send, [exc.code] * len(batch), now, rtt)
             else:
-                self.pace.on_whole_throttle(now, len(batch))
+                self.pace.on_whole_throttle(now, len(batch), rtt)
             self._shrink_aggregates()
         self.last_error = str(exc)
         self.last_error_at = wall

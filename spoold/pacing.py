@@ -194,8 +194,9 @@ class Pace:
         if now - self._epoch_start >= CUT_INTERVAL:
             self._end_epoch(now)
 
-    def on_whole_throttle(self, now: float, records: int) -> None:
-        self.on_reply(now, 0.0, records, 0, records, 0.0)
+    def on_whole_throttle(self, now: float, records: int, rtt: float) -> None:
+        """A request of ``records`` records sent ``rtt`` seconds ago was throttled as a whole."""
+        self.on_reply(now, 0.0, records, 0, records, rtt)
 
     def _leave_slow_start(self, now: float, fraction: float) -> None:
         self.slow_start = False

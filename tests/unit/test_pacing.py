@@ -77,7 +77,7 @@ def test_throttle_leaves_slow_start_by_halving_then_cuts_per_epoch_by_the_share(
     assert p.rate == pytest.approx(4.0 * 0.8)
     p.on_reply(0.5, 0.1, 100, 0, 100, 0.01)
     assert p.rate == pytest.approx(3.2), "one decision per epoch"
-    p.on_whole_throttle(0.31 + CUT_INTERVAL, 100)  # a whole request throttled: 200 of 200
+    p.on_whole_throttle(0.31 + CUT_INTERVAL, 100, 0.01)  # a whole request throttled: 200 of 200
     assert p.rate == pytest.approx(3.2 * (1 - MAX_CUT))
     assert p.throttled == 250 and p.cuts == 3
 
@@ -92,6 +92,22 @@ def test_leaving_slow_start_falls_to_what_the_stream_took_not_to_half_a_lucky_ra
     p.on_reply(0.5, 0.25, 100, 50, 50, 0.01)  # half throttled: slow start ends
     assert not p.slow_start
     assert p.rate == pytest.approx(SLOW_START_DELIVERED * (0.125 + 0.125) / 0.5 * SLOW_START_EXIT_CUT)
+
+
+def test_a_whole_request_throttled_that_was_sent_before_the_last_cut_does_not_cut_again() -> None:
+    m = Outbox(Limits(linger=0.0), Encoder("kinesis", max_record_bytes=1 << 20, rng=random.Random(1)),
+               RetryPolicy(), 0.0, random.Random(1))
+    m.caught_up = True
+    m.offer(1, [b"line-%d" % i for i in range(50)], 500, 1e9, 0.0, 1e9)
+    m.pace.slow_start = False
+    send = m.next(0.0, 1e9)
+    assert isinstance(send, Send)
+    m.pace.on_reply(1.0, 0.1, 100, 50, 50, 0.01)  # an epoch with half throttled: the rate is cut
+    cut = m.pace.rate
+    assert m.pace.cuts == 1
+    # The request sent at 0, before that cut, comes back throttled as a whole an epoch later.
+    m.on_error(send, RetryableSendError("slow down", code=PTEE, status=400), 1.0 + CUT_INTERVAL, 1e9)
+    assert m.pace.rate == cut and m.pace.cuts == 1
 
 
 def test_calm_epochs_grow_faster_and_faster() -> None:
@@ -110,7 +126,7 @@ def test_calm_epochs_grow_faster_and_faster() -> None:
 def test_rate_never_falls_below_the_floor_rate() -> None:
     p = Pace(0.0, rate=1.0)
     for i in range(50):
-        p.on_whole_throttle(float(i), 500)
+        p.on_whole_throttle(float(i), 500, 0.0)
     assert p.rate >= MIN_RATE
 
 
