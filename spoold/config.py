@@ -61,7 +61,7 @@ _SIZE_UNITS = {
 class SpoolConfig:
     path: Path
     synchronous: str = "full"
-    page_size: int = 4096
+    page_size: int = 16384
     max_bytes: int = 1024 * MiB
     when_full: str = "block"
     max_age: float = 7 * 86400.0

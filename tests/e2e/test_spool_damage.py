@@ -43,10 +43,10 @@ def test_damaged_spool_is_recovered_and_kept(make_daemon, fake_aws, damage):
         else:
             f.truncate(size * 2 // 3 + 1000)
     fake_aws.faults.down = False
-    # The rebuilt file takes the configured page size (the damaged one was made with 4096).
+    # The rebuilt file takes the configured page size (the damaged one was made with 16384).
     text = daemon.config.read_text()
     assert text.startswith("[spool]\n")
-    daemon.config.write_text(text.replace("[spool]\n", "[spool]\npage_size = 16384\n", 1))
+    daemon.config.write_text(text.replace("[spool]\n", "[spool]\npage_size = 4096\n", 1))
     daemon.start()
     events = wait_until(lambda: [e for e in daemon.log_events() if e.get("event") == "spool_recovered"],
                         what="spool_recovered in the log")
@@ -56,7 +56,7 @@ def test_damaged_spool_is_recovered_and_kept(make_daemon, fake_aws, damage):
     assert damaged, "the damaged file is kept"
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)  # the daemon is the only writer
     try:
-        assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
     finally:
         conn.close()
     # What was readable is delivered, and nothing arrives that was not sent.

@@ -90,7 +90,7 @@ def test_minimal_kinesis_defaults(tmp_path: Path) -> None:
     assert cfg.control_socket == Path("/var/lib/spoold/control.sock")
     assert cfg.spool.path == Path("/var/lib/spoold/spool.db")
     assert cfg.spool.synchronous == "full"
-    assert cfg.spool.page_size == 4096
+    assert cfg.spool.page_size == 16384
     assert cfg.spool.when_full == "block"
     assert cfg.spool.max_bytes == 1024 * MiB
     assert cfg.spool.max_age == 7 * 86400.0
