@@ -65,6 +65,11 @@ SHARD_AHEAD_BATCHES = 8
 # below the floor (an aggregate larger than a shard's remaining budget is throttled forever).
 AGGREGATE_PACE_SECONDS = 0.25
 AGGREGATE_MIN_BYTES = 16 * 1024
+# A batch held back by pace waits for a random share of the bucket's burst, between 1 - this
+# and all of it. Hosts whose buckets refill in step send at the same moments of every cycle, and
+# the first to arrive after a shard's refill takes it each time: fixed phases make fixed winners
+# (in slow start too, where a lucky host keeps doubling while the others leave it).
+PHASE_JITTER = 0.5
 # Paced per shard, aggregates stay at most this big: one the size of a shard's second (1 MiB)
 # passes only a full bucket, which a shared shard seldom has, while aggregates of 64 KiB already
 # keep the record count (1,000/s) far from binding before the bytes (1 MiB/s) do.
@@ -265,6 +270,7 @@ class Outbox:
         self._ehks: list[str] = []
         self._routed = False
         self._rotor = 0
+        self._fill = 1.0  # the share of a bucket's burst the next batch waits for
         enc = encoder
         self._routable = enc.kind != "firehose" and not enc.partition_key_field and enc.explicit_hash_key is None
         # An aggregate's sub-records carry its partition key, which must hash into the shard that
@@ -425,9 +431,9 @@ class Outbox:
         if ready > now:
             return ready
         # Wait for a useful batch rather than send one record per refill.
-        want = min(self.pace.rate * BURST * MIN_BATCH_SHARE, records * self._unit_cost)
+        want = min(self.pace.rate * BURST * MIN_BATCH_SHARE * self._fill, records * self._unit_cost)
         short = want - self.pace.tokens
-        return now if short <= 0 else now + short / self.pace.rate
+        return now if short <= 0 else now + (short + 1e-9) / self.pace.rate
 
     def _take(self, now: float) -> Send:
         lim = self.limits
@@ -452,6 +458,7 @@ class Outbox:
     def _send(self, batch: list[Entry], group: _Group, now: float) -> Send:
         units = cost(len(batch), sum(map(entry_size, batch)))
         self.pace.spend(now, units)
+        self._fill = 1.0 - PHASE_JITTER * self.rng.random()
         self.in_flight += 1
         if self.limits.ordered:
             return Send(batch, group, now, units, ordered=True, sequence=self._ordered_seq.get(batch[0].key))
@@ -597,7 +604,7 @@ class Outbox:
         takes = []
         for i, q in enumerate(queues):
             if q:
-                t = paces[i].ready_for(now, len(q) * unit * MIN_BATCH_SHARE)
+                t = paces[i].ready_for(now, len(q) * unit * MIN_BATCH_SHARE, self._fill)
                 if t <= now:
                     takes.append(i)
                 else:
@@ -606,8 +613,8 @@ class Outbox:
         take_any = False
         if anyq:
             want = len(anyq) * unit * MIN_BATCH_SHARE
-            t = (max(p.ready_for(now, want / n) for p in paces) if spread
-                 else min(p.ready_for(now, want) for p in paces))
+            t = (max(p.ready_for(now, want / n, self._fill) for p in paces) if spread
+                 else min(p.ready_for(now, want, self._fill) for p in paces))
             take_any = t <= now
             ready = min(ready, t)
         if not takes and not take_any:
@@ -664,6 +671,7 @@ class Outbox:
         self.in_flight += 1
         send = Send(batch, _Group(), now, cost(len(batch), size))
         send.shards, send.split, send.paces = shards, split, paces
+        self._fill = 1.0 - PHASE_JITTER * self.rng.random()
         return send
 
     def _shard_reply(self, send: Send, outcomes: list[str | None] | None, now: float, rtt: float) -> int:
@@ -833,10 +841,12 @@ class Outbox:
         self._due.extendleft(reversed(batch))
         if not fatal and self.policy.is_rate(exc.code):
             self.throttled_records += len(batch)
+            # Sent before the last cut, it says nothing of the rate since (send: its send time).
+            rtt = now - send.sent_at if send is not None else 0.0
             if send is not None and send.shards is not None:
-                self._shard_reply(send, [exc.code] * len(batch), now, 0.0)
+                self._shard_reply(send, [exc.code] * len(batch), now, rtt)
             else:
-                self.pace.on_whole_throttle(now, len(batch))
+                self.pace.on_whole_throttle(now, len(batch), rtt)
             self._shrink_aggregates()
         self.last_error = str(exc)
         self.last_error_at = wall

@@ -27,7 +27,16 @@ The controller is AIMD, not CUBIC:
 Before the first throttle the pace doubles every SLOW_START_DOUBLING while it binds (TCP's slow
 start), so a daemon alone reaches full speed within a second and a fleet started with a backlog
 does not offer it all in the first round trip. When the pace does not bind it does not grow:
-an idle daemon keeps no licence to burst. No clock is read here: callers pass ``now``.
+an idle daemon keeps no licence to burst.
+
+Fair shares are made when slow start ends, and the cuts keep them: on a busy stream nearly
+every epoch holds some throttling, so few epochs grow, and proportional cuts keep the ratios
+between hosts. So a pace leaves slow start at what the stream accepted from it meanwhile (not at
+a cut of the rate it reached, which depends on when its first throttle came), and the replies to
+requests sent within EXIT_SETTLE of leaving do not count: they meet the overshoot of hosts still
+in slow start, which would cut the hosts that left first twice. (The caller's part: batches wait
+for a random share of the bucket, so that no host wins a shard's refill by a fixed phase.)
+No clock is read here: callers pass ``now``.
 """
 
 from __future__ import annotations
@@ -62,8 +71,11 @@ FUTILE_CUTS = 3
 FUTILE_SHARE = 0.5
 FLOOR_DECAY = 0.9
 FLOOR_NOISE = 0.25
-# Seconds of evidence after slow start before the first proportional cut.
-FIRST_EPOCH = 0.2
+# Leaving slow start, replies to requests sent within this many seconds are not held against the
+# rate: they still meet the overshoot of hosts that have not left yet (slow start's last
+# doublings, a round trip or two), and hosts that left first would be cut again for it, making
+# their shares smaller for good.
+EXIT_SETTLE = 0.3
 # Throttled share of one reply that ends slow start: more than a fault's scattered throttles,
 # less than what an emptied shard bucket answers.
 SLOW_START_EXIT_SHARE = 0.25
@@ -74,8 +86,8 @@ SLOW_START_DOUBLING = 0.1
 # Leaving slow start, the pace is at most this many times what the stream accepted from us since
 # the first reply: hosts that grew together took about as much each (a shard's burst hides the
 # limit at first), whatever their rates when their first throttle came, so they leave about equal
-# rather than keep a lucky host's lead.
-SLOW_START_DELIVERED = 2.0
+# rather than keep a lucky host's lead. Once is enough: the burst made that figure generous.
+SLOW_START_DELIVERED = 1.0
 
 
 def cost(records: int, nbytes: int) -> float:
@@ -141,13 +153,13 @@ class Pace:
             return now
         return now + (-self.tokens + 1e-9) / self.rate
 
-    def ready_for(self, now: float, want: float) -> float:
-        """When the bucket holds ``want`` unit-seconds (at most its burst); marks the pace as
-        binding, as ready_at does."""
+    def ready_for(self, now: float, want: float, fill: float = 1.0) -> float:
+        """When the bucket holds ``want`` unit-seconds (at most ``fill`` of its burst); marks the
+        pace as binding, as ready_at does."""
         self._refill(now)
         self.bound_at = now
-        short = min(want, self.rate * BURST) - self.tokens
-        return now if short <= 0 else now + short / self.rate
+        short = min(want, self.rate * BURST * fill) - self.tokens
+        return now if short <= 0 else now + (short + 1e-9) / self.rate
 
     def spend(self, now: float, units: float) -> None:
         self._refill(now)
@@ -194,19 +206,20 @@ class Pace:
         if now - self._epoch_start >= CUT_INTERVAL:
             self._end_epoch(now)
 
-    def on_whole_throttle(self, now: float, records: int) -> None:
-        self.on_reply(now, 0.0, records, 0, records, 0.0)
+    def on_whole_throttle(self, now: float, records: int, rtt: float) -> None:
+        """A request of ``records`` records sent ``rtt`` seconds ago was throttled as a whole."""
+        self.on_reply(now, 0.0, records, 0, records, rtt)
 
     def _leave_slow_start(self, now: float, fraction: float) -> None:
         self.slow_start = False
         if self._first_reply is not None and now - self._first_reply >= SLOW_START_DOUBLING:
             delivered = self._delivered / (now - self._first_reply)
             self.rate = min(self.rate, max(SLOW_START_DELIVERED * delivered, MIN_RATE * self.share))
-        # A short first epoch: the overshoot of slow start is the costliest moment to wait out.
-        self._epoch_start = now - CUT_INTERVAL + FIRST_EPOCH
+        # The first epoch judges requests sent once the other hosts have left slow start too.
+        self._epoch_start = now + EXIT_SETTLE
         self._offered = self._accepted = self._throttled = 0
         self.cuts += 1
-        self._cut_at = now
+        self._cut_at = now + EXIT_SETTLE
         self.rate = max(MIN_RATE * self.share, self.rate * (1.0 - min(MAX_CUT, fraction)))
         self.tokens = min(self.tokens, self.rate * BURST)
 

@@ -55,22 +55,23 @@ class Api:
         head = b'{"' + self.stream_field.encode() + b'":' + _dumps(self.stream) + b',"Records":['
         if not batch:
             return head + b"]}"
+        # Pieces joined once: a body of 1 MiB KPL aggregates is copied once, not at every "+".
+        out = [head]
         if self.firehose:
-            parts = [b2a(e.data, newline=False) for e in batch]
-            return head + b'{"Data":"' + b'"},{"Data":"'.join(parts) + b'"}]}'
-        if hex_keys:
-            parts = [
-                b2a(e.data, newline=False) + b'","PartitionKey":"' + e.key.encode()
-                + (b'","ExplicitHashKey":"' + e.hash_key.encode() if e.hash_key else b"")
-                for e in batch
-            ]
-            return head + b'{"Data":"' + b'"},{"Data":"'.join(parts) + b'"}]}'
-        parts = [
-            b2a(e.data, newline=False) + b'","PartitionKey":' + _dumps(e.key)
-            + (b',"ExplicitHashKey":"' + e.hash_key.encode() + b'"' if e.hash_key else b"")
-            for e in batch
-        ]
-        return head + b'{"Data":"' + b'},{"Data":"'.join(parts) + b"}]}"
+            for e in batch:
+                out += (b'{"Data":"', b2a(e.data, newline=False), b'"},')
+        else:
+            for e in batch:
+                if hex_keys:
+                    out += (b'{"Data":"', b2a(e.data, newline=False), b'","PartitionKey":"', e.key.encode(), b'"')
+                else:
+                    out += (b'{"Data":"', b2a(e.data, newline=False), b'","PartitionKey":', _dumps(e.key))
+                if e.hash_key:
+                    out += (b',"ExplicitHashKey":"', e.hash_key.encode(), b'"},')
+                else:
+                    out.append(b"},")
+        out[-1] = out[-1][:-1] + b"]}"
+        return b"".join(out)
 
     def single_body(self, entry: Entry, sequence_for_ordering: str | None) -> bytes:
         """A Kinesis PutRecord body (ordered mode)."""

@@ -13,11 +13,11 @@ import pytest
 
 from spoold.batching import Encoder
 from spoold.errors import RetryableSendError
-from spoold.machine import Limits, Outbox, Read, RetryPolicy, Send, Wait
+from spoold.machine import PHASE_JITTER, Limits, Outbox, Read, RetryPolicy, Send, Wait
 from spoold.pacing import (
     BURST,
     CUT_INTERVAL,
-    FIRST_EPOCH,
+    EXIT_SETTLE,
     MAX_CUT,
     INITIAL_RATE,
     MIN_RATE,
@@ -72,19 +72,34 @@ def test_throttle_leaves_slow_start_by_halving_then_cuts_per_epoch_by_the_share(
     p.ready_at(0.1)
     p.on_reply(0.1, 0.1, 100, 70, 30, 0.01)
     assert not p.slow_start and p.rate == pytest.approx(4.0)
-    # A short first epoch after slow start: 20 of 100 throttled.
-    p.on_reply(0.1 + FIRST_EPOCH, 0.1, 100, 80, 20, 0.01)
+    # The first epoch begins EXIT_SETTLE after leaving: 20 of 100 throttled.
+    first = 0.1 + EXIT_SETTLE + CUT_INTERVAL + 0.01
+    p.on_reply(first, 0.1, 100, 80, 20, 0.01)
     assert p.rate == pytest.approx(4.0 * 0.8)
-    p.on_reply(0.5, 0.1, 100, 0, 100, 0.01)
+    p.on_reply(first + 0.4, 0.1, 100, 0, 100, 0.01)
     assert p.rate == pytest.approx(3.2), "one decision per epoch"
-    p.on_whole_throttle(0.31 + CUT_INTERVAL, 100)  # a whole request throttled: 200 of 200
+    p.on_whole_throttle(first + CUT_INTERVAL, 100, 0.01)  # a whole request throttled: 200 of 200
     assert p.rate == pytest.approx(3.2 * (1 - MAX_CUT))
     assert p.throttled == 250 and p.cuts == 3
 
 
+def test_replies_to_requests_sent_while_the_others_leave_slow_start_do_not_cut() -> None:
+    # Hosts that left slow start first would otherwise be cut again for the overshoot of the
+    # hosts still in it, and keep smaller shares for good.
+    p = Pace(0.0, rate=8.0)
+    p.ready_at(0.1)
+    p.on_reply(0.1, 0.1, 100, 70, 30, 0.01)
+    left = p.rate
+    for i in range(1, 12):  # sent up to EXIT_SETTLE after leaving, answered an epoch later
+        p.on_reply(0.1 + CUT_INTERVAL + i * 0.1, 0.1, 100, 50, 50, CUT_INTERVAL + i * 0.1 - EXIT_SETTLE / 2)
+    assert p.rate == left and p.cuts == 1
+    p.on_reply(0.1 + 3 * CUT_INTERVAL, 0.1, 100, 50, 50, 0.01)  # sent since: counted
+    assert p.rate < left
+
+
 def test_leaving_slow_start_falls_to_what_the_stream_took_not_to_half_a_lucky_rate() -> None:
     # The pace grew to 8 shards' worth while a shard's burst hid the limit; replies over 0.5 s
-    # accepted 0.25 unit-seconds (0.5 units/s): it leaves at most twice that, then halves.
+    # accepted 0.25 unit-seconds (0.5 units/s): it leaves at most at that, then halves.
     p = Pace(0.0, rate=8.0)
     p.ready_at(0.0)
     p.on_reply(0.0, 0.1, 100, 100, 0, 0.01)  # the first reply starts the count
@@ -92,6 +107,51 @@ def test_leaving_slow_start_falls_to_what_the_stream_took_not_to_half_a_lucky_ra
     p.on_reply(0.5, 0.25, 100, 50, 50, 0.01)  # half throttled: slow start ends
     assert not p.slow_start
     assert p.rate == pytest.approx(SLOW_START_DELIVERED * (0.125 + 0.125) / 0.5 * SLOW_START_EXIT_CUT)
+    assert p.rate <= (0.125 + 0.125) / 0.5 * SLOW_START_EXIT_CUT, "not above what the stream took"
+
+
+def test_a_whole_request_throttled_that_was_sent_before_the_last_cut_does_not_cut_again() -> None:
+    m = Outbox(Limits(linger=0.0), Encoder("kinesis", max_record_bytes=1 << 20, rng=random.Random(1)),
+               RetryPolicy(), 0.0, random.Random(1))
+    m.caught_up = True
+    m.offer(1, [b"line-%d" % i for i in range(50)], 500, 1e9, 0.0, 1e9)
+    m.pace.slow_start = False
+    send = m.next(0.0, 1e9)
+    assert isinstance(send, Send)
+    m.pace.on_reply(1.0, 0.1, 100, 50, 50, 0.01)  # an epoch with half throttled: the rate is cut
+    cut = m.pace.rate
+    assert m.pace.cuts == 1
+    # The request sent at 0, before that cut, comes back throttled as a whole an epoch later.
+    m.on_error(send, RetryableSendError("slow down", code=PTEE, status=400), 1.0 + CUT_INTERVAL, 1e9)
+    assert m.pace.rate == cut and m.pace.cuts == 1
+
+
+@pytest.mark.parametrize("shards", [0, 2])
+def test_batches_held_back_by_pace_wait_for_a_random_share_of_the_burst(shards: int) -> None:
+    # Hosts whose buckets refill in step would send at the same moments of every cycle, and the
+    # first to reach a shard after its refill would win it every time.
+    from tests.unit.test_machine import WALL, lines, offer, outbox, sharded
+
+    rate = 1.0
+    if shards:
+        m, _ = sharded(shards, rate=rate / shards, linger=0.0)
+    else:
+        m = outbox(fast=False, linger=0.0)
+        m.pace.rate, m.pace.tokens, m.pace.slow_start = rate, rate * BURST, False
+    offer(m, 1, lines(3000))
+    t, sizes = 0.0, []
+    while len(sizes) < 12:
+        d = m.next(t, WALL)
+        if isinstance(d, Send):
+            sizes.append(len(d.batch))
+            m.on_reply(d, [None] * len(d.batch), t, WALL)
+        else:
+            assert isinstance(d, Wait) and d.until > t
+            t = d.until
+    full = rate * BURST * SHARD_RECORDS
+    later = sizes[1:]  # the first batch takes the full bucket a new pace starts with
+    assert all((1 - PHASE_JITTER) * full - 2 <= n <= full + 2 for n in later), sizes
+    assert max(later) - min(later) >= 0.1 * full, sizes
 
 
 def test_calm_epochs_grow_faster_and_faster() -> None:
@@ -110,7 +170,7 @@ def test_calm_epochs_grow_faster_and_faster() -> None:
 def test_rate_never_falls_below_the_floor_rate() -> None:
     p = Pace(0.0, rate=1.0)
     for i in range(50):
-        p.on_whole_throttle(float(i), 500)
+        p.on_whole_throttle(float(i), 500, 0.0)
     assert p.rate >= MIN_RATE
 
 
