@@ -122,11 +122,13 @@ class Transport(httpx.AsyncBaseTransport):
             except BaseException:
                 self._discard(conn)
                 raise
-            if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE and not self._closed:
-                conn.h11.start_next_cycle()
+            h = conn.h11
+            # Bytes after the reply (h11 holds them) would be read as the next reply's start.
+            if h.our_state is h11.DONE and h.their_state is h11.DONE and not h.trailing_data[0] and not self._closed:
+                h.start_next_cycle()
                 conn.idle_since = trio.current_time()
                 self._idle.setdefault(origin, []).append(conn)
-            else:  # Connection: close, or a reply that ended the connection
+            else:  # Connection: close, a reply that ended the connection, or bytes after it
                 self._discard(conn)
         finally:
             self._requests.release()

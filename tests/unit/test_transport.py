@@ -103,10 +103,11 @@ class Server:
     besides is each test's: close after each reply, drop requests, hold replies until released."""
 
     def __init__(self, *, reply_headers: list[tuple[str, str]] | None = None, close_after_reply: bool = False,
-                 drop: bool = False, hold: bool = False, body: bytes = b"{}",
+                 drop: bool = False, hold: bool = False, body: bytes = b"{}", junk: bytes = b"",
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.reply_headers = reply_headers or []
         self.close_after_reply, self.drop, self.hold, self.body = close_after_reply, drop, hold, body
+        self.junk = junk  # sent after each reply, as if it were the start of another
         self.ssl_context = ssl_context
         self.connections = 0
         self.open = 0
@@ -162,7 +163,8 @@ class Server:
                             await self.release.wait()
                         headers = [("Content-Length", str(len(self.body))), *self.reply_headers]
                         await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers))
-                                              + conn.send(h11.Data(data=self.body)) + conn.send(h11.EndOfMessage()))
+                                              + conn.send(h11.Data(data=self.body)) + conn.send(h11.EndOfMessage())
+                                              + self.junk)
                         if self.close_after_reply or conn.our_state is h11.MUST_CLOSE:
                             return
                         conn.start_next_cycle()
@@ -210,6 +212,13 @@ async def test_connection_close_in_a_reply_ends_the_connection() -> None:
         await _post(transport, url)
         await server.wait_for(lambda: server.closed == 1)
         await _post(transport, url)
+        assert server.connections == 2
+
+
+async def test_bytes_after_a_reply_end_the_connection() -> None:
+    async with serving(junk=b"HTTP/1.1 200 OK\r\n") as (server, transport, url):
+        for _ in range(2):
+            assert (await _post(transport, url)).content == b"{}"
         assert server.connections == 2
 
 
