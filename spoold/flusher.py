@@ -39,13 +39,11 @@ class Flusher:
         self.dest, self.spool, self.reader, self.committer = dest, spool, reader, committer
         self.client, self.credentials = client, credentials
         self.sender: Sender = sender or InlineSender(client)
-        self.api = Api.for_destination(dest.kind, dest.stream, dest.stream_arn)
-        self.url = dest.endpoint_url + "/"
+        self.api, self.url = Api.for_destination(dest.kind, dest.stream, dest.stream_arn), dest.endpoint_url + "/"
         self.machine = Outbox.for_destination(dest, spool_cfg.max_age, trio.current_time(), rng)
-        self.log = logger.bind(dest=dest.name)
-        self._wake = trio.Event()
+        self.log, self._wake = logger.bind(dest=dest.name), trio.Event()
         self.requests = 0  # signed, including shard map calls
-        self._map_failed = False  # the shard map's last fetch
+        self._map_failed, self._stale = False, trio.Event()  # the map's last fetch; a reply saw it stale
 
     def offer(self, row_id: int, lines: list[bytes], nbytes: int, created: float) -> None:
         """A row was just committed; take it from memory if we are caught up and have room."""
@@ -53,10 +51,9 @@ class Flusher:
         self._wake.set()  # the loop applies its effects (an expired row's delete)
 
     async def release(self) -> bool:
-        """Give every leased row back to the spool (when_full = "drop_oldest" needs to drop the
-        oldest rows, which are the leased ones). Only once no request is in flight and no dead
-        letter is being written; the rows are read again from disk later, so lines partly sent
-        may be sent twice (at-least-once)."""
+        """Give every leased row back to the spool (when_full = "drop_oldest" drops the oldest rows,
+        the leased ones) once no request or dead letter is under way; read again later, lines
+        partly sent may be sent twice (at-least-once)."""
         m = self.machine
         if not m.leased:
             return False
@@ -84,12 +81,11 @@ class Flusher:
             task_status.started()
             if self.dest.kind != "firehose" and not self.dest.records.ordered:  # before the first batch: per shard
                 nursery.start_soon(self._shard_map_loop, await self._refresh_shard_map())
-            m = self.machine
             while True:
                 if self._wake.is_set():
                     self._wake = trio.Event()
-                decision = m.next(trio.current_time(), time.time())
-                self._apply(m.take_effects())
+                decision = self.machine.next(trio.current_time(), time.time())
+                self._apply(self.machine.take_effects())
                 if isinstance(decision, Send):
                     nursery.start_soon(self._send, decision)
                 elif isinstance(decision, Read):
@@ -119,6 +115,9 @@ class Flusher:
             self.committer.delete(chunk.id, self.dest.name, len(chunk.lines), chunk.nbytes)
         for level, event, fields in effects.logs:
             getattr(self.log, level)(event, **fields)
+        if effects.stale_map and not self._stale.is_set():  # resharded: _shard_map_loop refreshes
+            self.log.info("shard_map_stale", predicted=effects.stale_map[0], reply=effects.stale_map[1])
+            self._stale.set()
 
     async def _send(self, send: Send) -> None:
         m = self.machine
@@ -136,15 +135,13 @@ class Flusher:
                 m.on_reply(send, outcomes, trio.current_time(), time.time())
         except SendError as exc:
             m.on_error(send, exc, trio.current_time(), time.time())
-        effects = m.take_effects()
-        self._apply(effects)  # dead letters are the only effect a reply leaves for this task
+        self._apply(effects := m.take_effects())  # dead letters are the only effect a reply leaves for this task
         if effects.dead:
             await self._dead_letter(effects.dead)
         self._wake.set()
 
     async def _dead_letter(self, refused: list[Any]) -> None:
-        m = self.machine
-        items = [(e.created, error, line) for e, error in refused for line in e.lines]
+        m, items = self.machine, [(e.created, error, line) for e, error in refused for line in e.lines]
         try:
             await self.committer.worker.run(self.spool.add_dead_letters, self.dest.name, items)
         except SpoolError as exc:
@@ -171,9 +168,12 @@ class Flusher:
         return await post(self.client, self.url, signed, body, self.dest.limits.request_timeout)
 
     async def _shard_map_loop(self, delay: float) -> None:
-        while True:
-            await trio.sleep(delay)
+        while True:  # every SHARD_MAP_REFRESH, or on a stale sign, but at most once per SHARD_MAP_RETRY
+            with trio.move_on_at((fetched := trio.current_time()) + delay):
+                await self._stale.wait()
+            await trio.sleep_until(fetched + SHARD_MAP_RETRY)
             delay = await self._refresh_shard_map()
+            self._stale = trio.Event()  # the signs seen during the fetch came from the old map
 
     async def _refresh_shard_map(self) -> float:
         """Fetch the shard map into the machine (a failure keeps the last one); seconds until the next."""

@@ -192,9 +192,11 @@ class Effects:
     expired: int = 0
     dead: list[tuple[Entry, str]] = field(default_factory=list)
     logs: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    # A reply put a record in another shard than the map predicted: (predicted, reply's ShardId).
+    stale_map: tuple[str, str] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.accepted or self.deleted or self.expired or self.dead or self.logs)
+        return bool(self.accepted or self.deleted or self.expired or self.dead or self.logs or self.stale_map)
 
 
 @dataclass(frozen=True)
@@ -674,9 +676,15 @@ class Outbox:
         self._fill = 1.0 - PHASE_JITTER * self.rng.random()
         return send
 
-    def _shard_reply(self, send: Send, outcomes: list[str | None] | None, now: float, rtt: float) -> int:
-        """Feed a reply to the paces of the shards it went to; the records throttled."""
+    def _shard_reply(self, send: Send, outcomes: list[str | None] | None, now: float, rtt: float,
+                     hint: tuple[int, str] | None = None) -> int:
+        """Feed a reply to the paces of the shards it went to; the records throttled. ``hint``:
+        where the reply says one record went (protocol.Outcomes.shard), checked against the map."""
         assert send.shards is not None
+        if hint is not None and send.paces is self._paces and 0 <= hint[0] < len(send.shards):
+            i = send.shards[hint[0]]  # -1: spread, no shard predicted
+            if i >= 0 and self.shard_map is not None and self.shard_map.shards[i].shard_id != hint[1]:
+                self._effects.stale_map = (self.shard_map.shards[i].shard_id, hint[1])
         counts = {i: [r, u, r, 0] for i, (r, u) in send.split.items()}  # records, units, accepted, throttled
         throttled = 0
         if outcomes is not None:
@@ -710,7 +718,7 @@ class Outbox:
             if send.shards is None:
                 self.pace.on_reply(now, send.units, len(batch), len(batch), 0, rtt)
             else:
-                self._shard_reply(send, None, now, rtt)
+                self._shard_reply(send, None, now, rtt, getattr(outcomes, "shard", None))
                 self._shrink_aggregates()
             group.ok = True
             self._finish(group, now, wall)
@@ -747,7 +755,7 @@ class Outbox:
         if send.shards is None:
             self.pace.on_reply(now, send.units, len(batch), len(accepted), len(throttled), rtt)
         else:
-            self._shard_reply(send, outcomes, now, rtt)
+            self._shard_reply(send, outcomes, now, rtt, getattr(outcomes, "shard", None))
         if throttled:
             self._shrink_aggregates()
         group.ok = group.ok or bool(accepted)

@@ -27,6 +27,25 @@ FIREHOSE_PREFIX = "Firehose_20150804."
 # one bytes object per record is faster (many records: small ones, 5 MiB at most per request).
 FEW_RECORDS = 64
 
+
+class Outcomes(list):  # type: ignore[type-arg]
+    """Per-record outcomes (None: accepted, else the error code), plus ``shard``: the position
+    and ShardId of the first accepted record when the reply names it (Kinesis), else None. One
+    item is looked at, not all: enough to see that the shard map went stale (resharding)."""
+
+    __slots__ = ("shard",)
+
+    def __init__(self, outcomes: Any = (), shard: tuple[int, str] | None = None) -> None:
+        super().__init__(outcomes)
+        self.shard = shard
+
+
+def _shard_hint(items: list[Any], index: int) -> tuple[int, str] | None:
+    item = items[index] if index < len(items) else None
+    shard = item.get("ShardId") if isinstance(item, dict) else None
+    return (index, shard) if isinstance(shard, str) and shard else None
+
+
 @dataclass(frozen=True)
 class Api:
     """How one destination talks to its service."""
@@ -110,9 +129,10 @@ class Api:
             doc["SequenceNumberForOrdering"] = sequence_for_ordering
         return _dumps(doc)
 
-    def parse(self, status: int, body: bytes, count: int) -> list[str | None]:
+    def parse(self, status: int, body: bytes, count: int) -> Outcomes:
         """Per-entry outcome of a PutRecords/PutRecordBatch reply: None when accepted, else the
-        error code. Raises SendError subclasses when the request failed as a whole."""
+        error code (and, for Kinesis, the first accepted record's ShardId: Outcomes.shard).
+        Raises SendError subclasses when the request failed as a whole."""
         doc = _reply(status, body)
         if self.firehose:
             items, failed_key, ok_key = doc.get("RequestResponses"), "FailedPutCount", "RecordId"
@@ -123,8 +143,8 @@ class Api:
             raise RetryableSendError(f"malformed reply: {got} results for {count} records", code="MalformedReply")
         failed = doc.get(failed_key)
         if failed == 0 and type(failed) is int and _all_accepted(items, ok_key):
-            return [None] * count
-        out: list[str | None] = []
+            return Outcomes([None] * count, None if self.firehose else _shard_hint(items, 0))
+        out = Outcomes()
         for item in items:
             if not isinstance(item, dict):
                 raise RetryableSendError("malformed reply: a result is not an object", code="MalformedReply")
@@ -140,6 +160,8 @@ class Api:
         if failed is not None and (not isinstance(failed, int) or failed != errors):
             raise RetryableSendError(f"malformed reply: {failed_key}={failed!r} but {errors} results failed",
                                      code="MalformedReply")
+        if not self.firehose and errors < count:
+            out.shard = _shard_hint(items, out.index(None))
         return out
 
     def parse_single(self, status: int, body: bytes) -> str:

@@ -25,7 +25,8 @@ daemon, even after kill -9.
 Wire format, both ways: a little-endian u32 length, then that many bytes. A request is two
 frames: a JSON head {id, url, headers, timeout, firehose, count} and the body. A reply is one
 frame: JSON {id, outcomes} (null for accepted, else the error code), or {id, all: true} when
-every record was accepted, or {id, error: "retry" | "fatal", message, code, status}.
+every record was accepted, or {id, error: "retry" | "fatal", message, code, status}; an
+answer with outcomes may carry shard: [position, ShardId] (protocol.Outcomes.shard).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import trio
 
 from spoold.config import Destination
 from spoold.errors import FatalSendError, RetryableSendError, SendError
-from spoold.protocol import Api
+from spoold.protocol import Api, Outcomes
 from spoold.transport import Transport
 
 logger = structlog.get_logger()
@@ -250,7 +251,7 @@ class ProcessSender:
             kind = FatalSendError if reply["error"] == "fatal" else RetryableSendError
             result = outcome.Error(kind(str(reply["message"]), code=str(reply["code"]), status=int(reply["status"])))
         elif reply.get("all") is True:
-            result = outcome.Value([None] * slot.count)
+            result = outcome.Value(Outcomes([None] * slot.count, _shard(reply.get("shard"), slot.count)))
         else:
             outcomes = reply["outcomes"]
             # Trusted no more than a service reply: exactly one outcome per record, or retry all.
@@ -259,7 +260,7 @@ class ProcessSender:
                 result = outcome.Error(RetryableSendError("malformed reply from the sender process",
                                                           code="MalformedReply"))
             else:
-                result = outcome.Value(outcomes)
+                result = outcome.Value(Outcomes(outcomes, _shard(reply.get("shard"), slot.count)))
         del self._pending[reply["id"]]
         slot.result = result
         slot.done.set()
@@ -313,6 +314,14 @@ class ProcessSender:
             self._pending.pop(rid, None)
         assert slot.result is not None
         return slot.result.unwrap()
+
+
+def _shard(hint: Any, count: int) -> tuple[int, str] | None:
+    """The helper's shard hint, if well formed (a wrong one is dropped: it is only a hint)."""
+    if (isinstance(hint, list) and len(hint) == 2 and type(hint[0]) is int and 0 <= hint[0] < count
+            and isinstance(hint[1], str) and hint[1]):
+        return hint[0], hint[1]
+    return None
 
 
 def _widen(pipe: Any) -> None:
@@ -380,6 +389,8 @@ async def _serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> 
         except Exception as exc:  # a bug here fails this request only, never the others
             reply.update(error="retry", message=f"sender process error: {exc!r}", code="SenderError", status=0)
         else:
+            if getattr(outcomes, "shard", None):
+                reply["shard"] = outcomes.shard
             if any(outcomes):
                 reply["outcomes"] = outcomes
             else:

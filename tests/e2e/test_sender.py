@@ -99,12 +99,14 @@ async def test_process_sender_delivers_and_survives_kill_9(fake_aws) -> None:
         await nursery.start(sender.run)
         await _wait(lambda: sender.pid is not None)
         headers, body = _request(url, [b"a", b"b", b"c"])
-        assert await sender.put(url, headers, body, 10.0, False, 3) == [None, None, None]
+        outcomes = await sender.put(url, headers, body, 10.0, False, 3)
+        assert outcomes == [None, None, None]
+        assert outcomes.shard == (0, "shardId-000000000000"), "the reply's ShardId crosses the pipe"
 
         fake_aws.faults.record_fail_rate = 1.0
         headers, body = _request(url, [b"d", b"e"])
         outcomes = await sender.put(url, headers, body, 10.0, False, 2)
-        assert len(outcomes) == 2 and all(outcomes)
+        assert len(outcomes) == 2 and all(outcomes) and outcomes.shard is None
         fake_aws.faults.record_fail_rate = 0.0
 
         first = sender.pid
@@ -175,6 +177,23 @@ async def test_process_sender_passes_exact_outcomes() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(sender.run)
         assert await sender.put("http://127.0.0.1:9/", {}, b"{}", 5.0, False, 3) == reply["outcomes"]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("reply", "shard"), [
+    ({"all": True, "count": 3, "shard": [2, "shardId-000000000005"]}, (2, "shardId-000000000005")),
+    ({"outcomes": ["InternalFailure", None, None], "shard": [1, "shardId-000000000001"]}, (1, "shardId-000000000001")),
+    ({"all": True, "count": 3, "shard": [3, "shardId-000000000005"]}, None),  # past the batch: dropped
+    ({"all": True, "count": 3, "shard": [0, ""]}, None),
+    ({"all": True, "count": 3, "shard": "shardId-000000000005"}, None),
+    ({"all": True, "count": 3}, None),
+])
+async def test_process_sender_passes_the_shard_hint_only_when_well_formed(reply, shard) -> None:
+    sender = ProcessSender([sys.executable, "-c", FAKE_HELPER, json.dumps(reply)])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        outcomes = await sender.put("http://127.0.0.1:9/", {}, b"{}", 5.0, False, 3)
+        assert outcomes == reply.get("outcomes", [None] * 3) and outcomes.shard == shard
         nursery.cancel_scope.cancel()
 
 

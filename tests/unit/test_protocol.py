@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from spoold.batching import Entry
 from spoold.errors import FatalSendError, RetryableSendError, SendError
-from spoold.protocol import Api, error_from_reply, is_throttle
+from spoold.protocol import Api, Outcomes, error_from_reply, is_throttle
 
 ARN = "arn:aws:kinesis:eu-west-1:123456789012:stream/s1"
 KINESIS = Api.for_destination("kinesis", "s1", None)
@@ -260,3 +260,34 @@ def test_error_message_is_bounded() -> None:
 ])
 def test_is_throttle(code: str, throttle: bool) -> None:
     assert is_throttle(code) is throttle
+
+
+# ---------------------------------------------------------------- shard hint
+
+def _kinesis_reply(*items: dict[str, Any]) -> bytes:
+    failed = sum(1 for i in items if "ErrorCode" in i)
+    return json.dumps({"FailedRecordCount": failed, "Records": list(items)}).encode()
+
+
+OK0 = {"SequenceNumber": "1", "ShardId": "shardId-000000000000"}
+OK3 = {"SequenceNumber": "2", "ShardId": "shardId-000000000003"}
+THROTTLED = {"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "Rate exceeded"}
+
+
+@pytest.mark.parametrize(("items", "shard"), [
+    ((OK0, OK3), (0, "shardId-000000000000")),  # all accepted: the first record's shard
+    ((THROTTLED, OK3, OK0), (1, "shardId-000000000003")),  # the first accepted one
+    ((THROTTLED, THROTTLED), None),  # none accepted: nothing to say
+    (({"SequenceNumber": "1"}, OK3), None),  # no ShardId on the one looked at: no hint
+    (({"SequenceNumber": "1", "ShardId": 7}, OK3), None),
+])
+def test_parse_gives_the_first_accepted_records_shard(items: tuple[dict[str, Any], ...],
+                                                       shard: tuple[int, str] | None) -> None:
+    out = KINESIS.parse(200, _kinesis_reply(*items), len(items))
+    assert isinstance(out, Outcomes) and out.shard == shard
+    assert out == [None if "SequenceNumber" in i else i["ErrorCode"] for i in items]
+
+
+def test_firehose_replies_carry_no_shard_hint() -> None:
+    body = json.dumps({"FailedPutCount": 0, "RequestResponses": [{"RecordId": "r1", "ShardId": "x"}]}).encode()
+    assert FIREHOSE.parse(200, body, 1).shard is None
