@@ -584,6 +584,8 @@ class FakeAWS:
         self._ranges = shard_ranges(shards)
         self._starts = [start for start, _ in self._ranges]
         self._shard_ids = [shard_id(i) for i in range(shards)]
+        # Shards closed by reshard(): still listed (with an EndingSequenceNumber), never written.
+        self._closed: list[dict[str, Any]] = []
         self._rng = random.Random(seed)
         self._created = time.time()
         # Only the loop thread touches these.
@@ -692,6 +694,35 @@ class FakeAWS:
             await asyncio.sleep(0)  # let connection_lost callbacks and cancellations run
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    def reshard(self, shards: int) -> list[str]:
+        """Reshard while running: every open shard closes (ListShards and DescribeStream still list
+        it, with an EndingSequenceNumber, as Kinesis does for its retention period) and ``shards``
+        new ones, numbered after the last, split the hash key space evenly. Requests answered after
+        this returns use the new map. Returns the new shard ids."""
+        if shards < 1:
+            raise ValueError("shards must be >= 1")
+        done = threading.Event()
+
+        def swap() -> None:  # on the loop thread: no request sees half of the new map
+            first = len(self._closed) + self.shards
+            ending = str(SEQUENCE_BASE + self._next_sequence)
+            self._closed += [{**doc, "SequenceNumberRange": {**doc["SequenceNumberRange"],
+                                                             "EndingSequenceNumber": ending}}
+                             for doc in self._shard_docs()[len(self._closed):]]
+            self.shards, self._ranges = shards, shard_ranges(shards)
+            self._starts = [start for start, _ in self._ranges]
+            self._shard_ids = [shard_id(first + i) for i in range(shards)]
+            done.set()
+
+        loop = self._loop
+        if loop is None or self._thread is None:
+            swap()
+        else:
+            loop.call_soon_threadsafe(swap)
+            if not done.wait(START_TIMEOUT_SECONDS):
+                raise RuntimeError("FakeAWS did not reshard in time")
+        return list(self._shard_ids)
 
     # ---- state, read from any thread -----------------------------------------------------------
 
@@ -1308,7 +1339,7 @@ class FakeAWS:
         return 200, orjson.dumps({"RecordId": record_id, "Encrypted": False})
 
     def _shard_docs(self) -> list[dict[str, Any]]:
-        return [
+        return self._closed + [
             {
                 "ShardId": self._shard_ids[i],
                 "HashKeyRange": {"StartingHashKey": str(start), "EndingHashKey": str(end)},
@@ -1316,6 +1347,9 @@ class FakeAWS:
             }
             for i, (start, end) in enumerate(self._ranges)
         ]
+
+    def _listed_ids(self) -> list[str]:
+        return [doc["ShardId"] for doc in self._closed] + self._shard_ids
 
     def _page_limit(self, payload: dict[str, Any], field: str, default: int) -> int:
         limit = payload.get(field, default)
@@ -1344,8 +1378,8 @@ class FakeAWS:
             stream = self._kinesis_stream(payload, ctx)
             offset = 0
             start_after = payload.get("ExclusiveStartShardId")
-            if isinstance(start_after, str) and start_after in self._shard_ids:
-                offset = self._shard_ids.index(start_after) + 1
+            if isinstance(start_after, str) and start_after in (listed := self._listed_ids()):
+                offset = listed.index(start_after) + 1
         shards = self._shard_docs()
         doc: dict[str, Any] = {"Shards": shards[offset : offset + limit]}
         if offset + limit < len(shards):
@@ -1359,8 +1393,8 @@ class FakeAWS:
         limit = self._page_limit(payload, "Limit", 100)
         offset = 0
         start_after = payload.get("ExclusiveStartShardId")
-        if isinstance(start_after, str) and start_after in self._shard_ids:
-            offset = self._shard_ids.index(start_after) + 1
+        if isinstance(start_after, str) and start_after in (listed := self._listed_ids()):
+            offset = listed.index(start_after) + 1
         shards = self._shard_docs()
         region = ctx.region or DEFAULT_REGION
         description = {

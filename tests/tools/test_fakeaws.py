@@ -776,3 +776,27 @@ def test_expired_session_token_is_refused(srv: FakeAWS) -> None:
         kinesis.put_record(StreamName="s", Data=b"late", PartitionKey="k")
     assert error_of(exc) == (400, "ExpiredTokenException")
     assert srv.records("s") == []
+
+
+def test_reshard_closes_the_old_shards_and_puts_by_the_new_map(client):
+    with FakeAWS(access_key=ACCESS, secret_key=SECRET, shards=2) as server:
+        kinesis = client(server)
+        before = kinesis.put_records(StreamName="s", Records=[{"Data": b"a", "PartitionKey": "pk-1"}])
+        assert server.reshard(3) == [f"shardId-{i:012d}" for i in (2, 3, 4)]
+        listed = kinesis.list_shards(StreamName="s")["Shards"]
+        paged: list[dict[str, Any]] = []
+        page = kinesis.list_shards(StreamName="s", MaxResults=2)
+        paged += page["Shards"]
+        while "NextToken" in page:
+            page = kinesis.list_shards(NextToken=page["NextToken"], MaxResults=2)
+            paged += page["Shards"]
+        described = kinesis.describe_stream(StreamName="s")["StreamDescription"]["Shards"]
+        after = kinesis.put_records(StreamName="s", Records=[{"Data": b"b", "PartitionKey": "pk-1"}])
+
+    assert [s["ShardId"] for s in listed] == [f"shardId-{i:012d}" for i in range(5)]
+    closed = [s["ShardId"] for s in listed if "EndingSequenceNumber" in s["SequenceNumberRange"]]
+    assert closed == ["shardId-000000000000", "shardId-000000000001"]
+    assert paged == listed == described
+    assert before["Records"][0]["ShardId"] == expected_shard("pk-1", 2)
+    assert after["Records"][0]["ShardId"] == f"shardId-{int(expected_shard('pk-1', 3)[-1]) + 2:012d}"
+    assert [r.shard_id for r in server.all_records()] == [r["Records"][0]["ShardId"] for r in (before, after)]
