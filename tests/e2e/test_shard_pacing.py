@@ -1,7 +1,8 @@
 """Per-shard pacing against the real daemon: the shard map is fetched and used (a whole-request
 throttle ends slow start, after which random-key records are routed to shards by
-ExplicitHashKey), and without permission to list shards the daemon paces per destination,
-says so once, and still delivers every line."""
+ExplicitHashKey), a reshard seen in replies (a ShardId the map did not predict) refreshes the map
+at once, and without permission to list shards the daemon paces per destination, says so once,
+and still delivers every line."""
 
 from __future__ import annotations
 
@@ -58,6 +59,37 @@ def test_shard_map_is_fetched_and_routes_records_after_a_throttle(make_daemon, f
     assert routed, "after a throttle, random keys are routed by ExplicitHashKey"
     assert len({r.shard_id for r in routed}) > 1, "routed over several shards"
     assert _status(daemon)["throttled_records"] >= 1
+    daemon.stop()
+
+
+def _list_shards(fake_aws: FakeAWS) -> int:
+    return sum(1 for r in fake_aws.requests if r.target.endswith("ListShards") and r.status == 200)
+
+
+@pytest.mark.parametrize("sender", ["inline", "process"])  # the ShardId crosses the helper's pipe too
+def test_a_reshard_seen_in_replies_refreshes_the_shard_map_at_once(make_daemon, four_shards, sender):
+    fake_aws = four_shards
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "partition_key_field": "k", **RETRY},
+                         extra=f'[daemon]\nsender = "{sender}"\n').start()
+    wait_until(lambda: _status(daemon)["pace_shards"] == 4, what="four shards paced")
+    first = [b'{"k":"key%d","n":%d}' % (i % 50, i) for i in range(400)]
+    send_lines(daemon.sockets()[0], b"\n".join(first) + b"\n")
+    wait_until(lambda: len(fake_aws.all_records()) >= 400, what="the first lines")
+    assert _list_shards(fake_aws) == 1 and not [e for e in daemon.log_events() if e.get("event") == "shard_map_stale"]
+
+    new_ids = fake_aws.reshard(8)
+    second = [b'{"k":"key%d","n":%d}' % (i % 50, i + 400) for i in range(400)]
+    send_lines(daemon.sockets()[0], b"\n".join(second) + b"\n")
+    # Well before the periodic refresh (60 s after the first fetch): the replies named new shards.
+    wait_until(lambda: _list_shards(fake_aws) >= 2, timeout=20.0, what="the shard map fetched again")
+    wait_until(lambda: _status(daemon)["pace_shards"] == 8, timeout=20.0, what="eight shards paced")
+    wait_until(lambda: len(fake_aws.all_records()) >= 800, what="every line")
+    records = fake_aws.all_records()
+    assert sorted(r.data for r in records) == sorted(first + second), "each line once"
+    stale = [e for e in daemon.log_events() if e.get("event") == "shard_map_stale"]
+    assert stale and stale[0]["reply"] in new_ids and stale[0]["predicted"].startswith("shardId-00000000000")
+    assert stale[0]["predicted"] not in new_ids
+    assert len(stale) <= _list_shards(fake_aws) - 1, "logged once per refresh"
     daemon.stop()
 
 
