@@ -27,9 +27,8 @@ logger = structlog.get_logger()
 
 # How often a release (spool full) checks whether the requests in flight have ended.
 RELEASE_POLL = 0.01
-# How often the shard map is refreshed (resharding), and retried after a failure.
-SHARD_MAP_REFRESH = 60.0
-SHARD_MAP_RETRY = 10.0
+# How often the shard map is refreshed, and retried after a failure or a reply that shows it stale.
+SHARD_MAP_REFRESH, SHARD_MAP_RETRY = 60.0, 10.0
 
 
 class Flusher:
@@ -82,8 +81,7 @@ class Flusher:
             if self.dest.kind != "firehose" and not self.dest.records.ordered:  # before the first batch: per shard
                 nursery.start_soon(self._shard_map_loop, await self._refresh_shard_map())
             while True:
-                if self._wake.is_set():
-                    self._wake = trio.Event()
+                self._wake = trio.Event()  # a wake before this is seen by next()
                 decision = self.machine.next(trio.current_time(), time.time())
                 self._apply(self.machine.take_effects())
                 if isinstance(decision, Send):
@@ -167,12 +165,14 @@ class Flusher:
         signed = await self._signed(body, target)
         return await post(self.client, self.url, signed, body, self.dest.limits.request_timeout)
 
-    async def _shard_map_loop(self, delay: float) -> None:
-        while True:  # every SHARD_MAP_REFRESH, or on a stale sign, but at most once per SHARD_MAP_RETRY
+    async def _shard_map_loop(self, delay: float, gap: float = SHARD_MAP_RETRY) -> None:
+        while True:  # every ``delay``, and on a stale sign (a reply) at most once per ``gap``
             with trio.move_on_at((fetched := trio.current_time()) + delay):
                 await self._stale.wait()
-            await trio.sleep_until(fetched + SHARD_MAP_RETRY)
-            delay = await self._refresh_shard_map()
+                await trio.sleep_until(fetched + gap)
+            old, delay = self.machine.shard_map, await self._refresh_shard_map()
+            # Signs the new map does not confirm (an endpoint routing otherwise): the periodic pace.
+            gap = SHARD_MAP_REFRESH if self._stale.is_set() and self.machine.shard_map is old else SHARD_MAP_RETRY
             self._stale = trio.Event()  # the signs seen during the fetch came from the old map
 
     async def _refresh_shard_map(self) -> float:
