@@ -171,9 +171,9 @@ class Flusher:
                 await self._stale.wait()
                 await trio.sleep_until(fetched + gap)
             old, delay = self.machine.shard_map, await self._refresh_shard_map()
-            # Signs the new map does not confirm (an endpoint routing otherwise): the periodic pace.
+            # Signs the new map does not confirm (an endpoint routing otherwise): logged once, the periodic pace.
             gap = SHARD_MAP_REFRESH if self._stale.is_set() and self.machine.shard_map is old else SHARD_MAP_RETRY
-            self._stale = trio.Event()  # the signs seen during the fetch came from the old map
+            self._stale = self._stale if gap == SHARD_MAP_REFRESH else trio.Event()  # else signs of the old map
 
     async def _refresh_shard_map(self) -> float:
         """Fetch the shard map into the machine (a failure keeps the last one); seconds until the next."""

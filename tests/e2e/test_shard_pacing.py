@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from spoold.flusher import SHARD_MAP_RETRY
 from tests.conftest import TEST_KEYS, send_lines, wait_until
 from tests.tools.fakeaws import FakeAWS
 
@@ -90,6 +92,34 @@ def test_a_reshard_seen_in_replies_refreshes_the_shard_map_at_once(make_daemon, 
     assert stale and stale[0]["reply"] in new_ids and stale[0]["predicted"].startswith("shardId-00000000000")
     assert stale[0]["predicted"] not in new_ids
     assert len(stale) <= _list_shards(fake_aws) - 1, "logged once per refresh"
+    daemon.stop()
+
+
+def test_stale_signs_the_listed_map_does_not_confirm_wait_for_the_periodic_refresh(make_daemon, four_shards):
+    """An endpoint whose replies keep naming shards its listing lacks (a listing that lags, or a
+    service that routes otherwise): one extra ListShards, then no more than before."""
+    fake_aws = four_shards
+    daemon = make_daemon({"endpoint_url": fake_aws.url, "partition_key_field": "k", **RETRY}).start()
+    wait_until(lambda: _status(daemon)["pace_shards"] == 4, what="four shards paced")
+    fake_aws.reshard(8, listed=False)
+    sent: list[bytes] = []
+
+    def send_round() -> None:
+        lines = [b'{"k":"key%d","n":%d}' % (i % 50, len(sent) + i) for i in range(100)]
+        sent.extend(lines)
+        send_lines(daemon.sockets()[0], b"\n".join(lines) + b"\n")
+        wait_until(lambda: len(fake_aws.all_records()) >= len(sent), what="the round's lines")
+
+    send_round()
+    wait_until(lambda: _list_shards(fake_aws) >= 2, timeout=20.0, what="the shard map fetched again")
+    # Replies still name unlisted shards: without the fallback a ListShards would follow each retry gap.
+    end = time.monotonic() + SHARD_MAP_RETRY + 3.0
+    while time.monotonic() < end:
+        send_round()
+    assert _list_shards(fake_aws) == 2
+    assert len([e for e in daemon.log_events() if e.get("event") == "shard_map_stale"]) == 1
+    assert sorted(r.data for r in fake_aws.all_records()) == sorted(sent), "each line once"
+    assert _status(daemon)["pace_shards"] == 4
     daemon.stop()
 
 

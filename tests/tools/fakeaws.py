@@ -586,6 +586,7 @@ class FakeAWS:
         self._shard_ids = [shard_id(i) for i in range(shards)]
         # Shards closed by reshard(): still listed (with an EndingSequenceNumber), never written.
         self._closed: list[dict[str, Any]] = []
+        self._listing: list[dict[str, Any]] | None = None  # reshard(listed=False): the map listed still
         self._rng = random.Random(seed)
         self._created = time.time()
         # Only the loop thread touches these.
@@ -695,11 +696,13 @@ class FakeAWS:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    def reshard(self, shards: int) -> list[str]:
+    def reshard(self, shards: int, listed: bool = True) -> list[str]:
         """Reshard while running: every open shard closes (ListShards and DescribeStream still list
         it, with an EndingSequenceNumber, as Kinesis does for its retention period) and ``shards``
         new ones, numbered after the last, split the hash key space evenly. Requests answered after
-        this returns use the new map. Returns the new shard ids."""
+        this returns use the new map. ``listed=False``: records go by the new map but ListShards
+        and DescribeStream keep listing the current one (a listing that lags, or never shows it).
+        Returns the new shard ids."""
         if shards < 1:
             raise ValueError("shards must be >= 1")
         done = threading.Event()
@@ -707,9 +710,10 @@ class FakeAWS:
         def swap() -> None:  # on the loop thread: no request sees half of the new map
             first = len(self._closed) + self.shards
             ending = str(SEQUENCE_BASE + self._next_sequence)
+            self._listing = None if listed else self._shard_docs()
             self._closed += [{**doc, "SequenceNumberRange": {**doc["SequenceNumberRange"],
                                                              "EndingSequenceNumber": ending}}
-                             for doc in self._shard_docs()[len(self._closed):]]
+                             for doc in self._open_docs()]
             self.shards, self._ranges = shards, shard_ranges(shards)
             self._starts = [start for start, _ in self._ranges]
             self._shard_ids = [shard_id(first + i) for i in range(shards)]
@@ -1339,7 +1343,10 @@ class FakeAWS:
         return 200, orjson.dumps({"RecordId": record_id, "Encrypted": False})
 
     def _shard_docs(self) -> list[dict[str, Any]]:
-        return self._closed + [
+        return self._listing if self._listing is not None else self._closed + self._open_docs()
+
+    def _open_docs(self) -> list[dict[str, Any]]:
+        return [
             {
                 "ShardId": self._shard_ids[i],
                 "HashKeyRange": {"StartingHashKey": str(start), "EndingHashKey": str(end)},
@@ -1349,7 +1356,7 @@ class FakeAWS:
         ]
 
     def _listed_ids(self) -> list[str]:
-        return [doc["ShardId"] for doc in self._closed] + self._shard_ids
+        return [doc["ShardId"] for doc in self._shard_docs()]
 
     def _page_limit(self, payload: dict[str, Any], field: str, default: int) -> int:
         limit = payload.get(field, default)

@@ -800,3 +800,14 @@ def test_reshard_closes_the_old_shards_and_puts_by_the_new_map(client):
     assert before["Records"][0]["ShardId"] == expected_shard("pk-1", 2)
     assert after["Records"][0]["ShardId"] == f"shardId-{int(expected_shard('pk-1', 3)[-1]) + 2:012d}"
     assert [r.shard_id for r in server.all_records()] == [r["Records"][0]["ShardId"] for r in (before, after)]
+
+
+def test_reshard_not_listed_routes_by_the_new_map_and_lists_the_old(client):
+    with FakeAWS(access_key=ACCESS, secret_key=SECRET, shards=1) as server:
+        kinesis = client(server)
+        server.reshard(2, listed=False)
+        listed = kinesis.list_shards(StreamName="s")["Shards"]
+        put = kinesis.put_records(StreamName="s", Records=[{"Data": b"a", "PartitionKey": "pk-1"}])
+    assert [s["ShardId"] for s in listed] == ["shardId-000000000000"]
+    assert "EndingSequenceNumber" not in listed[0]["SequenceNumberRange"]
+    assert put["Records"][0]["ShardId"] == f"shardId-{int(expected_shard('pk-1', 2)[-1]) + 1:012d}"
