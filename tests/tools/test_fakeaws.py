@@ -534,18 +534,23 @@ def test_known_streams_limit_what_exists(srv, client):
     assert [r.stream for r in srv.all_records()] == ["exists"]
 
 
+def _list_shards_by_twos(kinesis: Any) -> list[dict[str, Any]]:
+    """Every page of ListShards, two shards a page (NextToken)."""
+    page = kinesis.list_shards(StreamName="s", MaxResults=2)
+    paged: list[dict[str, Any]] = page["Shards"]
+    while "NextToken" in page:
+        page = kinesis.list_shards(NextToken=page["NextToken"], MaxResults=2)
+        paged += page["Shards"]
+    return paged
+
+
 @pytest.mark.parametrize("shards", [1, 3, 4])
 def test_shard_maps_cover_the_whole_hash_space(client, shards):
     with FakeAWS(access_key=ACCESS, secret_key=SECRET, shards=shards) as server:
         kinesis = client(server)
         listed = kinesis.list_shards(StreamName="s")["Shards"]
         described = kinesis.describe_stream(StreamName="s")["StreamDescription"]
-        paged: list[dict[str, Any]] = []
-        page = kinesis.list_shards(StreamName="s", MaxResults=2)
-        paged += page["Shards"]
-        while "NextToken" in page:
-            page = kinesis.list_shards(NextToken=page["NextToken"], MaxResults=2)
-            paged += page["Shards"]
+        paged = _list_shards_by_twos(kinesis)
 
     assert len(listed) == shards
     assert [s["ShardId"] for s in listed] == [f"shardId-{i:012d}" for i in range(shards)]
@@ -784,12 +789,7 @@ def test_reshard_closes_the_old_shards_and_puts_by_the_new_map(client):
         before = kinesis.put_records(StreamName="s", Records=[{"Data": b"a", "PartitionKey": "pk-1"}])
         assert server.reshard(3) == [f"shardId-{i:012d}" for i in (2, 3, 4)]
         listed = kinesis.list_shards(StreamName="s")["Shards"]
-        paged: list[dict[str, Any]] = []
-        page = kinesis.list_shards(StreamName="s", MaxResults=2)
-        paged += page["Shards"]
-        while "NextToken" in page:
-            page = kinesis.list_shards(NextToken=page["NextToken"], MaxResults=2)
-            paged += page["Shards"]
+        paged = _list_shards_by_twos(kinesis)
         described = kinesis.describe_stream(StreamName="s")["StreamDescription"]["Shards"]
         after = kinesis.put_records(StreamName="s", Records=[{"Data": b"b", "PartitionKey": "pk-1"}])
 

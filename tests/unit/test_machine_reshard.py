@@ -60,3 +60,12 @@ def test_spread_records_a_plain_list_and_an_old_maps_batch_say_nothing() -> None
     m.set_shard_map(shard_map(4, first=2), 0.005)  # fetched meanwhile: the batch's prediction is moot
     m.on_reply(s, Outcomes([None] * len(s.batch), (0, "shardId-000000000004")), 0.01, WALL)
     assert m.take_effects().stale_map is None
+
+
+def test_a_keyed_kpl_aggregate_is_checked_as_one_record() -> None:
+    m, smap = sharded(2, linger=0.0, aggregation="kpl", partition_key_field="k", max_record_bytes=1024 * 1024)
+    offer(m, 1, keyed_lines(keys_on(smap, 1, 30)))
+    s = send(m, 0.0)
+    assert len(s.batch) == 1 and s.shards == [1], "one aggregate, sent to shard 1's first hash key"
+    m.on_reply(s, Outcomes([None], (0, "shardId-000000000002")), 0.01, WALL)
+    assert m.take_effects().stale_map == ("shardId-000000000001", "shardId-000000000002")
