@@ -115,7 +115,9 @@ def _watch_recovery(daemon: Daemon, state: Path) -> dict[str, int]:
                 os.kill(daemon.proc.pid, signal.SIGCONT)
     finally:
         watch.close()
-    wait_until(lambda: all(p.exists() for p in daemon.sockets()), what="the daemon's sockets")
+    # The control socket is bound under a temporary name in the same folder, then linked in.
+    wait_until(lambda: all(p.exists() for p in daemon.sockets()) and (state / "control.sock").exists()
+               and not list(state.glob(".*.tmp")), what="the daemon's sockets, linked in")
     return seen
 
 
