@@ -6,8 +6,8 @@ came from, so that when the service accepts it the flusher can count those lines
 chunk leaves the spool only once every one of its lines was accepted.
 
 A *run* is the columnar form of the hot case (Kinesis, one line per record, random keys): the
-consecutive lines of one chunk, their keys and sizes as lists shared by every run of the chunk,
-and no object per line. Queues and batches hold runs and entries alike (``records`` says how
+consecutive lines of one chunk, their keys and sizes in two buffers shared by every run of the
+chunk, and no object per line. Queues and batches hold runs and entries alike (``records`` says how
 many records an item is); whatever needs single records (a reply with failures, bisecting,
 expiry, dead letters) first turns runs into entries with ``explode()``.
 """
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections import deque
+from array import array
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import accumulate, count, islice, repeat, starmap
 from operator import add, attrgetter
@@ -27,6 +28,8 @@ from spoold.aggregation import AggregateBuilder, ShardMap, hash_key
 
 # Hex digits of a random partition key: 64 bits spread keys evenly over any number of shards.
 RANDOM_KEY_HEX = 16
+# A run's keys are one buffer: each key's hex digits, then a space.
+KEY_STRIDE = RANDOM_KEY_HEX + 1
 # Kinesis partition keys are at most 256 Unicode characters.
 MAX_PARTITION_KEY = 256
 
@@ -94,12 +97,13 @@ class Entry:
 
 class Run:
     """Lines ``start:stop`` of one chunk, one record each with a random key: many records, no
-    object per line. ``keys`` (ASCII bytes) and ``cum`` (running sums of the records' counted
-    sizes, from 0) are the whole chunk's, indexed like ``chunk.lines`` and shared by its runs."""
+    object per line. ``keys`` (each key's hex digits and a space, KEY_STRIDE bytes a line) and
+    ``cum`` (running sums of the records' counted sizes, from 0) are the whole chunk's, indexed
+    like ``chunk.lines`` and shared by its runs."""
 
     __slots__ = ("chunk", "start", "stop", "keys", "cum", "created", "hash_key", "records", "size")
 
-    def __init__(self, chunk: Chunk, start: int, stop: int, keys: list[bytes], cum: list[int],
+    def __init__(self, chunk: Chunk, start: int, stop: int, keys: bytes, cum: array[int],
                  hash_key: str | None = None) -> None:
         self.chunk = chunk
         self.start = start
@@ -112,11 +116,13 @@ class Run:
         self.size = cum[stop] - cum[start]
 
     @classmethod
-    def of(cls, chunk: Chunk, keys: list[bytes], hash_key: str | None = None) -> Run:
-        """The run of all of ``chunk``'s lines (``keys``: one per line, all of one length)."""
-        width = len(keys[0])
-        cum = list(accumulate(map(add, map(len, chunk.lines), repeat(width)), initial=0))
+    def of(cls, chunk: Chunk, keys: bytes, hash_key: str | None = None) -> Run:
+        """The run of all of ``chunk``'s lines (``keys``: KEY_STRIDE bytes a line)."""
+        cum = array("q", accumulate(map(add, map(len, chunk.lines), repeat(RANDOM_KEY_HEX)), initial=0))
         return cls(chunk, 0, len(chunk.lines), keys, cum, hash_key)
+
+    def key_list(self) -> list[bytes]:
+        return self.keys[self.start * KEY_STRIDE:self.stop * KEY_STRIDE - 1].split(b" ")
 
     def lines(self) -> list[bytes]:
         return self.chunk.lines[self.start:self.stop]
@@ -136,7 +142,7 @@ class Run:
     def entries(self) -> list[Entry]:
         """One entry per record, as Encoder.entries() would have made them."""
         start, stop = self.start, self.stop
-        return list(map(Entry, self.chunk.lines[start:stop], map(bytes.decode, self.keys[start:stop]),
+        return list(map(Entry, self.chunk.lines[start:stop], map(bytes.decode, self.key_list()),
                         repeat([(self.chunk, 1)]), repeat(1), repeat(self.created), repeat(self.hash_key),
                         repeat(None), range(start, stop)))
 
@@ -224,13 +230,12 @@ class Encoder:
         return self.kind != "firehose" and self.aggregation != "kpl" and not self.partition_key_field
 
     def items(self, chunk: Chunk, now: float = 0.0) -> Iterator[Entry | Run]:
-        """What entries() yields, but as one run per chunk when the encoder is columnar."""
+        """What entries() yields, but as one run per chunk when the encoder is columnar (made
+        when first asked for, as entries are)."""
         if not self.columnar:
-            return self.entries(chunk, now)
-        if not chunk.lines:
-            return iter(())
-        keys = self._random_keys(len(chunk.lines)).encode().split(b" ")
-        return iter((Run.of(chunk, keys, self.explicit_hash_key),))
+            yield from self.entries(chunk, now)
+        elif chunk.lines:
+            yield Run.of(chunk, (self._random_keys(len(chunk.lines)) + " ").encode(), self.explicit_hash_key)
 
     def _random_keys(self, n: int) -> str:
         # Drawn for a whole chunk at once and cut apart by hex()'s separator: no Python step per line.

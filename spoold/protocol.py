@@ -190,7 +190,7 @@ def _columnar_body(head: bytes, batch: list[Entry | Run]) -> bytes:
             glue = tail + _CLOSE + _OPEN
             pieces = [_KEY, _KEY, glue, glue] * item.records
             pieces[0::4] = map(_b64, item.lines())
-            pieces[2::4] = item.keys[item.start:item.stop]
+            pieces[2::4] = item.key_list()
             pieces[-1] = tail + _CLOSE
             out.append(_OPEN)
             out += pieces
