@@ -129,9 +129,9 @@ async def test_runs_accepted_out_of_order_over_a_restart_leave_exactly_the_rest(
 
 
 # -- the machine: every line accounted once, whatever the replies ------------------------------------
-def drive(seed: int, sharded: bool, max_records: int, max_bytes: int) -> None:
+def drive(seed: int, sharded: bool, max_records: int, max_bytes: int, ehk: str | None = None) -> None:
     rng = random.Random(seed)
-    encoder = Encoder("kinesis", max_record_bytes=MiB, rng=random.Random(seed))
+    encoder = Encoder("kinesis", max_record_bytes=MiB, explicit_hash_key=ehk, rng=random.Random(seed))
     m = Outbox(Limits(linger=0.0, max_records=max_records, max_bytes=max_bytes, max_in_flight=3), encoder,
                RetryPolicy(base=0.01, cap=0.1, cap_throttle=0.05), 0.0, random.Random(seed))
     m.caught_up = True
@@ -199,3 +199,8 @@ def drive(seed: int, sharded: bool, max_records: int, max_bytes: int) -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_every_line_is_accounted_once_whatever_the_replies(seed: int, sharded: bool) -> None:
     drive(seed, sharded, max_records=[7, 500, 13][seed % 3], max_bytes=[150, 5 * MiB, 400][seed % 3])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_runs_with_an_explicit_hash_key_go_through_a_shard_queue_as_entries(seed: int) -> None:
+    drive(seed, True, max_records=[7, 500, 13][seed], max_bytes=[150, 5 * MiB, 400][seed], ehk=str(2 ** 127 + 1))
