@@ -182,7 +182,7 @@ class ReplyReader:
                     if match is None:
                         self._check_pending()
                         return None
-                    _headers(_lines(self._buf, self._pos, match.start()))  # checked, not kept
+                    _framing(_headers(_lines(self._buf, self._pos, match.start())))  # checked, not kept
                     self._pos = match.end()
                 self._state = _DONE
             elif state == _UNTIL_CLOSE:
@@ -224,6 +224,8 @@ class ReplyReader:
         if status_line is None:
             raise ReplyError(f"illegal status line {lines[0][:100]!r}")
         version, status = status_line[1], int(status_line[2])
+        if status < 100:
+            raise ReplyError(f"illegal status {status}")
         headers = _headers(lines[1:])
         length, chunked, close = _framing(headers)
         if status < 200:
