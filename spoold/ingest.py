@@ -72,6 +72,10 @@ CLOSED_USER_SHARE = "closed: this user holds more than its share of connection s
 # Rejection reasons of unfinished lines.
 MEMORY_LIMIT = "memory limit"
 CONNECTION_CLOSED = "connection closed"
+# SO_PEERCRED's struct ucred: pid, uid, gid.
+_UCRED = struct.Struct("iII")
+# Answers never block the loop, and a client gone is an EPIPE error, never a signal.
+_SEND_FLAGS = stdsocket.MSG_DONTWAIT | stdsocket.MSG_NOSIGNAL
 
 
 class IngestStats:
@@ -92,15 +96,15 @@ class IngestStats:
 class Conn:
     """One served connection, as the slot table sees it."""
 
-    __slots__ = ("uid", "buf", "held", "last_active", "reading", "read_scope", "closing")
+    __slots__ = ("uid", "buf", "held", "last_active", "reading", "sock", "closing")
 
-    def __init__(self, uid: int, buf: LineBuffer, now: float) -> None:
+    def __init__(self, uid: int, buf: LineBuffer, now: float, sock: stdsocket.socket | None = None) -> None:
         self.uid = uid
         self.buf = buf
         self.held = 0  # bytes of its lines counted in the budget (see MAX_HELD_BYTES)
         self.last_active = now  # when it last sent something
         self.reading = False  # waiting for the client (not for the spool, not answering)
-        self.read_scope: trio.CancelScope | None = None
+        self.sock = sock
         self.closing = ""  # why the daemon is closing it, once it is
 
 
@@ -159,8 +163,6 @@ class Slots:
     def mark_closing(self, conn: Conn, reason: str) -> None:
         conn.closing = reason
         self.closing += 1
-        if conn.read_scope is not None:
-            conn.read_scope.cancel()
 
     def largest_unfinished(self) -> Conn:
         return max(self.conns, key=lambda c: c.buf.buffered)
@@ -298,28 +300,46 @@ class Ingest:
             with self._accepting:
                 await self._serve_datagrams(tsock)
             return
-        acceptor = Acceptor(trio.SocketListener(tsock), f"destination {self.dest.name}")
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            with self._accepting:
-                while True:
-                    stream = await acceptor.accept()
-                    try:
-                        uid = _peer_uid(stream)
-                        room = await self._make_room(uid)
-                    except BaseException:
-                        stream.socket.close()
-                        raise
-                    if room:
-                        nursery.start_soon(self._connection, stream, self.open(uid))
-                    else:
-                        await self._refuse(stream, uid)
+        # Connections are served with plain sockets and trio's wait_readable/wait_writable: a
+        # writer of a few lines is answered without trio's socket and stream layers, each of
+        # whose calls costs a scheduler round (see docs/design.md, "Ingest").
+        listener = stdsocket.socket(fileno=tsock.fileno())
+        try:
+            acceptor = Acceptor(listener, f"destination {self.dest.name}")
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                with self._accepting:
+                    while True:
+                        sock = await acceptor.accept_socket()
+                        try:
+                            uid = _peer_uid(sock)
+                            room = not self.slots.full() or await self._make_room(uid)
+                        except BaseException:
+                            sock.close()
+                            raise
+                        if room:
+                            nursery.start_soon(self._connection, sock, self.open(uid, sock))
+                        else:
+                            await self._refuse(sock, uid)
+        finally:
+            listener.detach()  # the daemon's socket: not ours to close
 
-    def open(self, uid: int) -> Conn:
+    def open(self, uid: int, sock: stdsocket.socket | None = None) -> Conn:
         """Give a new connection of ``uid`` a slot (``_make_room`` made sure there is one)."""
-        conn = Conn(uid, LineBuffer(self.dest.limits.max_line_bytes), trio.current_time())
+        conn = Conn(uid, LineBuffer(self.dest.limits.max_line_bytes), trio.current_time(), sock)
         self.slots.add(conn)
         return conn
+
+    def close_for_room(self, conn: Conn, reason: str) -> None:
+        """Stop reading ``conn``: its complete lines are made durable and it is told why. Shutting
+        down its read side wakes a wait for the client with an end of input (the client's next
+        write fails, as it would once the connection is closed)."""
+        self.slots.mark_closing(conn, reason)
+        if conn.sock is not None:
+            try:
+                conn.sock.shutdown(stdsocket.SHUT_RD)
+            except OSError:
+                pass  # already gone: its reader sees that on its own
 
     async def _make_room(self, uid: int) -> bool:
         """Wait for a free slot, closing idle connections for it; False: refuse this one."""
@@ -331,7 +351,7 @@ class Ingest:
             if not slots.closing:
                 victim, reason, when = slots.victim(trio.current_time())
                 if victim is not None:
-                    slots.mark_closing(victim, reason)
+                    self.close_for_room(victim, reason)
                     self.stats.close(reason)
                     self._ratelimited("connection_closed_for_room", 1, reason=reason, uid=victim.uid,
                                       idle=round(trio.current_time() - victim.last_active, 1))
@@ -341,15 +361,14 @@ class Ingest:
                 await self._slot_freed.wait()
         return True
 
-    async def _refuse(self, stream: trio.SocketStream, uid: int) -> None:
+    async def _refuse(self, sock: stdsocket.socket, uid: int) -> None:
         self.stats.close(REFUSED_USER_SHARE)
         self._ratelimited("connection_refused", 1, reason=REFUSED_USER_SHARE, uid=uid,
                           user_share=self.slots.share)
         try:
-            await self._answer(stream, {"error": REFUSED_USER_SHARE}, REFUSE_TIMEOUT)
+            await _answer(sock, _encode({"error": REFUSED_USER_SHARE}), REFUSE_TIMEOUT)
         finally:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            _close(sock)
 
     async def _serve_datagrams(self, sock: trio.socket.SocketType) -> None:
         # One datagram is one line; a trailing newline is stripped. No acknowledgement is
@@ -386,7 +405,7 @@ class Ingest:
         self._ratelimited("line_rejected_too_long", len(sizes), size=max(sizes),
                           max_line_bytes=self.dest.limits.max_line_bytes)
 
-    async def _connection(self, stream: trio.SocketStream, conn: Conn) -> None:
+    async def _connection(self, sock: stdsocket.socket, conn: Conn) -> None:
         self.stats.connections += 1
         buf = conn.buf
         tickets: deque[Ticket] = deque()
@@ -397,25 +416,29 @@ class Ingest:
         self._readers.add(scope)
         try:
             with scope:
+                # Reads that found data right away since the last wait: a client sending without
+                # a pause gives the other tasks a turn between its reads, as a trio read would.
+                ready = 0
                 while True:
-                    # Its own scope, so that closing the connection for room cancels a wait
-                    # for the client, never a submission to the spool.
-                    conn.read_scope = reading = trio.CancelScope()
-                    conn.reading = True
                     try:
-                        with reading:
-                            data = await stream.receive_some(READ_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = sock.recv(READ_SIZE, stdsocket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        ready = 0
+                        conn.reading = True
+                        try:
+                            await trio.lowlevel.wait_readable(sock)
+                        finally:
+                            conn.reading = False
+                        continue
+                    except OSError:
                         break  # reset by the client: keep what arrived complete
-                    finally:
-                        conn.reading = False
-                        conn.read_scope = None
-                    if reading.cancelled_caught:
-                        break
-                    conn.last_active = trio.current_time()
                     if not data:
-                        eof = True
+                        eof = not conn.closing  # else: our own shutdown, from close_for_room
                         break
+                    if ready:
+                        await trio.lowlevel.checkpoint()
+                    ready += 1
+                    conn.last_active = trio.current_time()
                     lines = buf.feed(data)
                     # Not kept while waiting for the client: a read buffer per idle connection
                     # would hold connections x READ_SIZE outside the budget.
@@ -445,13 +468,16 @@ class Ingest:
                         accepted, rejected = self._tally(ticket, accepted, rejected, reasons)
             finally:
                 self._finishing.discard(finishing)
-            if (eof or conn.closing) and not finishing.cancelled_caught:
-                answer: dict[str, object] = {"accepted": accepted, "rejected": rejected}
+            if conn.closing and not finishing.cancelled_caught:
+                answer: dict[str, object] = {"error": conn.closing, "accepted": accepted, "rejected": rejected}
                 if reasons:
                     answer["reasons"] = reasons
-                if conn.closing:
-                    answer = {"error": conn.closing, **answer}
-                await self._answer(stream, answer, REFUSE_TIMEOUT if conn.closing else ANSWER_TIMEOUT)
+                await _answer(sock, _encode(answer), REFUSE_TIMEOUT)
+            elif eof and not finishing.cancelled_caught:
+                # What json.dumps makes of {"accepted": a, "rejected": r}, the common answer.
+                payload = (b'{"accepted": %d, "rejected": %d}\n' % (accepted, rejected) if not reasons else
+                           _encode({"accepted": accepted, "rejected": rejected, "reasons": reasons}))
+                await _answer(sock, payload, ANSWER_TIMEOUT)
         finally:
             self.held_bytes -= conn.held
             conn.held = 0
@@ -459,8 +485,7 @@ class Ingest:
             self.slots.remove(conn)
             self._slot_freed.set()
             self._slot_freed = trio.Event()
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            _close(sock)
 
     def _hold(self, conn: Conn, waiting: int = 0) -> None:
         # One hard budget for what all connections hold: past it, the largest unfinished lines
@@ -507,25 +532,49 @@ class Ingest:
                 self.stats.reject(ticket.reason, ticket.rejected)
         return accepted + ticket.accepted, rejected + ticket.rejected
 
-    async def _answer(self, stream: trio.SocketStream, answer: dict[str, object], timeout: float) -> None:
-        try:
-            with trio.move_on_after(timeout):
-                await stream.send_all(json.dumps(answer).encode() + b"\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client closed without waiting: it loses nothing it sent completely
-
 
 # Rejections counted in IngestStats as they happen, not again when their ticket is tallied.
 COUNTED_WHEN_FOUND = frozenset({"line too long", MEMORY_LIMIT, CONNECTION_CLOSED})
 
 
-def _peer_uid(stream: trio.SocketStream) -> int:
+def _peer_uid(sock: stdsocket.socket) -> int:
     """The connecting process's user (SO_PEERCRED); -1 when the kernel does not say."""
     try:
-        creds = stream.socket.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("iII"))
+        creds = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, _UCRED.size)
     except OSError:
         return -1
-    return int(struct.unpack("iII", creds)[1])
+    return int(_UCRED.unpack(creds)[1])
+
+
+def _encode(answer: dict[str, object]) -> bytes:
+    return json.dumps(answer).encode() + b"\n"
+
+
+async def _answer(sock: stdsocket.socket, payload: bytes, timeout: float) -> None:
+    """Send the answer line: at once into the socket's buffer, as a small one usually goes."""
+    try:
+        sent = sock.send(payload, _SEND_FLAGS)
+        if sent == len(payload):
+            return
+        payload = payload[sent:]
+    except BlockingIOError:
+        pass
+    except OSError:
+        return  # the client closed without waiting: it loses nothing it sent completely
+    with trio.move_on_after(timeout):
+        while payload:
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                payload = payload[sock.send(payload, _SEND_FLAGS):]
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+
+
+def _close(sock: stdsocket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)  # in case a wait registered it with trio
+    sock.close()
 
 
 def _rejected_ticket(n: int, reason: str) -> Ticket:
