@@ -273,8 +273,11 @@ class Ingest:
         self.slots = Slots()
         self.held_bytes = 0
         self._slot_freed = trio.Event()
-        self._readers: set[trio.CancelScope] = set()
+        # Waits of connections for room in the spool: cancelled at shutdown while reading,
+        # given the shutdown's deadline once finishing.
+        self._waiting: set[trio.CancelScope] = set()
         self._finishing: set[trio.CancelScope] = set()
+        self._stopping = False
         self._stop_deadline = float("inf")
         self._accepting = trio.CancelScope()
         self._ratelimited_log = RateLimitedLog()
@@ -284,7 +287,10 @@ class Ingest:
         that waits on a full spool for longer than STOP_SUBMIT_WAIT (the client then gets no
         answer, so it knows to send again)."""
         self._accepting.cancel()
-        for scope in self._readers:
+        self._stopping = True
+        for conn in self.slots.conns:
+            _shut_read(conn.sock)
+        for scope in self._waiting:
             scope.cancel()
         self._stop_deadline = trio.current_time() + STOP_SUBMIT_WAIT
         for scope in self._finishing:
@@ -335,11 +341,7 @@ class Ingest:
         down its read side wakes a wait for the client with an end of input (the client's next
         write fails, as it would once the connection is closed)."""
         self.slots.mark_closing(conn, reason)
-        if conn.sock is not None:
-            try:
-                conn.sock.shutdown(stdsocket.SHUT_RD)
-            except OSError:
-                pass  # already gone: its reader sees that on its own
+        _shut_read(conn.sock)
 
     async def _make_room(self, uid: int) -> bool:
         """Wait for a free slot, closing idle connections for it; False: refuse this one."""
@@ -368,7 +370,7 @@ class Ingest:
         try:
             await _answer(sock, _encode({"error": REFUSED_USER_SHARE}), REFUSE_TIMEOUT)
         finally:
-            _close(sock)
+            sock.close()
 
     async def _serve_datagrams(self, sock: trio.socket.SocketType) -> None:
         # One datagram is one line; a trailing newline is stripped. No acknowledgement is
@@ -406,74 +408,67 @@ class Ingest:
                           max_line_bytes=self.dest.limits.max_line_bytes)
 
     async def _connection(self, sock: stdsocket.socket, conn: Conn) -> None:
+        """Serve one writer. No cancel scope on the common path: closing for room and shutdown
+        stop its reads by shutting its read side down (see close_for_room), and a wait for room
+        in the spool, the only other wait while reading, has its own scope."""
         self.stats.connections += 1
         buf = conn.buf
         tickets: deque[Ticket] = deque()
         accepted = rejected = 0
         reasons: dict[str, int] = {}
         eof = False
-        scope = trio.CancelScope()
-        self._readers.add(scope)
         try:
-            with scope:
-                # Reads that found data right away since the last wait: a client sending without
-                # a pause gives the other tasks a turn between its reads, as a trio read would.
-                ready = 0
-                while True:
+            # Reads that found data right away since the last wait: a client sending without a
+            # pause gives the other tasks a turn between its reads, as a trio read would.
+            ready = 0
+            while True:
+                try:
+                    data = sock.recv(READ_SIZE, stdsocket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    ready = 0
+                    conn.reading = True
                     try:
-                        data = sock.recv(READ_SIZE, stdsocket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        ready = 0
-                        conn.reading = True
-                        try:
-                            await trio.lowlevel.wait_readable(sock)
-                        finally:
-                            conn.reading = False
-                        continue
-                    except OSError:
-                        break  # reset by the client: keep what arrived complete
-                    if not data:
-                        eof = not conn.closing  # else: our own shutdown, from close_for_room
-                        break
-                    if ready:
-                        await trio.lowlevel.checkpoint()
-                    ready += 1
-                    conn.last_active = trio.current_time()
-                    lines = buf.feed(data)
-                    # Not kept while waiting for the client: a read buffer per idle connection
-                    # would hold connections x READ_SIZE outside the budget.
-                    del data
-                    await self._submit(lines, conn, tickets)
-                    del lines
-                    while tickets and tickets[0].done.is_set():
-                        accepted, rejected = self._tally(tickets.popleft(), accepted, rejected, reasons)
-                    if conn.closing:  # closed for room while this data was on its way
-                        break
+                        await trio.lowlevel.wait_readable(sock)
+                    finally:
+                        conn.reading = False
+                    continue
+                except OSError:
+                    break  # reset by the client: keep what arrived complete
+                if not data:
+                    # Else the end is our own: closed for room, or shutting down.
+                    eof = not conn.closing and not self._stopping
+                    break
+                if ready:
+                    await trio.lowlevel.checkpoint()
+                ready += 1
+                conn.last_active = trio.current_time()
+                lines = buf.feed(data)
+                # Not kept while waiting for the client: a read buffer per idle connection
+                # would hold connections x READ_SIZE outside the budget.
+                del data
+                if not await self._submit(lines, conn, tickets):
+                    break  # shutting down while waiting for room: these lines are not acked
+                del lines
+                while tickets and tickets[0].done.is_set():
+                    accepted, rejected = self._tally(tickets.popleft(), accepted, rejected, reasons)
+                if conn.closing:  # closed for room while this data was on its way
+                    break
             if conn.closing and buf.abandon():
                 self.stats.reject(CONNECTION_CLOSED, 1)
                 tickets.append(_rejected_ticket(1, CONNECTION_CLOSED))
-            # Shielded: lines already read are made durable even during shutdown (with a
-            # deadline then, since a full spool under when_full = "block" may never free up).
-            finishing = trio.CancelScope(shield=True, deadline=self._stop_deadline)
-            self._finishing.add(finishing)
-            try:
-                with finishing:
-                    if eof:
-                        await self._submit(buf.close(), conn, tickets)
-                    else:
-                        await self._submit([], conn, tickets)
-                    while tickets:
-                        ticket = tickets.popleft()
-                        await ticket.done.wait()
-                        accepted, rejected = self._tally(ticket, accepted, rejected, reasons)
-            finally:
-                self._finishing.discard(finishing)
-            if conn.closing and not finishing.cancelled_caught:
+            # Lines already read are made durable even during shutdown, with a deadline then
+            # (a full spool under when_full = "block" may never free up): see _submit.
+            finished = await self._submit(buf.close() if eof else [], conn, tickets, finishing=True)
+            while tickets:
+                ticket = tickets.popleft()
+                await ticket.done.wait()  # a commit always answers it, even when it fails
+                accepted, rejected = self._tally(ticket, accepted, rejected, reasons)
+            if conn.closing and finished:
                 answer: dict[str, object] = {"error": conn.closing, "accepted": accepted, "rejected": rejected}
                 if reasons:
                     answer["reasons"] = reasons
                 await _answer(sock, _encode(answer), REFUSE_TIMEOUT)
-            elif eof and not finishing.cancelled_caught:
+            elif eof and finished:
                 # What json.dumps makes of {"accepted": a, "rejected": r}, the common answer.
                 payload = (b'{"accepted": %d, "rejected": %d}\n' % (accepted, rejected) if not reasons else
                            _encode({"accepted": accepted, "rejected": rejected, "reasons": reasons}))
@@ -481,11 +476,10 @@ class Ingest:
         finally:
             self.held_bytes -= conn.held
             conn.held = 0
-            self._readers.discard(scope)
             self.slots.remove(conn)
             self._slot_freed.set()
             self._slot_freed = trio.Event()
-            _close(sock)
+            sock.close()  # no task waits on it: no notify_closing needed
 
     def _hold(self, conn: Conn, waiting: int = 0) -> None:
         # One hard budget for what all connections hold: past it, the largest unfinished lines
@@ -504,7 +498,11 @@ class Ingest:
             self.stats.reject(MEMORY_LIMIT, 1)
             self._ratelimited("partial_line_dropped", 1, held=freed, budget=MAX_HELD_BYTES)
 
-    async def _submit(self, lines: list[bytes], conn: Conn, tickets: deque[Ticket]) -> None:
+    async def _submit(self, lines: list[bytes], conn: Conn, tickets: deque[Ticket],
+                      finishing: bool = False) -> bool:
+        """Hand lines to the committer, their ticket to ``tickets``. False: a wait for room was
+        cut short by shutdown (cancelled while reading; past its deadline once ``finishing``,
+        though shielded from any other cancellation), and the lines were not taken."""
         buf = conn.buf
         oversized = buf.take_oversized()
         if oversized:
@@ -515,15 +513,30 @@ class Ingest:
             tickets.append(_rejected_ticket(len(discarded), MEMORY_LIMIT))
         if not lines:
             self._hold(conn)
-            return
+            return True
         nbytes = sum(map(len, lines)) + len(lines)
         self.stats.lines_in += len(lines)
         self.stats.bytes_in += nbytes
-        self._hold(conn, nbytes)
-        try:
-            tickets.append(await self.committer.submit(self.dest.name, lines, nbytes))
-        finally:
+        ticket = self.committer.submit_nowait(self.dest.name, lines, nbytes)
+        if ticket is None:
+            self._hold(conn, nbytes)  # complete lines waiting for the committer count too
+            scope = trio.CancelScope(shield=finishing, deadline=self._stop_deadline if finishing else float("inf"))
+            waits = self._finishing if finishing else self._waiting
+            if self._stopping and not finishing:
+                scope.cancel()
+            waits.add(scope)
+            try:
+                with scope:
+                    ticket = await self.committer.submit(self.dest.name, lines, nbytes)
+            finally:
+                waits.discard(scope)
+                self._hold(conn)
+            if ticket is None:
+                return False
+        else:
             self._hold(conn)
+        tickets.append(ticket)
+        return True
 
     def _tally(self, ticket: Ticket, accepted: int, rejected: int, reasons: dict[str, int]) -> tuple[int, int]:
         if ticket.rejected:
@@ -572,9 +585,13 @@ async def _answer(sock: stdsocket.socket, payload: bytes, timeout: float) -> Non
                 return
 
 
-def _close(sock: stdsocket.socket) -> None:
-    trio.lowlevel.notify_closing(sock)  # in case a wait registered it with trio
-    sock.close()
+def _shut_read(sock: stdsocket.socket | None) -> None:
+    """End a connection's input: its reader, waiting or not, gets an end of input next."""
+    if sock is not None:
+        try:
+            sock.shutdown(stdsocket.SHUT_RD)
+        except OSError:
+            pass  # already gone: its reader sees that on its own
 
 
 def _rejected_ticket(n: int, reason: str) -> Ticket:

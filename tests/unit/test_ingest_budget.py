@@ -20,11 +20,16 @@ class FakeCommitter:
     def __init__(self) -> None:
         self.lines: list[bytes] = []
 
-    async def submit(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket:
+    def submit_nowait(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket | None:
         ticket = Ticket(lines, nbytes)
         self.lines.extend(lines)
         ticket.accepted = len(lines)
         ticket.done.set()
+        return ticket
+
+    async def submit(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket:
+        ticket = self.submit_nowait(dest, lines, nbytes)
+        assert ticket is not None
         return ticket
 
 
@@ -144,6 +149,9 @@ class BlockedCommitter(FakeCommitter):
         super().__init__()
         self.open = trio.Event()
 
+    def submit_nowait(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket | None:
+        return super().submit_nowait(dest, lines, nbytes) if self.open.is_set() else None
+
     async def submit(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket:
         await self.open.wait()
         return await super().submit(dest, lines, nbytes)
@@ -207,3 +215,46 @@ def test_spoold_send_fails_on_an_error_answer(tmp_path: Path, capsys) -> None:
         server.close()
     assert out.getvalue() == answer
     assert ingest.REFUSED_USER_SHARE in capsys.readouterr().err
+
+
+async def test_shutdown_stops_reads_and_waits_for_room_and_answers_whoever_finished() -> None:
+    """stop_reading() ends every read (an idle writer gets no answer: it sends again), cuts a
+    wait for room short (those lines are not taken), and a writer that had sent its end is
+    still answered once its lines are committed."""
+    committer = BlockedCommitter()
+    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            idle, idle_conn = pair(ing, nursery, 1)
+            waiting, _ = pair(ing, nursery, 2)
+            committer.open.set()
+            await idle.send_all(b"kept\nunfinished")
+            await trio.testing.wait_all_tasks_blocked()
+            committer.open = trio.Event()  # no room from now on
+            await waiting.send_all(b"waits for room\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert idle_conn.reading and len(ing._waiting) == 1
+            ing.stop_reading()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not ing._waiting
+            committer.open.set()
+            answers = [await idle.receive_some(1000), await waiting.receive_some(1000)]
+            for client in (idle, waiting):
+                await client.aclose()
+    assert answers == [b"", b""]
+    assert committer.lines == [b"kept"]
+    assert not ing.slots.conns and ing.held_bytes == 0
+
+
+async def test_a_writer_that_ended_is_answered_after_its_commit() -> None:
+    committer = FakeCommitter()
+    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client, _ = pair(ing, nursery, 1)
+            await client.send_all(b"a\nb\n\nc")
+            await client.send_eof()
+            answer = await client.receive_some(1000)
+            await client.aclose()
+    assert answer == json.dumps({"accepted": 3, "rejected": 0}).encode() + b"\n"
+    assert committer.lines == [b"a", b"b", b"c"]
