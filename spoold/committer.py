@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 import trio
 
+from spoold.batching import Run
 from spoold.config import SpoolConfig
 from spoold.errors import SpoolError
 from spoold.spool import DestStats, FilePosition, Spool, Worker
 
 if TYPE_CHECKING:
-    from spoold.batching import Entry
+    from spoold.batching import Chunk, Entry
 
 logger = structlog.get_logger()
 
@@ -207,8 +208,8 @@ class Committer:
         self._deletes.append((row_id, dest, lines, nbytes))
         self._wake.set()
 
-    def accepted(self, entries: Iterable[Entry]) -> None:
-        """The service accepted these entries (or they were dead-lettered or expired): record,
+    def accepted(self, entries: Iterable[Entry | Run]) -> None:
+        """The service accepted these entries and runs (or they were dead-lettered or expired): record,
         with the next commit, which lines they took from rows that still have unsent lines, so
         that a restart does not send those again. Call it after the entries' chunks' ``remaining``
         counts were lowered: a chunk at 0 is finished, and its delete() is what counts."""
@@ -220,14 +221,18 @@ class Committer:
         last, spans, index = self._last if self._last_for is pending else (None, [], None)
         same = None  # the refs of one-line entries of one chunk are one shared list
         for entry in entries:
-            at = entry.at
-            refs = entry.refs
-            if refs is same:  # the hot path: the next line of the same chunk
-                if spans[-1] == at:
-                    spans[-1] = at + 1
-                else:
-                    spans += (at, at + 1)
-                continue
+            if type(entry) is Run:  # the hot path: many lines of one chunk at once
+                at: int | list[int] = entry.start
+                refs: list[tuple[Chunk, int]] | tuple[tuple[Chunk, int]] = ((entry.chunk, entry.records),)
+            else:
+                at = entry.at  # type: ignore[union-attr]
+                refs = entry.refs  # type: ignore[union-attr]
+                if refs is same:  # the next line of the same chunk
+                    if spans[-1] == at:
+                        spans[-1] = at + 1  # type: ignore[operator]
+                    else:
+                        spans += (at, at + 1)  # type: ignore[operator]
+                    continue
             same = None
             for chunk, n in refs:
                 if not chunk.remaining:

@@ -126,10 +126,10 @@ class Flusher:
                 m.on_single(send, self.api.parse_single(response.status_code, response.content),
                             trio.current_time(), time.time())
             else:
-                body = self.api.body(send.batch, self.machine.encoder.hex_keys)
+                body = self.api.body(send.items, self.machine.encoder.hex_keys)
                 signed = await self._signed(body)
                 outcomes = await self.sender.put(self.url, signed, body, self.dest.limits.request_timeout,
-                                                 self.api.firehose, len(send.batch))
+                                                 self.api.firehose, send.records)
                 m.on_reply(send, outcomes, trio.current_time(), time.time())
         except SendError as exc:
             m.on_error(send, exc, trio.current_time(), time.time())
