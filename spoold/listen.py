@@ -50,7 +50,7 @@ class Acceptor:
         self._next_log = 0.0
 
     async def accept(self) -> trio.SocketStream:
-        assert isinstance(self.listener, trio.SocketListener)
+        assert not isinstance(self.listener, stdsocket.socket)
         while True:
             try:
                 return await self.listener.accept()
