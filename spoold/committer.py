@@ -121,6 +121,9 @@ class Committer:
         """Queue lines for the next commit; waits while too much is pending or the spool is full
         (``when_full = "block"``). Await ``ticket.done`` for the outcome. ``files``: where the
         followed files these lines come from were read up to, written in the same transaction."""
+        ticket = self.submit_nowait(dest, lines, nbytes, files)
+        if ticket is not None:
+            return ticket
         ticket = Ticket(lines, nbytes, files)
         while not self._closed and (
             self._pending_bytes > MAX_PENDING_BYTES
@@ -132,16 +135,39 @@ class Committer:
             return ticket
         if self._full(dest, nbytes):
             if self.cfg.when_full == "reject":
-                self.rejected_full += len(lines)
-                self._log("spool_full_rejected", len(lines), max_bytes=self.cfg.max_bytes)
-                self._reject(ticket, "spool full")
-                return ticket
+                return self._reject_full(ticket)
             if self.cfg.when_full == "drop_oldest":
                 await self._drop_oldest(dest, nbytes)
+        self._queue(dest, ticket)
+        return ticket
+
+    def submit_nowait(self, dest: str, lines: list[bytes], nbytes: int,
+                      files: list[FilePosition] | None = None) -> Ticket | None:
+        """submit() when it needs no wait, the common case; None when it would wait (for room in
+        the commit queue or the spool, or to drop the oldest rows)."""
+        if self._pending_bytes > MAX_PENDING_BYTES and not self._closed:
+            return None
+        ticket = Ticket(lines, nbytes, files)
+        if self._closed:
+            self._reject(ticket, "shutting down")
+        elif not self._full(dest, nbytes):
+            self._queue(dest, ticket)
+        elif self.cfg.when_full == "reject":
+            self._reject_full(ticket)
+        else:
+            return None
+        return ticket
+
+    def _queue(self, dest: str, ticket: Ticket) -> None:
         self._pending.append((dest, ticket))
-        self._pending_bytes += nbytes
+        self._pending_bytes += ticket.nbytes
         self._wake.set()
         self._lines_waiting.set()
+
+    def _reject_full(self, ticket: Ticket) -> Ticket:
+        self.rejected_full += len(ticket.lines)
+        self._log("spool_full_rejected", len(ticket.lines), max_bytes=self.cfg.max_bytes)
+        self._reject(ticket, "spool full")
         return ticket
 
     def _full(self, dest: str, nbytes: int) -> bool:
