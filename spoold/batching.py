@@ -4,28 +4,40 @@ An *entry* is one record as the service sees it: one line for Kinesis, one line 
 delimiter (or many packed lines) for Firehose. An entry remembers which spool chunks its lines
 came from, so that when the service accepts it the flusher can count those lines as sent, and a
 chunk leaves the spool only once every one of its lines was accepted.
+
+A *run* is the columnar form of the hot case (Kinesis, one line per record, random keys): the
+consecutive lines of one chunk, their keys and sizes in two buffers shared by every run of the
+chunk, and no object per line. Queues and batches hold runs and entries alike (``records`` says how
+many records an item is); whatever needs single records (a reply with failures, bisecting,
+expiry, dead letters) first turns runs into entries with ``explode()``.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from array import array
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import count, islice, repeat, starmap
-from operator import attrgetter
+from itertools import accumulate, count, islice, repeat, starmap
+from operator import add, attrgetter
 from typing import Any
 
 from spoold.aggregation import AggregateBuilder, ShardMap, hash_key
 
 # Hex digits of a random partition key: 64 bits spread keys evenly over any number of shards.
 RANDOM_KEY_HEX = 16
+# A run's keys are one buffer: each key's hex digits, then a space.
+KEY_STRIDE = RANDOM_KEY_HEX + 1
 # Kinesis partition keys are at most 256 Unicode characters.
 MAX_PARTITION_KEY = 256
 
 
-# The bytes an entry counts against the service's limits (sum(map(entry_size, entries)) runs in C).
+# The bytes an entry or run counts against the service's limits (sum(map(entry_size, items)) runs in C).
 entry_size = attrgetter("size")
+# The records an entry (one) or a run (one per line) stands for.
+record_count = attrgetter("records")
 
 
 class Chunk:
@@ -52,6 +64,7 @@ class Entry:
     """
 
     __slots__ = ("data", "key", "hash_key", "refs", "nlines", "attempts", "created", "_lines", "size", "at")
+    records = 1  # one record, however many lines it carries
 
     def __init__(
         self,
@@ -80,6 +93,76 @@ class Entry:
     def lines(self) -> list[bytes]:
         """The original lines this entry carries (for dead letters)."""
         return self._lines if self._lines is not None else [self.data]
+
+
+class Run:
+    """Lines ``start:stop`` of one chunk, one record each with a random key: many records, no
+    object per line. ``keys`` (each key's hex digits and a space, KEY_STRIDE bytes a line) and
+    ``cum`` (running sums of the records' counted sizes, from 0) are the whole chunk's, indexed
+    like ``chunk.lines`` and shared by its runs."""
+
+    __slots__ = ("chunk", "start", "stop", "keys", "cum", "created", "hash_key", "records", "size")
+
+    def __init__(self, chunk: Chunk, start: int, stop: int, keys: bytes, cum: array[int],
+                 hash_key: str | None = None) -> None:
+        self.chunk = chunk
+        self.start = start
+        self.stop = stop
+        self.keys = keys
+        self.cum = cum
+        self.created = chunk.created
+        self.hash_key = hash_key
+        self.records = stop - start
+        self.size = cum[stop] - cum[start]
+
+    @classmethod
+    def of(cls, chunk: Chunk, keys: bytes, hash_key: str | None = None) -> Run:
+        """The run of all of ``chunk``'s lines (``keys``: KEY_STRIDE bytes a line)."""
+        cum = array("q", accumulate(map(add, map(len, chunk.lines), repeat(RANDOM_KEY_HEX)), initial=0))
+        return cls(chunk, 0, len(chunk.lines), keys, cum, hash_key)
+
+    def key_list(self) -> list[bytes]:
+        return self.keys[self.start * KEY_STRIDE:self.stop * KEY_STRIDE - 1].split(b" ")
+
+    def lines(self) -> list[bytes]:
+        return self.chunk.lines[self.start:self.stop]
+
+    def fit(self, max_records: int, max_bytes: int) -> int:
+        """How many of the leading records fit in both limits."""
+        start, cum = self.start, self.cum
+        stop = min(self.stop, start + max_records)
+        return max(bisect_right(cum, cum[start] + max_bytes, start, stop + 1) - 1 - start, 0)
+
+    def split(self, n: int) -> tuple[Run, Run]:
+        """The first ``n`` records, and the rest."""
+        cut = self.start + n
+        return (Run(self.chunk, self.start, cut, self.keys, self.cum, self.hash_key),
+                Run(self.chunk, cut, self.stop, self.keys, self.cum, self.hash_key))
+
+    def entries(self) -> list[Entry]:
+        """One entry per record, as Encoder.entries() would have made them."""
+        start, stop = self.start, self.stop
+        return list(map(Entry, self.chunk.lines[start:stop], map(bytes.decode, self.key_list()),
+                        repeat([(self.chunk, 1)]), repeat(1), repeat(self.created), repeat(self.hash_key),
+                        repeat(None), range(start, stop)))
+
+
+def first_size(item: Entry | Run) -> int:
+    """The counted size of the first record of an entry (itself) or a run."""
+    if type(item) is Run:
+        return item.cum[item.start + 1] - item.cum[item.start]
+    return item.size
+
+
+def explode(items: Iterable[Entry | Run]) -> list[Entry]:
+    """``items`` with every run turned into its entries, in order: for whatever needs single records."""
+    out: list[Entry] = []
+    for item in items:
+        if type(item) is Run:
+            out += item.entries()
+        else:
+            out.append(item)  # type: ignore[arg-type]
+    return out
 
 
 
@@ -140,6 +223,25 @@ class Encoder:
     def random_key(self) -> str:
         return f"{self._rng.getrandbits(RANDOM_KEY_HEX * 4):0{RANDOM_KEY_HEX}x}"
 
+    @property
+    def columnar(self) -> bool:
+        """Chunks become runs (items()), not one entry per line: Kinesis records of one line each
+        with random keys."""
+        return self.kind != "firehose" and self.aggregation != "kpl" and not self.partition_key_field
+
+    def items(self, chunk: Chunk, now: float = 0.0) -> Iterator[Entry | Run]:
+        """What entries() yields, but as one run per chunk when the encoder is columnar (made
+        when first asked for, as entries are)."""
+        if not self.columnar:
+            yield from self.entries(chunk, now)
+        elif chunk.lines:
+            yield Run.of(chunk, (self._random_keys(len(chunk.lines)) + " ").encode(), self.explicit_hash_key)
+
+    def _random_keys(self, n: int) -> str:
+        # Drawn for a whole chunk at once and cut apart by hex()'s separator: no Python step per line.
+        half = RANDOM_KEY_HEX // 2
+        return self._rng.randbytes(half * n).hex(" ", half)
+
     def entries(self, chunk: Chunk, now: float = 0.0) -> Iterator[Entry]:
         """The entries for every line of ``chunk``, in order (``now``: the caller's clock, which
         dates an aggregate left open for more lines)."""
@@ -160,10 +262,7 @@ class Encoder:
             return
         field = self.partition_key_field
         ehk = self.explicit_hash_key
-        # Random keys are drawn for the whole chunk at once, and cut apart by hex()'s separator:
-        # no Python step per line.
-        half = RANDOM_KEY_HEX // 2
-        keys = self._rng.randbytes(half * len(chunk.lines)).hex(" ", half).split(" ")
+        keys = self._random_keys(len(chunk.lines)).split(" ")
         one = [(chunk, 1)]  # shared: refs are only read
         if not field:  # the hot path: map() calls Entry with no Python step of its own per line
             yield from map(Entry, chunk.lines, keys, repeat(one), repeat(1), repeat(created), repeat(ehk),
@@ -306,32 +405,44 @@ class _OpenAggregate:
 
 
 def take_batch(
-    sources: Iterable[deque[Entry]], max_records: int, max_bytes: int
-) -> tuple[list[Entry], int]:
-    """Pop entries from the sources, in order, into one request under both limits.
+    sources: Iterable[deque[Any]], max_records: int, max_bytes: int
+) -> tuple[list[Any], int]:
+    """Pop entries and runs from the sources, in order, into one request under both limits.
 
     Returns the batch and its counted size. An entry that does not fit ends the batch and stays
-    at the head of its source, so nothing is reordered within a source.
+    at the head of its source, so nothing is reordered within a source; a run is cut at the
+    record that does not fit (its rest stays at the head). The batch's first record is taken
+    whatever its size.
     """
-    batch: list[Entry] = []
-    size = 0
+    batch: list[Any] = []
+    size = records = 0
     for source in sources:
-        # The usual case first, in C loops: the next entries all fit in the byte limit.
-        n = min(len(source), max_records - len(batch))
+        # The usual case first, in C loops: the next items all fit in both limits.
+        n = min(len(source), max_records - records)
         head = list(islice(source, n))
         total = sum(map(entry_size, head))
-        if size + total <= max_bytes:
+        got = sum(map(record_count, head))
+        if size + total <= max_bytes and records + got <= max_records:
             deque(starmap(source.popleft, repeat((), n)), maxlen=0)
             batch += head
             size += total
-        while source and len(batch) < max_records:
-            entry = source[0]
-            n = entry.size
+            records += got
+        while source and records < max_records:
+            item = source[0]
+            n = item.size
+            if records + item.records > max_records or (size + n > max_bytes and item.records > 1):
+                k = item.fit(max_records - records, max_bytes - size) or (0 if batch else 1)
+                if k:
+                    taken, source[0] = item.split(k)
+                    batch.append(taken)
+                    size += taken.size
+                return batch, size
             if batch and size + n > max_bytes:
                 return batch, size
             source.popleft()
-            batch.append(entry)
+            batch.append(item)
             size += n
-        if len(batch) >= max_records:
+            records += item.records
+        if records >= max_records:
             break
     return batch, size

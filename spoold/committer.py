@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 import trio
 
+from spoold.batching import Run
 from spoold.config import SpoolConfig
 from spoold.errors import SpoolError
 from spoold.spool import DestStats, FilePosition, Spool, Worker
 
 if TYPE_CHECKING:
-    from spoold.batching import Entry
+    from spoold.batching import Chunk, Entry
 
 logger = structlog.get_logger()
 
@@ -120,6 +121,9 @@ class Committer:
         """Queue lines for the next commit; waits while too much is pending or the spool is full
         (``when_full = "block"``). Await ``ticket.done`` for the outcome. ``files``: where the
         followed files these lines come from were read up to, written in the same transaction."""
+        ticket = self.submit_nowait(dest, lines, nbytes, files)
+        if ticket is not None:
+            return ticket
         ticket = Ticket(lines, nbytes, files)
         while not self._closed and (
             self._pending_bytes > MAX_PENDING_BYTES
@@ -131,16 +135,39 @@ class Committer:
             return ticket
         if self._full(dest, nbytes):
             if self.cfg.when_full == "reject":
-                self.rejected_full += len(lines)
-                self._log("spool_full_rejected", len(lines), max_bytes=self.cfg.max_bytes)
-                self._reject(ticket, "spool full")
-                return ticket
+                return self._reject_full(ticket)
             if self.cfg.when_full == "drop_oldest":
                 await self._drop_oldest(dest, nbytes)
+        self._queue(dest, ticket)
+        return ticket
+
+    def submit_nowait(self, dest: str, lines: list[bytes], nbytes: int,
+                      files: list[FilePosition] | None = None) -> Ticket | None:
+        """submit() when it needs no wait, the common case; None when it would wait (for room in
+        the commit queue or the spool, or to drop the oldest rows)."""
+        if self._pending_bytes > MAX_PENDING_BYTES and not self._closed:
+            return None
+        ticket = Ticket(lines, nbytes, files)
+        if self._closed:
+            self._reject(ticket, "shutting down")
+        elif not self._full(dest, nbytes):
+            self._queue(dest, ticket)
+        elif self.cfg.when_full == "reject":
+            self._reject_full(ticket)
+        else:
+            return None
+        return ticket
+
+    def _queue(self, dest: str, ticket: Ticket) -> None:
         self._pending.append((dest, ticket))
-        self._pending_bytes += nbytes
+        self._pending_bytes += ticket.nbytes
         self._wake.set()
         self._lines_waiting.set()
+
+    def _reject_full(self, ticket: Ticket) -> Ticket:
+        self.rejected_full += len(ticket.lines)
+        self._log("spool_full_rejected", len(ticket.lines), max_bytes=self.cfg.max_bytes)
+        self._reject(ticket, "spool full")
         return ticket
 
     def _full(self, dest: str, nbytes: int) -> bool:
@@ -181,8 +208,8 @@ class Committer:
         self._deletes.append((row_id, dest, lines, nbytes))
         self._wake.set()
 
-    def accepted(self, entries: Iterable[Entry]) -> None:
-        """The service accepted these entries (or they were dead-lettered or expired): record,
+    def accepted(self, entries: Iterable[Entry | Run]) -> None:
+        """The service accepted these entries and runs (or they were dead-lettered or expired): record,
         with the next commit, which lines they took from rows that still have unsent lines, so
         that a restart does not send those again. Call it after the entries' chunks' ``remaining``
         counts were lowered: a chunk at 0 is finished, and its delete() is what counts."""
@@ -194,14 +221,18 @@ class Committer:
         last, spans, index = self._last if self._last_for is pending else (None, [], None)
         same = None  # the refs of one-line entries of one chunk are one shared list
         for entry in entries:
-            at = entry.at
-            refs = entry.refs
-            if refs is same:  # the hot path: the next line of the same chunk
-                if spans[-1] == at:
-                    spans[-1] = at + 1
-                else:
-                    spans += (at, at + 1)
-                continue
+            if type(entry) is Run:  # the hot path: many lines of one chunk at once
+                at: int | list[int] = entry.start
+                refs: list[tuple[Chunk, int]] | tuple[tuple[Chunk, int]] = ((entry.chunk, entry.records),)
+            else:
+                at = entry.at  # type: ignore[union-attr]
+                refs = entry.refs  # type: ignore[union-attr]
+                if refs is same:  # the next line of the same chunk
+                    if spans[-1] == at:
+                        spans[-1] = at + 1  # type: ignore[operator]
+                    else:
+                        spans += (at, at + 1)  # type: ignore[operator]
+                    continue
             same = None
             for chunk, n in refs:
                 if not chunk.remaining:

@@ -22,6 +22,7 @@ from spoold.protocol import KINESIS_PREFIX, Api, reply_document
 from spoold.sender import InlineSender, Sender, post
 from spoold.signing import CredentialSource, sign
 from spoold.spool import Row, Spool, Worker
+from spoold.transport import Reply
 
 logger = structlog.get_logger()
 
@@ -126,10 +127,10 @@ class Flusher:
                 m.on_single(send, self.api.parse_single(response.status_code, response.content),
                             trio.current_time(), time.time())
             else:
-                body = self.api.body(send.batch, self.machine.encoder.hex_keys)
+                body = self.api.body(send.items, self.machine.encoder.hex_keys)
                 signed = await self._signed(body)
                 outcomes = await self.sender.put(self.url, signed, body, self.dest.limits.request_timeout,
-                                                 self.api.firehose, len(send.batch))
+                                                 self.api.firehose, send.records)
                 m.on_reply(send, outcomes, trio.current_time(), time.time())
         except SendError as exc:
             m.on_error(send, exc, trio.current_time(), time.time())
@@ -160,7 +161,7 @@ class Flusher:
         return sign(creds, url=self.url, body=body, headers=headers,
                     region=self.dest.region, service=self.dest.signing_service)
 
-    async def _post(self, body: bytes, target: str | None = None) -> httpx.Response:
+    async def _post(self, body: bytes, target: str | None = None) -> Reply:
         """A request on the daemon's own client (ordered mode, shard maps)."""
         signed = await self._signed(body, target)
         return await post(self.client, self.url, signed, body, self.dest.limits.request_timeout)

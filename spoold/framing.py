@@ -53,8 +53,9 @@ class LineBuffer:
         end = data.rfind(b"\n")
         if end >= start:
             found = data[start:end].split(b"\n")
-            # The common case in C loops: no empty and no oversized line among them.
-            if b"" not in found and max(map(len, found)) <= limit:
+            # The common case in C loops: no empty and no oversized line among them (none can be
+            # oversized when all of them together are not).
+            if b"" not in found and (end - start <= limit or max(map(len, found)) <= limit):
                 if lines:
                     lines += found
                 else:

@@ -72,6 +72,10 @@ CLOSED_USER_SHARE = "closed: this user holds more than its share of connection s
 # Rejection reasons of unfinished lines.
 MEMORY_LIMIT = "memory limit"
 CONNECTION_CLOSED = "connection closed"
+# SO_PEERCRED's struct ucred: pid, uid, gid.
+_UCRED = struct.Struct("iII")
+# Answers never block the loop, and a client gone is an EPIPE error, never a signal.
+_SEND_FLAGS = stdsocket.MSG_DONTWAIT | stdsocket.MSG_NOSIGNAL
 
 
 class IngestStats:
@@ -92,15 +96,15 @@ class IngestStats:
 class Conn:
     """One served connection, as the slot table sees it."""
 
-    __slots__ = ("uid", "buf", "held", "last_active", "reading", "read_scope", "closing")
+    __slots__ = ("uid", "buf", "held", "last_active", "reading", "sock", "closing")
 
-    def __init__(self, uid: int, buf: LineBuffer, now: float) -> None:
+    def __init__(self, uid: int, buf: LineBuffer, now: float, sock: stdsocket.socket | None = None) -> None:
         self.uid = uid
         self.buf = buf
         self.held = 0  # bytes of its lines counted in the budget (see MAX_HELD_BYTES)
         self.last_active = now  # when it last sent something
         self.reading = False  # waiting for the client (not for the spool, not answering)
-        self.read_scope: trio.CancelScope | None = None
+        self.sock = sock
         self.closing = ""  # why the daemon is closing it, once it is
 
 
@@ -159,8 +163,6 @@ class Slots:
     def mark_closing(self, conn: Conn, reason: str) -> None:
         conn.closing = reason
         self.closing += 1
-        if conn.read_scope is not None:
-            conn.read_scope.cancel()
 
     def largest_unfinished(self) -> Conn:
         return max(self.conns, key=lambda c: c.buf.buffered)
@@ -271,8 +273,11 @@ class Ingest:
         self.slots = Slots()
         self.held_bytes = 0
         self._slot_freed = trio.Event()
-        self._readers: set[trio.CancelScope] = set()
+        # Waits of connections for room in the spool: cancelled at shutdown while reading,
+        # given the shutdown's deadline once finishing.
+        self._waiting: set[trio.CancelScope] = set()
         self._finishing: set[trio.CancelScope] = set()
+        self._stopping = False
         self._stop_deadline = float("inf")
         self._accepting = trio.CancelScope()
         self._ratelimited_log = RateLimitedLog()
@@ -282,7 +287,10 @@ class Ingest:
         that waits on a full spool for longer than STOP_SUBMIT_WAIT (the client then gets no
         answer, so it knows to send again)."""
         self._accepting.cancel()
-        for scope in self._readers:
+        self._stopping = True
+        for conn in self.slots.conns:
+            _shut_read(conn.sock)
+        for scope in self._waiting:
             scope.cancel()
         self._stop_deadline = trio.current_time() + STOP_SUBMIT_WAIT
         for scope in self._finishing:
@@ -298,28 +306,42 @@ class Ingest:
             with self._accepting:
                 await self._serve_datagrams(tsock)
             return
-        acceptor = Acceptor(trio.SocketListener(tsock), f"destination {self.dest.name}")
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            with self._accepting:
-                while True:
-                    stream = await acceptor.accept()
-                    try:
-                        uid = _peer_uid(stream)
-                        room = await self._make_room(uid)
-                    except BaseException:
-                        stream.socket.close()
-                        raise
-                    if room:
-                        nursery.start_soon(self._connection, stream, self.open(uid))
-                    else:
-                        await self._refuse(stream, uid)
+        # Connections are served with plain sockets and trio's wait_readable/wait_writable: a
+        # writer of a few lines is answered without trio's socket and stream layers, each of
+        # whose calls costs a scheduler round (see docs/design.md, "Ingest").
+        listener = stdsocket.socket(fileno=tsock.fileno())
+        try:
+            acceptor = Acceptor(listener, f"destination {self.dest.name}")
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                with self._accepting:
+                    while True:
+                        sock = await acceptor.accept_socket()
+                        try:
+                            uid = _peer_uid(sock)
+                            room = not self.slots.full() or await self._make_room(uid)
+                        except BaseException:
+                            sock.close()
+                            raise
+                        if room:
+                            nursery.start_soon(self._connection, sock, self.open(uid, sock))
+                        else:
+                            await self._refuse(sock, uid)
+        finally:
+            listener.detach()  # the daemon's socket: not ours to close
 
-    def open(self, uid: int) -> Conn:
+    def open(self, uid: int, sock: stdsocket.socket | None = None) -> Conn:
         """Give a new connection of ``uid`` a slot (``_make_room`` made sure there is one)."""
-        conn = Conn(uid, LineBuffer(self.dest.limits.max_line_bytes), trio.current_time())
+        conn = Conn(uid, LineBuffer(self.dest.limits.max_line_bytes), trio.current_time(), sock)
         self.slots.add(conn)
         return conn
+
+    def close_for_room(self, conn: Conn, reason: str) -> None:
+        """Stop reading ``conn``: its complete lines are made durable and it is told why. Shutting
+        down its read side wakes a wait for the client with an end of input (the client's next
+        write fails, as it would once the connection is closed)."""
+        self.slots.mark_closing(conn, reason)
+        _shut_read(conn.sock)
 
     async def _make_room(self, uid: int) -> bool:
         """Wait for a free slot, closing idle connections for it; False: refuse this one."""
@@ -331,7 +353,7 @@ class Ingest:
             if not slots.closing:
                 victim, reason, when = slots.victim(trio.current_time())
                 if victim is not None:
-                    slots.mark_closing(victim, reason)
+                    self.close_for_room(victim, reason)
                     self.stats.close(reason)
                     self._ratelimited("connection_closed_for_room", 1, reason=reason, uid=victim.uid,
                                       idle=round(trio.current_time() - victim.last_active, 1))
@@ -341,15 +363,14 @@ class Ingest:
                 await self._slot_freed.wait()
         return True
 
-    async def _refuse(self, stream: trio.SocketStream, uid: int) -> None:
+    async def _refuse(self, sock: stdsocket.socket, uid: int) -> None:
         self.stats.close(REFUSED_USER_SHARE)
         self._ratelimited("connection_refused", 1, reason=REFUSED_USER_SHARE, uid=uid,
                           user_share=self.slots.share)
         try:
-            await self._answer(stream, {"error": REFUSED_USER_SHARE}, REFUSE_TIMEOUT)
+            await _answer(sock, _encode({"error": REFUSED_USER_SHARE}), REFUSE_TIMEOUT)
         finally:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            sock.close()
 
     async def _serve_datagrams(self, sock: trio.socket.SocketType) -> None:
         # One datagram is one line; a trailing newline is stripped. No acknowledgement is
@@ -386,81 +407,79 @@ class Ingest:
         self._ratelimited("line_rejected_too_long", len(sizes), size=max(sizes),
                           max_line_bytes=self.dest.limits.max_line_bytes)
 
-    async def _connection(self, stream: trio.SocketStream, conn: Conn) -> None:
+    async def _connection(self, sock: stdsocket.socket, conn: Conn) -> None:
+        """Serve one writer. No cancel scope on the common path: closing for room and shutdown
+        stop its reads by shutting its read side down (see close_for_room), and a wait for room
+        in the spool, the only other wait while reading, has its own scope."""
         self.stats.connections += 1
         buf = conn.buf
         tickets: deque[Ticket] = deque()
         accepted = rejected = 0
         reasons: dict[str, int] = {}
         eof = False
-        scope = trio.CancelScope()
-        self._readers.add(scope)
         try:
-            with scope:
-                while True:
-                    # Its own scope, so that closing the connection for room cancels a wait
-                    # for the client, never a submission to the spool.
-                    conn.read_scope = reading = trio.CancelScope()
+            # Reads that found data right away since the last wait: a client sending without a
+            # pause gives the other tasks a turn between its reads, as a trio read would.
+            ready = 0
+            while True:
+                try:
+                    data = sock.recv(READ_SIZE, stdsocket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    ready = 0
                     conn.reading = True
                     try:
-                        with reading:
-                            data = await stream.receive_some(READ_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        break  # reset by the client: keep what arrived complete
+                        await trio.lowlevel.wait_readable(sock)
                     finally:
                         conn.reading = False
-                        conn.read_scope = None
-                    if reading.cancelled_caught:
-                        break
-                    conn.last_active = trio.current_time()
-                    if not data:
-                        eof = True
-                        break
-                    lines = buf.feed(data)
-                    # Not kept while waiting for the client: a read buffer per idle connection
-                    # would hold connections x READ_SIZE outside the budget.
-                    del data
-                    await self._submit(lines, conn, tickets)
-                    del lines
-                    while tickets and tickets[0].done.is_set():
-                        accepted, rejected = self._tally(tickets.popleft(), accepted, rejected, reasons)
-                    if conn.closing:  # closed for room while this data was on its way
-                        break
+                    continue
+                except OSError:
+                    break  # reset by the client: keep what arrived complete
+                if not data:
+                    # Else the end is our own: closed for room, or shutting down.
+                    eof = not conn.closing and not self._stopping
+                    break
+                if ready:
+                    await trio.lowlevel.checkpoint()
+                ready += 1
+                conn.last_active = trio.current_time()
+                lines = buf.feed(data)
+                # Not kept while waiting for the client: a read buffer per idle connection
+                # would hold connections x READ_SIZE outside the budget.
+                del data
+                if not await self._submit(lines, conn, tickets):
+                    break  # shutting down while waiting for room: these lines are not acked
+                del lines
+                while tickets and tickets[0].done.is_set():
+                    accepted, rejected = self._tally(tickets.popleft(), accepted, rejected, reasons)
+                if conn.closing:  # closed for room while this data was on its way
+                    break
             if conn.closing and buf.abandon():
                 self.stats.reject(CONNECTION_CLOSED, 1)
                 tickets.append(_rejected_ticket(1, CONNECTION_CLOSED))
-            # Shielded: lines already read are made durable even during shutdown (with a
-            # deadline then, since a full spool under when_full = "block" may never free up).
-            finishing = trio.CancelScope(shield=True, deadline=self._stop_deadline)
-            self._finishing.add(finishing)
-            try:
-                with finishing:
-                    if eof:
-                        await self._submit(buf.close(), conn, tickets)
-                    else:
-                        await self._submit([], conn, tickets)
-                    while tickets:
-                        ticket = tickets.popleft()
-                        await ticket.done.wait()
-                        accepted, rejected = self._tally(ticket, accepted, rejected, reasons)
-            finally:
-                self._finishing.discard(finishing)
-            if (eof or conn.closing) and not finishing.cancelled_caught:
-                answer: dict[str, object] = {"accepted": accepted, "rejected": rejected}
+            # Lines already read are made durable even during shutdown, with a deadline then
+            # (a full spool under when_full = "block" may never free up): see _submit.
+            finished = await self._submit(buf.close() if eof else [], conn, tickets, finishing=True)
+            while tickets:
+                ticket = tickets.popleft()
+                await ticket.done.wait()  # a commit always answers it, even when it fails
+                accepted, rejected = self._tally(ticket, accepted, rejected, reasons)
+            if conn.closing and finished:
+                answer: dict[str, object] = {"error": conn.closing, "accepted": accepted, "rejected": rejected}
                 if reasons:
                     answer["reasons"] = reasons
-                if conn.closing:
-                    answer = {"error": conn.closing, **answer}
-                await self._answer(stream, answer, REFUSE_TIMEOUT if conn.closing else ANSWER_TIMEOUT)
+                await _answer(sock, _encode(answer), REFUSE_TIMEOUT)
+            elif eof and finished:
+                # What json.dumps makes of {"accepted": a, "rejected": r}, the common answer.
+                payload = (b'{"accepted": %d, "rejected": %d}\n' % (accepted, rejected) if not reasons else
+                           _encode({"accepted": accepted, "rejected": rejected, "reasons": reasons}))
+                await _answer(sock, payload, ANSWER_TIMEOUT)
         finally:
             self.held_bytes -= conn.held
             conn.held = 0
-            self._readers.discard(scope)
             self.slots.remove(conn)
             self._slot_freed.set()
             self._slot_freed = trio.Event()
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            sock.close()  # no task waits on it: no notify_closing needed
 
     def _hold(self, conn: Conn, waiting: int = 0) -> None:
         # One hard budget for what all connections hold: past it, the largest unfinished lines
@@ -479,7 +498,11 @@ class Ingest:
             self.stats.reject(MEMORY_LIMIT, 1)
             self._ratelimited("partial_line_dropped", 1, held=freed, budget=MAX_HELD_BYTES)
 
-    async def _submit(self, lines: list[bytes], conn: Conn, tickets: deque[Ticket]) -> None:
+    async def _submit(self, lines: list[bytes], conn: Conn, tickets: deque[Ticket],
+                      finishing: bool = False) -> bool:
+        """Hand lines to the committer, their ticket to ``tickets``. False: a wait for room was
+        cut short by shutdown (cancelled while reading; past its deadline once ``finishing``,
+        though shielded from any other cancellation), and the lines were not taken."""
         buf = conn.buf
         oversized = buf.take_oversized()
         if oversized:
@@ -490,15 +513,30 @@ class Ingest:
             tickets.append(_rejected_ticket(len(discarded), MEMORY_LIMIT))
         if not lines:
             self._hold(conn)
-            return
+            return True
         nbytes = sum(map(len, lines)) + len(lines)
         self.stats.lines_in += len(lines)
         self.stats.bytes_in += nbytes
-        self._hold(conn, nbytes)
-        try:
-            tickets.append(await self.committer.submit(self.dest.name, lines, nbytes))
-        finally:
+        ticket = self.committer.submit_nowait(self.dest.name, lines, nbytes)
+        if ticket is None:
+            self._hold(conn, nbytes)  # complete lines waiting for the committer count too
+            scope = trio.CancelScope(shield=finishing, deadline=self._stop_deadline if finishing else float("inf"))
+            waits = self._finishing if finishing else self._waiting
+            if self._stopping and not finishing:
+                scope.cancel()
+            waits.add(scope)
+            try:
+                with scope:
+                    ticket = await self.committer.submit(self.dest.name, lines, nbytes)
+            finally:
+                waits.discard(scope)
+                self._hold(conn)
+            if ticket is None:
+                return False
+        else:
             self._hold(conn)
+        tickets.append(ticket)
+        return True
 
     def _tally(self, ticket: Ticket, accepted: int, rejected: int, reasons: dict[str, int]) -> tuple[int, int]:
         if ticket.rejected:
@@ -507,25 +545,53 @@ class Ingest:
                 self.stats.reject(ticket.reason, ticket.rejected)
         return accepted + ticket.accepted, rejected + ticket.rejected
 
-    async def _answer(self, stream: trio.SocketStream, answer: dict[str, object], timeout: float) -> None:
-        try:
-            with trio.move_on_after(timeout):
-                await stream.send_all(json.dumps(answer).encode() + b"\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client closed without waiting: it loses nothing it sent completely
-
 
 # Rejections counted in IngestStats as they happen, not again when their ticket is tallied.
 COUNTED_WHEN_FOUND = frozenset({"line too long", MEMORY_LIMIT, CONNECTION_CLOSED})
 
 
-def _peer_uid(stream: trio.SocketStream) -> int:
+def _peer_uid(sock: stdsocket.socket) -> int:
     """The connecting process's user (SO_PEERCRED); -1 when the kernel does not say."""
     try:
-        creds = stream.socket.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("iII"))
+        creds = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, _UCRED.size)
     except OSError:
         return -1
-    return int(struct.unpack("iII", creds)[1])
+    return int(_UCRED.unpack(creds)[1])
+
+
+def _encode(answer: dict[str, object]) -> bytes:
+    return json.dumps(answer).encode() + b"\n"
+
+
+async def _answer(sock: stdsocket.socket, payload: bytes, timeout: float) -> None:
+    """Send the answer line: at once into the socket's buffer, as a small one usually goes."""
+    try:
+        sent = sock.send(payload, _SEND_FLAGS)
+        if sent == len(payload):
+            return
+        payload = payload[sent:]
+    except BlockingIOError:
+        pass
+    except OSError:
+        return  # the client closed without waiting: it loses nothing it sent completely
+    with trio.move_on_after(timeout):
+        while payload:
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                payload = payload[sock.send(payload, _SEND_FLAGS):]
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+
+
+def _shut_read(sock: stdsocket.socket | None) -> None:
+    """End a connection's input: its reader, waiting or not, gets an end of input next."""
+    if sock is not None:
+        try:
+            sock.shutdown(stdsocket.SHUT_RD)
+        except OSError:
+            pass  # already gone: its reader sees that on its own
 
 
 def _rejected_ticket(n: int, reason: str) -> Ticket:

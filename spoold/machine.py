@@ -33,12 +33,12 @@ import itertools
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from spoold.aggregation import ShardMap, hash_key
-from spoold.batching import Chunk, Encoder, Entry, entry_size, take_batch
+from spoold.batching import Chunk, Encoder, Entry, Run, entry_size, explode, first_size, record_count, take_batch
 from spoold.config import LIMITS, Destination, RecordConfig, RetryConfig, SpoolConfig
 from spoold.config import Limits as LimitsConfig
 from spoold.errors import FatalSendError, SendError
@@ -164,13 +164,18 @@ class _Group:
 
 
 class Send:
-    """A batch to sign and post (ordered mode: one record, with ``sequence`` for ordering)."""
+    """A batch to sign and post (ordered mode: one record, with ``sequence`` for ordering).
 
-    __slots__ = ("batch", "group", "sent_at", "units", "ordered", "sequence", "shards", "split", "paces")
+    ``items`` holds entries and runs (``records`` records in all); ``batch`` is the same as
+    single entries."""
 
-    def __init__(self, batch: list[Entry], group: _Group, sent_at: float, units: float,
-                 ordered: bool = False, sequence: str | None = None) -> None:
-        self.batch = batch
+    __slots__ = ("items", "records", "group", "sent_at", "units", "ordered", "sequence", "shards", "split",
+                 "paces")
+
+    def __init__(self, batch: list[Entry | Run], group: _Group, sent_at: float, units: float,
+                 ordered: bool = False, sequence: str | None = None, records: int | None = None) -> None:
+        self.items = batch
+        self.records = len(batch) if records is None else records
         self.group = group
         self.sent_at = sent_at
         self.units = units
@@ -182,12 +187,20 @@ class Send:
         self.split: dict[int, list[float]] = {}
         self.paces: list[Pace] = []
 
+    @property
+    def batch(self) -> list[Entry]:
+        """The batch as one entry per record: its runs are exploded, once (later reads and the
+        replies see the same entries)."""
+        if Run in set(map(type, self.items)):
+            self.items = explode(self.items)
+        return self.items  # type: ignore[return-value]
+
 
 @dataclass
 class Effects:
     """What the caller must write after a call: rows to delete, expired lines, dead letters, logs."""
 
-    accepted: list[Entry] = field(default_factory=list)  # done: accepted, expired or dead-lettered
+    accepted: list[Entry | Run] = field(default_factory=list)  # done: accepted, expired or dead-lettered
     deleted: list[Chunk] = field(default_factory=list)
     expired: int = 0
     dead: list[tuple[Entry, str]] = field(default_factory=list)
@@ -229,10 +242,13 @@ class Outbox:
         self.caught_up = False
         self.leased: dict[int, Chunk] = {}
         self.leased_bytes = 0
-        self._to_encode: deque[tuple[Chunk, Iterator[Entry]]] = deque()
+        self._to_encode: deque[tuple[Chunk, Iterator[Entry | Run]]] = deque()
         self._epoch = 0  # bumped by release(): reads begun before it are stale
-        # Entries
-        self.fresh: deque[Entry] = deque()
+        # Entries, and runs (columnar: many records each) in fresh and _any; so records and
+        # bytes are counted beside those queues, as len() counts items
+        self._columnar = encoder.columnar and not limits.ordered
+        self.fresh: deque[Entry | Run] = deque()
+        self._fresh_records = 0
         self._fresh_bytes = 0
         self._fresh_since: float | None = None
         self._due: deque[Entry] = deque()
@@ -264,7 +280,8 @@ class Outbox:
         self.shard_map: ShardMap | None = None
         self._paces: list[Pace] = []
         self._queues: list[deque[Entry]] = []
-        self._any: deque[Entry] = deque()
+        self._any: deque[Entry | Run] = deque()
+        self._any_records = 0
         self._queued = 0
         self._queued_bytes = 0
         self._queued_due = False  # some queued entries are retries: no linger
@@ -336,7 +353,8 @@ class Outbox:
             return
         self.leased[chunk.id] = chunk
         self.leased_bytes += chunk.nbytes
-        self._to_encode.append((chunk, self.encoder.entries(chunk, now)))
+        encoder = self.encoder
+        self._to_encode.append((chunk, encoder.items(chunk, now) if self._columnar else encoder.entries(chunk, now)))
 
     @property
     def busy(self) -> bool:
@@ -354,14 +372,14 @@ class Outbox:
         self.leased_bytes = 0
         self._to_encode.clear()
         self.fresh.clear()
-        self._fresh_bytes = 0
+        self._fresh_records = self._fresh_bytes = 0
         self._fresh_since = None
         self._due.clear()
         self._retry.clear()
         self._probes.clear()
         for q in (*self._queues, self._any):
             q.clear()
-        self._queued = self._queued_bytes = 0
+        self._queued = self._queued_bytes = self._any_records = 0
         self._queued_due = False
         self.encoder.discard_open()
         self.cursor = 0
@@ -403,7 +421,7 @@ class Outbox:
             return self._send(batch, group, now)
         if self._paces:
             self._classify(now)
-        waiting = len(self._due) + len(self.fresh) + self._queued
+        waiting = len(self._due) + self._fresh_records + self._queued
         if waiting:
             full = (waiting >= lim.max_records or self._to_encode
                     or self._fresh_bytes + self._queued_bytes >= lim.max_bytes)
@@ -443,8 +461,9 @@ class Outbox:
             if self._due:
                 entry = self._due.popleft()
             else:
-                entry = self.fresh.popleft()
+                entry = self.fresh.popleft()  # type: ignore[assignment]  (never a run: ordered)
                 self._fresh_bytes -= entry.size
+                self._fresh_records -= 1
             batch = [entry]
         else:
             budget = max(self.pace.budget(now), 0.0) if self.paced else math.inf
@@ -452,19 +471,23 @@ class Outbox:
             max_bytes = max(1, int(min(lim.max_bytes, budget * SHARD_BYTES)))
             due = len(self._due)
             batch, _ = take_batch((self._due, self.fresh), max_records, max_bytes)
-            self._fresh_bytes -= sum(map(entry_size, batch[due - len(self._due):]))
+            from_fresh = batch[due - len(self._due):]
+            self._fresh_bytes -= sum(map(entry_size, from_fresh))
+            self._fresh_records -= sum(map(record_count, from_fresh))
         if not self.fresh:
             self._fresh_since = None
         return self._send(batch, _Group(), now)
 
-    def _send(self, batch: list[Entry], group: _Group, now: float) -> Send:
-        units = cost(len(batch), sum(map(entry_size, batch)))
+    def _send(self, batch: list[Entry | Run], group: _Group, now: float) -> Send:
+        records = sum(map(record_count, batch))
+        units = cost(records, sum(map(entry_size, batch)))
         self.pace.spend(now, units)
         self._fill = 1.0 - PHASE_JITTER * self.rng.random()
         self.in_flight += 1
         if self.limits.ordered:
-            return Send(batch, group, now, units, ordered=True, sequence=self._ordered_seq.get(batch[0].key))
-        return Send(batch, group, now, units)
+            return Send(batch, group, now, units, ordered=True,
+                        sequence=self._ordered_seq.get(batch[0].key))  # type: ignore[union-attr]
+        return Send(batch, group, now, units, records=records)
 
     def _collect_due(self, now: float, wall: float) -> None:
         cutoff = wall - self.limits.max_age
@@ -477,6 +500,8 @@ class Outbox:
                 count, nbytes = self._expire_queued(queue, cutoff)
                 self._queued -= count
                 self._queued_bytes -= nbytes
+                if queue is self._any:
+                    self._any_records -= count
             if not self._queued:
                 self._queued_due = False
         while self._retry and self._retry[0][0] <= now:
@@ -484,21 +509,21 @@ class Outbox:
             if not self._expire(entry, cutoff):
                 self._due.append(entry)
 
-    def _expire_queued(self, queue: deque[Entry], cutoff: float) -> tuple[int, int]:
-        """Drop the entries of ``queue`` past max_age: their count and bytes."""
+    def _expire_queued(self, queue: deque[Entry | Run], cutoff: float) -> tuple[int, int]:
+        """Drop the entries and runs of ``queue`` past max_age: their records and bytes."""
         if not any(e.created < cutoff for e in queue):
             return 0, 0
         kept = [e for e in queue if not self._expire(e, cutoff)]
-        count, nbytes = len(queue) - len(kept), sum(map(entry_size, queue)) - sum(map(entry_size, kept))
+        count = sum(map(record_count, queue)) - sum(map(record_count, kept))
+        nbytes = sum(map(entry_size, queue)) - sum(map(entry_size, kept))
         queue.clear()
         queue.extend(kept)
         return count, nbytes
 
-    def _expire(self, entry: Entry, cutoff: float) -> bool:
-        if entry.created >= cutoff:
+    def _expire(self, item: Entry | Run, cutoff: float) -> bool:
+        if item.created >= cutoff:
             return False
-        self._effects.expired += entry.nlines
-        self._settle(entry)
+        self._effects.expired += self._settle((item,))
         return True
 
     def _encode_ahead(self, now: float) -> None:
@@ -509,31 +534,33 @@ class Outbox:
         fresh = self.fresh
         while self._to_encode and self._room_ahead(target, byte_target):
             _, entries = self._to_encode[0]
-            step = min(target - len(fresh), ENCODE_STEP)
+            step = min(target - self._fresh_records, ENCODE_STEP)
             got = list(itertools.islice(entries, step))
             fresh.extend(got)
             self._fresh_bytes += sum(map(entry_size, got))
+            self._fresh_records += sum(map(record_count, got))
             if len(got) < step:
                 self._to_encode.popleft()
             if self._paces:
                 self._classify(now)
         since = self.encoder.open_since
-        if since is not None and not self._to_encode and len(fresh) < target and (
+        if since is not None and not self._to_encode and self._fresh_records < target and (
             self.draining or now - since >= lim.linger
         ):
             for entry in self.encoder.flush():  # an aggregate that waited linger for more lines
                 fresh.append(entry)
                 self._fresh_bytes += entry.size
+                self._fresh_records += 1
         if fresh and self._fresh_since is None:
             self._fresh_since = now
 
     def _room_ahead(self, target: int, byte_target: int) -> bool:
         if not self._paces:
-            return len(self.fresh) < target and self._fresh_bytes < byte_target
+            return self._fresh_records < target and self._fresh_bytes < byte_target
         # Per shard: entries beyond one batch for a shard do not count towards the target, so
         # a shard whose pace holds its entries back does not hold back the others.
         cap = self.limits.max_records
-        sendable = len(self._any) + sum(min(len(q), cap) for q in self._queues)
+        sendable = self._any_records + sum(min(len(q), cap) for q in self._queues)
         return (sendable < target and self._queued < target * SHARD_AHEAD_BATCHES // ENCODE_AHEAD_BATCHES
                 and self._queued_bytes < byte_target)
 
@@ -548,10 +575,10 @@ class Outbox:
         if shard_map is not None and old is not None and shard_map.shards == old.shards:
             return
         # Whatever waits in the shard queues is classified again, first in line.
-        waiting = [e for q in (*self._queues, self._any) for e in q]
+        waiting = explode(e for q in (*self._queues, self._any) for e in q)
         self._due.extendleft(reversed(waiting))
         self._queues, self._any = [], deque()
-        self._queued = self._queued_bytes = 0
+        self._queued = self._queued_bytes = self._any_records = 0
         self._queued_due = False
         self.shard_map = shard_map
         if shard_map is None:
@@ -579,7 +606,7 @@ class Outbox:
         if self._fresh_since is None:
             self._fresh_since = now
         nbytes = self._fresh_bytes
-        count = len(due) + len(fresh)
+        count = len(due) + self._fresh_records
         if due:
             self._queued_due = True
             for e in reversed(due):
@@ -588,11 +615,12 @@ class Outbox:
             due.clear()
         if self._routable:
             self._any.extend(fresh)
-        else:
-            for e in fresh:
-                self._queues[self._shard_of(e)].append(e)
+            self._any_records += count
+        else:  # the shard queues hold entries only (len() counts their records)
+            for e in explode(fresh) if self._columnar else fresh:
+                self._queues[self._shard_of(e)].append(e)  # type: ignore[arg-type]
         fresh.clear()
-        self._fresh_bytes = 0
+        self._fresh_bytes = self._fresh_records = 0
         self._queued += count
         self._queued_bytes += nbytes
 
@@ -614,7 +642,7 @@ class Outbox:
         spread = not self._routed or self._spread_only
         take_any = False
         if anyq:
-            want = len(anyq) * unit * MIN_BATCH_SHARE
+            want = self._any_records * unit * MIN_BATCH_SHARE
             t = (max(p.ready_for(now, want / n, self._fill) for p in paces) if spread
                  else min(p.ready_for(now, want, self._fill) for p in paces))
             take_any = t <= now
@@ -623,16 +651,16 @@ class Outbox:
             self.pace.wait(now)
             return ready
         tokens = [p.tokens for p in paces]
-        batch: list[Entry] = []
+        batch: list[Entry | Run] = []
         shards: list[int] = []
         split: dict[int, list[float]] = {}
-        size = 0
+        size = records = 0
         max_records, max_bytes = lim.max_records, lim.max_bytes
 
-        def fill(q: deque[Entry], i: int, room: float, ehk: str | None = None) -> float:
-            nonlocal size
-            left_records, left_bytes = max_records - len(batch), max_bytes - size
-            if room <= 0 or not q or left_records <= 0 or (batch and q[0].size > left_bytes):
+        def fill(q: deque[Entry | Run], i: int, room: float, ehk: str | None = None) -> float:
+            nonlocal size, records
+            left_records, left_bytes = max_records - records, max_bytes - size
+            if room <= 0 or not q or left_records <= 0 or (batch and first_size(q[0]) > left_bytes):
                 return room
             # At least one entry: a bucket may go into debt for it.
             got, nbytes = take_batch((q,), max(1, min(left_records, math.ceil(room * SHARD_RECORDS))),
@@ -640,12 +668,16 @@ class Outbox:
             if ehk is not None:
                 for e in got:
                     e.hash_key = ehk
+            n = sum(map(record_count, got))
+            if q is anyq:
+                self._any_records -= n
             batch.extend(got)
-            shards.extend([i] * len(got))
+            shards.extend([i] * n)
             size += nbytes
-            units = cost(len(got), nbytes)
+            records += n
+            units = cost(n, nbytes)
             done = split.setdefault(i, [0, 0.0])
-            done[0] += len(got)
+            done[0] += n
             done[1] += units
             return room - units
 
@@ -664,14 +696,14 @@ class Outbox:
                 p.spend(now, units / (n if i < 0 else 1))
         if not batch:
             return ready
-        self._queued -= len(batch)
+        self._queued -= records
         self._queued_bytes -= size
         if not self._queued:
             self._fresh_since = None
             self._queued_due = False
         self.pace.idle(now)
         self.in_flight += 1
-        send = Send(batch, _Group(), now, cost(len(batch), size))
+        send = Send(batch, _Group(), now, cost(records, size), records=records)
         send.shards, send.split, send.paces = shards, split, paces
         self._fill = 1.0 - PHASE_JITTER * self.rng.random()
         return send
@@ -710,19 +742,20 @@ class Outbox:
         self.in_flight -= 1
         self._whole_attempt = 0
         self.last_success_at = wall
-        batch, group = send.batch, send.group
+        group, records = send.group, send.records
         rtt = now - send.sent_at
-        self._unit_cost += 0.1 * (send.units / len(batch) - self._unit_cost)
-        if not any(outcomes):  # the common case, kept tight: every entry accepted
-            self._accept(batch)
+        self._unit_cost += 0.1 * (send.units / records - self._unit_cost)
+        if not any(outcomes):  # the common case, kept tight: every record accepted, runs whole
+            self._accept(send.items)
             if send.shards is None:
-                self.pace.on_reply(now, send.units, len(batch), len(batch), 0, rtt)
+                self.pace.on_reply(now, send.units, records, records, 0, rtt)
             else:
                 self._shard_reply(send, None, now, rtt, getattr(outcomes, "shard", None))
                 self._shrink_aggregates()
             group.ok = True
             self._finish(group, now, wall)
             return
+        batch = send.batch
         policy = self.policy
         paced = self.paced or send.shards is not None
         accepted: list[Entry] = []
@@ -777,7 +810,7 @@ class Outbox:
     def on_error(self, send: Send, exc: SendError, now: float, wall: float) -> None:
         """The request failed as a whole."""
         self.in_flight -= 1
-        batch, group = send.batch, send.group
+        batch, group = send.batch, send.group  # as single entries: bisected or retried
         bisects = isinstance(exc, FatalSendError) and self.policy.bisects(exc.code)
         if send.ordered:
             if bisects and self.records_sent:
@@ -827,7 +860,7 @@ class Outbox:
             self.dead_letters += entry.nlines
             self._log("error", "dead_lettered", lines=entry.nlines, size=len(entry.data), error=error[:200],
                       hint="spoold dead-letters list|replay|purge")
-            self._settle(entry)
+            self._settle((entry,))
 
     def dead_letter_failed(self, refused: list[tuple[Entry, str]], exc: SendError, now: float,
                            wall: float) -> None:
@@ -891,30 +924,31 @@ class Outbox:
         self.encoder.max_record_bytes = max(AGGREGATE_MIN_BYTES, min(lim.max_record_bytes, size))
 
     # -- acknowledgement: the one place that counts lines as accepted ---------------------------
-    def _accept(self, batch: list[Entry]) -> None:
-        """The service accepted every entry of ``batch``: its lines are sent."""
+    def _accept(self, batch: list[Entry | Run]) -> None:
+        """The service accepted every entry and run of ``batch``: their lines are sent."""
+        self.lines_sent += self._settle(batch)
+        self.records_sent += sum(map(record_count, batch))
+
+    def _settle(self, items: Iterable[Entry | Run]) -> int:
+        """``items`` are done (accepted, expired, dead-lettered): their chunks' finished rows
+        are deleted. Returns the lines they carried."""
         nlines = 0
         deleted = self._effects.deleted
         leased = self.leased
-        for entry in batch:
-            nlines += entry.nlines
-            for chunk, n in entry.refs:
+        for item in items:
+            if type(item) is Run:
+                refs: Iterable[tuple[Chunk, int]] = ((item.chunk, item.records),)
+                nlines += item.records
+            else:
+                refs = item.refs  # type: ignore[union-attr]
+                nlines += item.nlines  # type: ignore[union-attr]
+            for chunk, n in refs:
                 chunk.remaining -= n
                 if chunk.remaining == 0 and leased.pop(chunk.id, None) is not None:
                     self.leased_bytes -= chunk.nbytes
                     deleted.append(chunk)
-        self.lines_sent += nlines
-        self.records_sent += len(batch)
-        self._effects.accepted += batch
-
-    def _settle(self, entry: Entry) -> None:
-        """``entry`` is done without being sent (expired, dead-lettered)."""
-        self._effects.accepted.append(entry)
-        for chunk, n in entry.refs:
-            chunk.remaining -= n
-            if chunk.remaining == 0 and self.leased.pop(chunk.id, None) is not None:
-                self.leased_bytes -= chunk.nbytes
-                self._effects.deleted.append(chunk)
+        self._effects.accepted += items
+        return nlines
 
     # -- figures ------------------------------------------------------------------------------
     def figures(self, now: float) -> dict[str, Any]:

@@ -133,6 +133,7 @@ class CredentialSource:
         self._frozen: ReadOnlyCredentials | None = None
         self._fetched = float("-inf")
         self._checked = float("-inf")  # when botocore was last asked whether a refresh is due
+        self._generation = 0  # credentials found so far
         self._lock = trio.Lock()
 
     def _new_session(self) -> Any:
@@ -206,9 +207,14 @@ class CredentialSource:
 
     async def get(self) -> ReadOnlyCredentials:
         """Current credentials; raises RetryableSendError when none can be found or refreshed."""
+        now = trio.current_time()
+        if not self._stale(now):
+            assert self._frozen is not None
+            return self._frozen  # the common case: no lock (taking one is a trip through trio's scheduler)
+        generation = self._generation
         async with self._lock:
             now = trio.current_time()
-            if self._stale(now):
+            if generation == self._generation:  # not found afresh by another request while this one waited
                 try:
                     # A hung credential_process or metadata call must not hold the daemon:
                     # the caller's deadline abandons the thread (it only reads credentials).
@@ -224,6 +230,7 @@ class CredentialSource:
                         code="NoCredentials",
                     )
                 self._frozen, self._fetched, self._checked = frozen, now, now
+                self._generation += 1
             assert self._frozen is not None
             return self._frozen
 

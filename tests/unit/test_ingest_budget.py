@@ -1,9 +1,10 @@
-"""The shared budget for unfinished lines: an in-process Ingest fed through trio memory streams,
+"""The shared budget for unfinished lines: an in-process Ingest fed through real socket pairs,
 with a committer fake that implements submit() (no SQLite: this tests the budget, not storage)."""
 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import trio
@@ -19,12 +20,25 @@ class FakeCommitter:
     def __init__(self) -> None:
         self.lines: list[bytes] = []
 
-    async def submit(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket:
+    def submit_nowait(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket | None:
         ticket = Ticket(lines, nbytes)
         self.lines.extend(lines)
         ticket.accepted = len(lines)
         ticket.done.set()
         return ticket
+
+    async def submit(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket:
+        ticket = self.submit_nowait(dest, lines, nbytes)
+        assert ticket is not None
+        return ticket
+
+
+def pair(ing: ingest.Ingest, nursery: trio.Nursery, uid: int) -> tuple[trio.SocketStream, ingest.Conn]:
+    """A client stream, and the connection that serves its other end."""
+    client, server = socket.socketpair()
+    conn = ing.open(uid, server)
+    nursery.start_soon(ing._connection, server, conn)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(client)), conn
 
 
 def test_discard_partial_reports_the_line_once_it_ends() -> None:
@@ -48,9 +62,7 @@ async def test_unfinished_lines_share_a_hard_budget(monkeypatch) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             for _ in range(5):
-                client, server = trio.testing.memory_stream_pair()
-                nursery.start_soon(ing._connection, server, ing.open(1000))
-                clients.append(client)
+                clients.append(pair(ing, nursery, 1000)[0])
             for client in clients:  # five unfinished 150 KB lines: 750 KB against a 310 KB budget
                 await client.send_all(b"good line\n" + b"u" * 150_000)
                 await trio.testing.wait_all_tasks_blocked()
@@ -60,6 +72,7 @@ async def test_unfinished_lines_share_a_hard_budget(monkeypatch) -> None:
                 await client.send_all(b"\nafter\n")
                 await client.send_eof()
                 answers.append(json.loads(await client.receive_some(1000)))
+                await client.aclose()
     kept = sum(1 for a in answers if a == {"accepted": 3, "rejected": 0})
     dropped = sum(1 for a in answers if a == {"accepted": 2, "rejected": 1, "reasons": {"memory limit": 1}})
     assert kept + dropped == 5 and kept == 2, answers
@@ -115,14 +128,13 @@ async def test_connection_closed_for_room_is_told_why_and_keeps_its_complete_lin
     ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            client, server = trio.testing.memory_stream_pair()
-            c = ing.open(1000)
-            nursery.start_soon(ing._connection, server, c)
+            client, c = pair(ing, nursery, 1000)
             await client.send_all(b"one\ntwo\nunfini")
             await trio.testing.wait_all_tasks_blocked()
             assert c.reading and ing.held_bytes == 6
-            ing.slots.mark_closing(c, ingest.CLOSED_IDLE)
+            ing.close_for_room(c, ingest.CLOSED_IDLE)
             answer = json.loads(await client.receive_some(1000))
+            await client.aclose()
     assert answer == {"error": ingest.CLOSED_IDLE, "accepted": 2, "rejected": 1,
                       "reasons": {"connection closed": 1}}
     assert committer.lines == [b"one", b"two"]
@@ -137,6 +149,9 @@ class BlockedCommitter(FakeCommitter):
         super().__init__()
         self.open = trio.Event()
 
+    def submit_nowait(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket | None:
+        return super().submit_nowait(dest, lines, nbytes) if self.open.is_set() else None
+
     async def submit(self, dest: str, lines: list[bytes], nbytes: int) -> Ticket:
         await self.open.wait()
         return await super().submit(dest, lines, nbytes)
@@ -148,10 +163,8 @@ async def test_complete_lines_waiting_for_the_committer_count_in_the_budget(monk
     ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            waiting, server = trio.testing.memory_stream_pair()
-            nursery.start_soon(ing._connection, server, ing.open(1))
-            unfinished, server = trio.testing.memory_stream_pair()
-            nursery.start_soon(ing._connection, server, ing.open(2))
+            waiting = pair(ing, nursery, 1)[0]
+            unfinished = pair(ing, nursery, 2)[0]
             await waiting.send_all(b"w" * 200_000 + b"\n")
             await trio.testing.wait_all_tasks_blocked()
             assert ing.held_bytes == 200_001
@@ -164,6 +177,7 @@ async def test_complete_lines_waiting_for_the_committer_count_in_the_budget(monk
                 await client.send_all(b"\nlast\n")
                 await client.send_eof()
                 answers.append(json.loads(await client.receive_some(1000)))
+                await client.aclose()
     assert answers == [{"accepted": 2, "rejected": 0},
                        {"accepted": 1, "rejected": 1, "reasons": {"memory limit": 1}}]
     assert committer.lines == [b"w" * 200_000, b"last", b"last"] and ing.held_bytes == 0
@@ -201,3 +215,46 @@ def test_spoold_send_fails_on_an_error_answer(tmp_path: Path, capsys) -> None:
         server.close()
     assert out.getvalue() == answer
     assert ingest.REFUSED_USER_SHARE in capsys.readouterr().err
+
+
+async def test_shutdown_stops_reads_and_waits_for_room_and_answers_whoever_finished() -> None:
+    """stop_reading() ends every read (an idle writer gets no answer: it sends again), cuts a
+    wait for room short (those lines are not taken), and a writer that had sent its end is
+    still answered once its lines are committed."""
+    committer = BlockedCommitter()
+    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            idle, idle_conn = pair(ing, nursery, 1)
+            waiting, _ = pair(ing, nursery, 2)
+            committer.open.set()
+            await idle.send_all(b"kept\nunfinished")
+            await trio.testing.wait_all_tasks_blocked()
+            committer.open = trio.Event()  # no room from now on
+            await waiting.send_all(b"waits for room\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert idle_conn.reading and len(ing._waiting) == 1
+            ing.stop_reading()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not ing._waiting
+            committer.open.set()
+            answers = [await idle.receive_some(1000), await waiting.receive_some(1000)]
+            for client in (idle, waiting):
+                await client.aclose()
+    assert answers == [b"", b""]
+    assert committer.lines == [b"kept"]
+    assert not ing.slots.conns and ing.held_bytes == 0
+
+
+async def test_a_writer_that_ended_is_answered_after_its_commit() -> None:
+    committer = FakeCommitter()
+    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client, _ = pair(ing, nursery, 1)
+            await client.send_all(b"a\nb\n\nc")
+            await client.send_eof()
+            answer = await client.receive_some(1000)
+            await client.aclose()
+    assert answer == json.dumps({"accepted": 3, "rejected": 0}).encode() + b"\n"
+    assert committer.lines == [b"a", b"b", b"c"]

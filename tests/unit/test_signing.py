@@ -146,6 +146,26 @@ async def test_static_credentials_are_asked_again_after_the_reuse_period(mock_cl
     assert source.describe() == {"profile": None, "role_arn": None, "access_key": "...ATIC", "method": "explicit"}
 
 
+async def test_requests_waiting_for_credentials_share_one_lookup(mock_clock: trio.testing.MockClock) -> None:
+    creds = CountingCredentials("AKIDSTATIC", "secret")
+    session = FakeSession(creds)
+    source = CredentialSource(session=session)
+    keys: list[str] = []
+
+    async def one() -> None:
+        keys.append((await source.get()).access_key)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(one)
+    assert keys == ["AKIDSTATIC"] * 5 and session.calls == 1
+    mock_clock.jump(CREDENTIALS_REUSE + 1)  # stale: the next requests look again, once
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(one)
+    assert len(keys) == 8 and session.calls == 2
+
+
 async def test_reset_finds_credentials_afresh_at_the_next_request() -> None:
     wall = datetime(2030, 1, 1, tzinfo=timezone.utc)
     temporary = RefreshableCredentials("ASIAKEPT", "secret", "token", wall + timedelta(hours=1), dict,
