@@ -95,8 +95,8 @@ SLOW_START_DOUBLING = 0.1
 # limit at first), whatever their rates when their first throttle came, so they leave about equal
 # rather than keep a lucky host's lead. Once is enough: the burst made that figure generous.
 SLOW_START_DELIVERED = 1.0
-# The first epoch after slow start is longer by up to this many epochs (the pace's ``phase``),
-# so that a fleet that left slow start together does not judge and regrow in step.
+# The first epoch after slow start is longer by a random share of this many epochs, so that a
+# fleet that left slow start together does not judge and regrow in step.
 EPOCH_PHASE = 1.0
 
 
