@@ -534,7 +534,9 @@ class Outbox:
         fresh = self.fresh
         while self._to_encode and self._room_ahead(target, byte_target):
             _, entries = self._to_encode[0]
-            step = min(target - self._fresh_records, ENCODE_STEP)
+            # At least one item: a run (a whole row) can leave fresh past the target when the
+            # shard map comes, and the shard queues, not fresh, say whether there is room then.
+            step = max(min(target - self._fresh_records, ENCODE_STEP), 1)
             got = list(itertools.islice(entries, step))
             fresh.extend(got)
             self._fresh_bytes += sum(map(entry_size, got))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -33,6 +35,15 @@ class FakeCommitter:
         return ticket
 
 
+@asynccontextmanager
+async def serving(committer: FakeCommitter) -> AsyncIterator[tuple[ingest.Ingest, trio.Nursery]]:
+    """An Ingest with ``committer``, and a nursery for its connections, under a deadline."""
+    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            yield ing, nursery
+
+
 def pair(ing: ingest.Ingest, nursery: trio.Nursery, uid: int) -> tuple[trio.SocketStream, ingest.Conn]:
     """A client stream, and the connection that serves its other end."""
     client, server = socket.socketpair()
@@ -57,22 +68,18 @@ DEST = Destination(name="d", kind="kinesis", socket=SocketConfig(Path("/unused")
 async def test_unfinished_lines_share_a_hard_budget(monkeypatch) -> None:
     monkeypatch.setattr(ingest, "MAX_HELD_BYTES", 310_000)
     committer = FakeCommitter()
-    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
-    clients = []
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            for _ in range(5):
-                clients.append(pair(ing, nursery, 1000)[0])
-            for client in clients:  # five unfinished 150 KB lines: 750 KB against a 310 KB budget
-                await client.send_all(b"good line\n" + b"u" * 150_000)
-                await trio.testing.wait_all_tasks_blocked()
-                assert ing.held_bytes <= 310_000
-            answers = []
-            for client in clients:
-                await client.send_all(b"\nafter\n")
-                await client.send_eof()
-                answers.append(json.loads(await client.receive_some(1000)))
-                await client.aclose()
+    async with serving(committer) as (ing, nursery):
+        clients = [pair(ing, nursery, 1000)[0] for _ in range(5)]
+        for client in clients:  # five unfinished 150 KB lines: 750 KB against a 310 KB budget
+            await client.send_all(b"good line\n" + b"u" * 150_000)
+            await trio.testing.wait_all_tasks_blocked()
+            assert ing.held_bytes <= 310_000
+        answers = []
+        for client in clients:
+            await client.send_all(b"\nafter\n")
+            await client.send_eof()
+            answers.append(json.loads(await client.receive_some(1000)))
+            await client.aclose()
     kept = sum(1 for a in answers if a == {"accepted": 3, "rejected": 0})
     dropped = sum(1 for a in answers if a == {"accepted": 2, "rejected": 1, "reasons": {"memory limit": 1}})
     assert kept + dropped == 5 and kept == 2, answers
@@ -125,16 +132,14 @@ def test_slots_with_nobody_reading_wait_without_a_deadline() -> None:
 
 async def test_connection_closed_for_room_is_told_why_and_keeps_its_complete_lines() -> None:
     committer = FakeCommitter()
-    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            client, c = pair(ing, nursery, 1000)
-            await client.send_all(b"one\ntwo\nunfini")
-            await trio.testing.wait_all_tasks_blocked()
-            assert c.reading and ing.held_bytes == 6
-            ing.close_for_room(c, ingest.CLOSED_IDLE)
-            answer = json.loads(await client.receive_some(1000))
-            await client.aclose()
+    async with serving(committer) as (ing, nursery):
+        client, c = pair(ing, nursery, 1000)
+        await client.send_all(b"one\ntwo\nunfini")
+        await trio.testing.wait_all_tasks_blocked()
+        assert c.reading and ing.held_bytes == 6
+        ing.close_for_room(c, ingest.CLOSED_IDLE)
+        answer = json.loads(await client.receive_some(1000))
+        await client.aclose()
     assert answer == {"error": ingest.CLOSED_IDLE, "accepted": 2, "rejected": 1,
                       "reasons": {"connection closed": 1}}
     assert committer.lines == [b"one", b"two"]
@@ -160,24 +165,22 @@ class BlockedCommitter(FakeCommitter):
 async def test_complete_lines_waiting_for_the_committer_count_in_the_budget(monkeypatch) -> None:
     monkeypatch.setattr(ingest, "MAX_HELD_BYTES", 300_000)
     committer = BlockedCommitter()
-    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            waiting = pair(ing, nursery, 1)[0]
-            unfinished = pair(ing, nursery, 2)[0]
-            await waiting.send_all(b"w" * 200_000 + b"\n")
-            await trio.testing.wait_all_tasks_blocked()
-            assert ing.held_bytes == 200_001
-            await unfinished.send_all(b"u" * 150_000)  # over the budget: the unfinished line goes
-            await trio.testing.wait_all_tasks_blocked()
-            assert ing.held_bytes == 200_001 and ing.stats.rejected == {"memory limit": 1}
-            committer.open.set()
-            answers = []
-            for client in (waiting, unfinished):
-                await client.send_all(b"\nlast\n")
-                await client.send_eof()
-                answers.append(json.loads(await client.receive_some(1000)))
-                await client.aclose()
+    async with serving(committer) as (ing, nursery):
+        waiting = pair(ing, nursery, 1)[0]
+        unfinished = pair(ing, nursery, 2)[0]
+        await waiting.send_all(b"w" * 200_000 + b"\n")
+        await trio.testing.wait_all_tasks_blocked()
+        assert ing.held_bytes == 200_001
+        await unfinished.send_all(b"u" * 150_000)  # over the budget: the unfinished line goes
+        await trio.testing.wait_all_tasks_blocked()
+        assert ing.held_bytes == 200_001 and ing.stats.rejected == {"memory limit": 1}
+        committer.open.set()
+        answers = []
+        for client in (waiting, unfinished):
+            await client.send_all(b"\nlast\n")
+            await client.send_eof()
+            answers.append(json.loads(await client.receive_some(1000)))
+            await client.aclose()
     assert answers == [{"accepted": 2, "rejected": 0},
                        {"accepted": 1, "rejected": 1, "reasons": {"memory limit": 1}}]
     assert committer.lines == [b"w" * 200_000, b"last", b"last"] and ing.held_bytes == 0
@@ -218,29 +221,27 @@ def test_spoold_send_fails_on_an_error_answer(tmp_path: Path, capsys) -> None:
 
 
 async def test_shutdown_stops_reads_and_waits_for_room_and_answers_whoever_finished() -> None:
-    """stop_reading() ends every read (an idle writer gets no answer: it sends again), cuts a
-    wait for room short (those lines are not taken), and a writer that had sent its end is
-    still answered once its lines are committed."""
+    """stop_reading() ends every read (an idle writer gets no answer: it sends again; its
+    complete lines were committed) and cuts a wait for room short (those lines are not taken,
+    and their writer gets no answer either)."""
     committer = BlockedCommitter()
-    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            idle, idle_conn = pair(ing, nursery, 1)
-            waiting, _ = pair(ing, nursery, 2)
-            committer.open.set()
-            await idle.send_all(b"kept\nunfinished")
-            await trio.testing.wait_all_tasks_blocked()
-            committer.open = trio.Event()  # no room from now on
-            await waiting.send_all(b"waits for room\n")
-            await trio.testing.wait_all_tasks_blocked()
-            assert idle_conn.reading and len(ing._waiting) == 1
-            ing.stop_reading()
-            await trio.testing.wait_all_tasks_blocked()
-            assert not ing._waiting
-            committer.open.set()
-            answers = [await idle.receive_some(1000), await waiting.receive_some(1000)]
-            for client in (idle, waiting):
-                await client.aclose()
+    async with serving(committer) as (ing, nursery):
+        idle, idle_conn = pair(ing, nursery, 1)
+        waiting, _ = pair(ing, nursery, 2)
+        committer.open.set()
+        await idle.send_all(b"kept\nunfinished")
+        await trio.testing.wait_all_tasks_blocked()
+        committer.open = trio.Event()  # no room from now on
+        await waiting.send_all(b"waits for room\n")
+        await trio.testing.wait_all_tasks_blocked()
+        assert idle_conn.reading and len(ing._waiting) == 1
+        ing.stop_reading()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not ing._waiting
+        committer.open.set()
+        answers = [await idle.receive_some(1000), await waiting.receive_some(1000)]
+        for client in (idle, waiting):
+            await client.aclose()
     assert answers == [b"", b""]
     assert committer.lines == [b"kept"]
     assert not ing.slots.conns and ing.held_bytes == 0
@@ -248,13 +249,11 @@ async def test_shutdown_stops_reads_and_waits_for_room_and_answers_whoever_finis
 
 async def test_a_writer_that_ended_is_answered_after_its_commit() -> None:
     committer = FakeCommitter()
-    ing = ingest.Ingest(DEST, committer)  # type: ignore[arg-type]
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            client, _ = pair(ing, nursery, 1)
-            await client.send_all(b"a\nb\n\nc")
-            await client.send_eof()
-            answer = await client.receive_some(1000)
-            await client.aclose()
+    async with serving(committer) as (ing, nursery):
+        client, _ = pair(ing, nursery, 1)
+        await client.send_all(b"a\nb\n\nc")
+        await client.send_eof()
+        answer = await client.receive_some(1000)
+        await client.aclose()
     assert answer == json.dumps({"accepted": 3, "rejected": 0}).encode() + b"\n"
     assert committer.lines == [b"a", b"b", b"c"]

@@ -204,3 +204,24 @@ def test_every_line_is_accounted_once_whatever_the_replies(seed: int, sharded: b
 @pytest.mark.parametrize("seed", range(3))
 def test_runs_with_an_explicit_hash_key_go_through_a_shard_queue_as_entries(seed: int) -> None:
     drive(seed, True, max_records=[7, 500, 13][seed], max_bytes=[150, 5 * MiB, 400][seed], ehk=str(2 ** 127 + 1))
+
+
+def test_a_shard_map_that_comes_while_fresh_holds_a_whole_row_past_the_target() -> None:
+    m = Outbox(Limits(linger=0.0), Encoder("kinesis", max_record_bytes=MiB, rng=random.Random(1)), RetryPolicy(),
+               0.0, random.Random(2))
+    m.caught_up = True
+    m.pace.rate, m.pace.tokens = 1.0, -1000.0  # a pace that holds everything back
+    lines = [b"%05d" % i for i in range(3000)]  # one row, more than ENCODE_AHEAD_BATCHES batches
+    m.offer(1, lines, 6 * 3000, WALL, 0.0, WALL)
+    m.offer(2, lines[:10], 60, WALL, 0.0, WALL)
+    assert isinstance(m.next(0.0, WALL), Wait) and m._fresh_records == 3000
+    half = 2 ** 127
+    m.set_shard_map(ShardMap([Shard("shardId-0", 0, half - 1), Shard("shardId-1", half, 2 ** 128 - 1)]), 0.0)
+    for p in m._paces:
+        p.rate = p.tokens = MAX_RATE
+        p.slow_start = False
+    got: list[bytes] = []
+    while isinstance(d := m.next(0.0, WALL), Send):
+        got += [e.data for e in d.batch]
+        m.on_reply(d, [None] * d.records, 0.0, WALL)
+    assert sorted(got) == sorted(lines + lines[:10]) and m.lines_sent == 3010
