@@ -269,7 +269,7 @@ class Outbox:
         self.holding = False
         self._ordered_seq: dict[str, str] = {}
         self._next_error_log = 0.0
-        self.pace = Pace(now, rng=self.rng)
+        self.pace = Pace(now)
         # KPL aggregates are paced by nothing but the replies for now: an aggregate built at full
         # size before the first throttle may need more than a pace cut for it ever allows.
         self.paced = limits.aggregation != "kpl"

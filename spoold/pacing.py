@@ -36,19 +36,12 @@ a cut of the rate it reached, which depends on when its first throttle came), an
 requests sent within EXIT_SETTLE of leaving do not count: they meet the overshoot of hosts still
 in slow start, which would cut the hosts that left first twice. (The caller's part: batches wait
 for a random share of the bucket, so that no host wins a shard's refill by a fixed phase.)
-
-Nor do the hosts judge in step. Hosts that leave slow start together would otherwise end their
-epochs together ever after: a calm epoch then grows the whole fleet at once, and a lucky pace's
-jump is the same for all. Each pace's first epoch is therefore longer by a random share of one
-(drawn from the random source the caller gives), which spreads the epochs of a fleet over the
-second.
 No clock is read here: callers pass ``now``.
 """
 
 from __future__ import annotations
 
 import math
-import random
 
 # One Kinesis shard's limits, the unit the pace is counted in.
 SHARD_RECORDS = 1000
@@ -95,9 +88,6 @@ SLOW_START_DOUBLING = 0.1
 # limit at first), whatever their rates when their first throttle came, so they leave about equal
 # rather than keep a lucky host's lead. Once is enough: the burst made that figure generous.
 SLOW_START_DELIVERED = 1.0
-# The first epoch after slow start is longer by a random share of this many epochs, so that a
-# fleet that left slow start together does not judge and regrow in step.
-EPOCH_PHASE = 1.0
 
 
 def cost(records: int, nbytes: int) -> float:
@@ -108,14 +98,11 @@ def cost(records: int, nbytes: int) -> float:
 class Pace:
     """One AIMD-controlled token bucket (a destination, or one shard of it)."""
 
-    def __init__(self, now: float, rate: float = INITIAL_RATE, share: float = 1.0,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, now: float, rate: float = INITIAL_RATE, share: float = 1.0) -> None:
         self.rate = rate
         # This bucket's share of its destination (one of n shards: 1/n), which scales the
         # additive increase: a destination's paces together grow as fast as one would.
         self.share = share
-        # Draws the pace's phase on leaving slow start (none: every pace judges at the same phase).
-        self.rng = rng
         self.tokens = rate * BURST
         self.updated = now
         self.slow_start = True
@@ -125,7 +112,6 @@ class Pace:
         self.wait_from: float | None = None
         self.cuts = 0
         self._epoch_start = now
-        self._epoch_length = CUT_INTERVAL
         self._offered = self._accepted = self._throttled = 0
         self._grown_at = now
         self._calm = 0  # epochs in a row with no cut
@@ -149,7 +135,7 @@ class Pace:
 
     def fork(self, now: float, rate: float, share: float) -> Pace:
         """A new pace at ``rate`` that has learned what this one has (in or out of slow start)."""
-        pace = Pace(now, max(MIN_RATE * share, rate), share, self.rng)
+        pace = Pace(now, max(MIN_RATE * share, rate), share)
         pace.slow_start = self.slow_start
         return pace
 
@@ -217,7 +203,7 @@ class Pace:
                 grown = min(self.rate * 2.0 ** (dt / SLOW_START_DOUBLING), self.rate + units / max(rtt, 1e-3))
                 self.rate = min(MAX_RATE, max(self.rate, grown))
             self._grown_at = now
-        if now - self._epoch_start >= self._epoch_length:
+        if now - self._epoch_start >= CUT_INTERVAL:
             self._end_epoch(now)
 
     def on_whole_throttle(self, now: float, records: int, rtt: float) -> None:
@@ -229,11 +215,8 @@ class Pace:
         if self._first_reply is not None and now - self._first_reply >= SLOW_START_DOUBLING:
             delivered = self._delivered / (now - self._first_reply)
             self.rate = min(self.rate, max(SLOW_START_DELIVERED * delivered, MIN_RATE * self.share))
-        # The first epoch judges requests sent once the other hosts have left slow start too,
-        # and ends at this pace's own phase.
+        # The first epoch judges requests sent once the other hosts have left slow start too.
         self._epoch_start = now + EXIT_SETTLE
-        phase = self.rng.random() if self.rng is not None else 0.0
-        self._epoch_length = CUT_INTERVAL * (1.0 + EPOCH_PHASE * phase)
         self._offered = self._accepted = self._throttled = 0
         self.cuts += 1
         self._cut_at = now + EXIT_SETTLE
@@ -244,7 +227,6 @@ class Pace:
         span = now - self._epoch_start
         fraction = self._throttled / max(self._offered, 1)
         self._epoch_start = now
-        self._epoch_length = CUT_INTERVAL
         self._offered = self._accepted = self._throttled = 0
         if self.slow_start:
             return

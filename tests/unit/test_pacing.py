@@ -17,7 +17,6 @@ from spoold.machine import PHASE_JITTER, Limits, Outbox, Read, RetryPolicy, Send
 from spoold.pacing import (
     BURST,
     CUT_INTERVAL,
-    EPOCH_PHASE,
     EXIT_SETTLE,
     MAX_CUT,
     INITIAL_RATE,
@@ -96,41 +95,6 @@ def test_replies_to_requests_sent_while_the_others_leave_slow_start_do_not_cut()
     assert p.rate == left and p.cuts == 1
     p.on_reply(0.1 + 3 * CUT_INTERVAL, 0.1, 100, 50, 50, 0.01)  # sent since: counted
     assert p.rate < left
-
-
-def test_paces_that_leave_slow_start_together_judge_their_epochs_at_their_own_phase() -> None:
-    # A fleet that leaves slow start together would otherwise cut and regrow in step for good.
-    class Draw(random.Random):
-        def __init__(self, value: float) -> None:
-            super().__init__(0)
-            self.value = value
-
-        def random(self) -> float:
-            return self.value
-
-    paces = [Pace(0.0, rate=8.0, rng=Draw(phase)) for phase in (0.0, 0.5, 0.9)]
-    for p in paces:
-        p.ready_at(0.1)
-        p.on_reply(0.1, 0.1, 100, 70, 30, 0.01)
-    left = paces[0].rate
-    ends = []
-    for p in paces:
-        t = 0.1 + EXIT_SETTLE
-        while p.rate == left and t < 5.0:
-            t += 0.05
-            p.ready_at(t)
-            p.on_reply(t, 0.01, 100, 80, 20, 0.01)  # a fifth throttled all along: the epoch cuts
-        ends.append(t - 0.1 - EXIT_SETTLE)
-    for phase, end in zip((0.0, 0.5, 0.9), ends):
-        assert CUT_INTERVAL * (1 + EPOCH_PHASE * phase) <= end < CUT_INTERVAL * (1 + EPOCH_PHASE * phase) + 0.06
-    # Later epochs are whole ones again.
-    p = paces[2]
-    cut = p.rate
-    t = 0.1 + EXIT_SETTLE + ends[2]
-    p.on_reply(t + CUT_INTERVAL - 0.02, 0.01, 100, 80, 20, 0.01)
-    assert p.rate == cut
-    p.on_reply(t + CUT_INTERVAL + 0.01, 0.01, 100, 80, 20, 0.01)
-    assert p.rate < cut
 
 
 def test_leaving_slow_start_falls_to_what_the_stream_took_not_to_half_a_lucky_rate() -> None:
