@@ -112,16 +112,19 @@ Http = httpx.AsyncClient | Transport
 async def post(http: Http, url: str, headers: dict[str, str], body: bytes, request_timeout: float) -> Reply:
     """One POST; every failure to get a reply becomes a RetryableSendError.
 
-    Given the client's transport, the request goes straight to it (Transport.post): the
-    client's own layers (default headers, cookies, auth and redirect flows, event hooks, its
-    request and response models) do nothing for a signed AWS call, yet cost about 0.4 µs of
-    CPU per record of a 500-record request.
+    Given the client's transport, the request goes straight to it, through httpx's transport
+    API (an ``httpx.Request`` in, an ``httpx.Response`` out): the client's own layers (default
+    headers, cookies, auth and redirect flows, event hooks) do nothing for a signed AWS call,
+    yet cost about 0.4 µs of CPU per record of a 500-record request.
     """
     try:
         with trio.fail_after(request_timeout + 1.0):
             if isinstance(http, Transport):
-                return await http.post(_parsed(url), headers, body, _timeouts(request_timeout))
-            response = await http.post(_parsed(url), content=body, headers=headers, timeout=request_timeout)
+                request = httpx.Request("POST", _parsed(url), headers=headers, content=body,
+                                        extensions={"timeout": _timeouts(request_timeout)})
+                response = await http.handle_async_request(request)
+            else:
+                response = await http.post(_parsed(url), content=body, headers=headers, timeout=request_timeout)
     except trio.TooSlowError:
         raise RetryableSendError("request timed out", code="Timeout") from None
     except httpx.TimeoutException as exc:

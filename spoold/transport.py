@@ -15,7 +15,6 @@ transport keeps only what spoold needs:
 - TLS through trio.SSLStream with httpx's default context (certificates verified);
 - httpx's timeouts (connect, read per receive, write, pool) and httpx's exception types;
 - the reply read in full, at most MAX_REPLY_BYTES;
-- ``Transport.post``: the flusher's batches skip httpx's Request and Response models.
 
 The HTTP/1.1 codec is written here rather than taken from h11 (which httpcore uses, and which
 this transport used): for a client that sends one request at a time and reads the reply in full,
@@ -95,12 +94,13 @@ def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, by
     return b"".join(out)
 
 
-def post_head(url: httpx.URL, headers: Mapping[str, str], length: int) -> bytes:
-    """The head of a POST of ``length`` bytes: the headers httpx.Request would give the same
-    call (Host first, Content-Length last)."""
-    raw = [(b"Host", url.netloc), *((name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()),
-           (b"Content-Length", b"%d" % length)]
-    return request_head(b"POST", url.raw_path, raw)
+def head_of(request: httpx.Request, length: int) -> bytes:
+    """The head of ``request`` with a body of ``length`` bytes. The body is sent whole, so
+    Content-Length frames it, whatever httpx chose."""
+    headers = [(name, value) for name, value in request.headers.raw
+               if name.lower() not in (b"content-length", b"transfer-encoding")]
+    headers.append((b"Content-Length", b"%d" % length))
+    return request_head(request.method.encode(), request.url.raw_path, headers)
 
 
 def request_bytes(head: bytes, body: bytes) -> list[bytes]:
@@ -307,10 +307,7 @@ class _Connection:
 
 
 class Transport(httpx.AsyncBaseTransport):
-    """An httpx transport (HTTP/1.1, keep-alive, TLS verified) that reads each reply in full.
-
-    ``post`` is the same request without httpx's Request and Response objects (about 100 µs
-    of Python per request between them): what the flusher uses for its batches."""
+    """An httpx transport (HTTP/1.1, keep-alive, TLS verified) that reads each reply in full."""
 
     def __init__(self, max_connections: int = MAX_CONNECTIONS, ssl_context: ssl.SSLContext | None = None) -> None:
         self._ssl_context = ssl_context
@@ -331,20 +328,10 @@ class Transport(httpx.AsyncBaseTransport):
             body = request.content
         except httpx.RequestNotRead:
             body = b"".join([chunk async for chunk in request.stream])  # type: ignore[union-attr]
-        url = request.url
-        # The body is sent whole, so Content-Length frames it whatever httpx chose.
-        headers = [(name, value) for name, value in request.headers.raw
-                   if name.lower() not in (b"content-length", b"transfer-encoding")]
-        headers.append((b"Content-Length", b"%d" % len(body)))
-        reply = await self._send(url, request_head(request.method.encode(), url.raw_path, headers), body,
+        reply = await self._send(request.url, head_of(request, len(body)), body,
                                  request.extensions.get("timeout") or {}, request)
         return httpx.Response(reply.status_code, headers=reply.headers, content=reply.content,
                               extensions={"http_version": b"HTTP/1.1"})
-
-    async def post(self, url: httpx.URL, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> Reply:
-        """POST ``body`` with ``headers`` (and Host, Content-Length); the reply read in full.
-        Raises httpx's exceptions, as handle_async_request does."""
-        return await self._send(url, post_head(url, headers, len(body)), body, timeouts, None)
 
     async def _send(self, url: httpx.URL, head: bytes, body: bytes, timeouts: Timeouts,
                     request: httpx.Request | None) -> Reply:
